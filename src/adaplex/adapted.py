@@ -1,0 +1,283 @@
+"""``Adapted``: named adapters attached to one transformers model.
+
+The model keeps its class (generation, caching, saving keep working): base linear layers are
+wrapped by ``AdaptedLinear``, attention layers gain an ``AttentionAdapters`` child, and the
+model's ``attn_implementation`` becomes "adaplex". ``detach()`` undoes all of it exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import weakref
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adaplex import attention
+from adaplex.compose import Stack
+from adaplex.errors import AdapterNameError, StorageError
+from adaplex.inject import (
+    attention_adapters,
+    family_of,
+    fused_parts,
+    select_attention,
+    select_sites,
+    site_shape,
+    unwrap,
+    wrap,
+    wrappers,
+)
+from adaplex.layers import FusedParts
+from adaplex.methods import (
+    Adapter,
+    Bottleneck,
+    BottleneckConfig,
+    LoRA,
+    LoRAConfig,
+    MethodConfig,
+    Prefix,
+    PrefixConfig,
+    SiteAdapter,
+)
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+_HANDLES: weakref.WeakKeyDictionary[nn.Module, Adapted] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    name: str
+    method: str
+    parameters: int
+    bytes: int
+    trainable: bool
+
+
+def site_adapter(config: MethodConfig, in_features: int, out_features: int) -> SiteAdapter:
+    if isinstance(config, LoRAConfig):
+        return LoRA(in_features, out_features, config)
+    if isinstance(config, BottleneckConfig):
+        return Bottleneck(in_features, out_features, config)
+    raise AdapterNameError(f"method {config.method!r} is not applied beside linear layers")
+
+
+def prefix_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(key-value heads, head dim, hidden size) from a transformers config."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return getattr(cfg, "num_key_value_heads", None) or heads, head_dim, cfg.hidden_size
+
+
+class Adapted:
+    """Adapters attached to a model; stacking controls are on ``self.stack``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.family = family_of(model)
+        self.model = model
+        self.stack = Stack()
+        self.configs: dict[str, MethodConfig] = {}
+        self._attn_implementation = model.config._attn_implementation
+        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        attention.register()
+        model.set_attn_implementation(attention.ATTENTION_NAME)
+        model.requires_grad_(False)
+        _HANDLES[model] = self
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Adapted:
+        """The handle of a model, attaching one on first use."""
+        return _HANDLES.get(model) or cls(model)
+
+    # ---- adding and removing -------------------------------------------------------------
+
+    def add(self, name: str, config: MethodConfig, trainable: bool = True, weight: float = 1.0) -> None:
+        """Create adapter ``name`` at every site its config targets; nothing changes on error."""
+        if not NAME_PATTERN.fullmatch(name):
+            raise AdapterNameError(f"adapter name {name!r} may hold only letters, digits, '_' and '-'")
+        if name in self.configs:
+            raise AdapterNameError(f"adapter {name!r} already exists; remove it or choose another name")
+        dtype = next(self.model.parameters()).dtype
+        device = next(self.model.parameters()).device
+        placements = self._build(config)
+        for place, module in placements:
+            place[name] = module.to(device=device, dtype=dtype)
+        self.configs[name] = config
+        self.stack.add(name, weight)
+        self.set_trainable(name, trainable)
+
+    def _build(self, config: MethodConfig) -> list[tuple[nn.ModuleDict, Adapter]]:
+        if isinstance(config, PrefixConfig):
+            heads, head_dim, hidden = prefix_shape(self.model)
+            return [
+                (
+                    attention.attention_child(self.model.get_submodule(p), self.stack).prefixes,
+                    Prefix(heads, head_dim, hidden, config),
+                )
+                for p in select_attention(self.model, self.family, config.targets)
+            ]
+        built = []
+        for module, sites in select_sites(self.model, self.family, config.targets).items():
+            adapters = {s.part: site_adapter(config, *site_shape(self.model, self.family, s)) for s in sites}
+            if None in adapters:
+                adapter = adapters[None]
+            else:
+                out = site_shape(self.model, self.family, sites[0])[1]
+                adapter = FusedParts(dict.fromkeys(fused_parts(self.family, module), out), adapters)
+            built.append((module, adapter))
+        return [(wrap(self.model, module, self.stack).adapters, adapter) for module, adapter in built]
+
+    def remove(self, name: str) -> None:
+        self.stack.remove(name)
+        for place in self._places(name):
+            del place[name]
+        for path, wrapper in wrappers(self.model).items():
+            if not len(wrapper.adapters):
+                unwrap(self.model, path)
+        del self.configs[name]
+
+    def detach(self) -> nn.Module:
+        """Remove every adapter and return the model exactly as it was before attaching."""
+        self.unmerge()
+        _strip(self.model, self._attn_implementation, self._requires_grad)
+        _HANDLES.pop(self.model, None)
+        return self.model
+
+    # ---- stacking --------------------------------------------------------------------------
+
+    def only(self, *names: str) -> AbstractContextManager[None]:
+        return self.stack.only(*names)
+
+    def enable(self, *names: str) -> AbstractContextManager[None]:
+        return self.stack.enable(*names)
+
+    def disable(self, *names: str) -> AbstractContextManager[None]:
+        return self.stack.disable(*names)
+
+    # ---- parameters ------------------------------------------------------------------------
+
+    def adapters(self, name: str) -> dict[str, Adapter]:
+        """Adapter modules of ``name`` keyed by the path of the base layer or attention layer."""
+        self.stack.check(name)
+        found = {p: w.adapters[name] for p, w in wrappers(self.model).items() if name in w.adapters}
+        found.update({p: a.prefixes[name] for p, a in attention_adapters(self.model).items() if name in a.prefixes})
+        return found
+
+    def _places(self, name: str) -> Iterator[nn.ModuleDict]:
+        for wrapper in wrappers(self.model).values():
+            if name in wrapper.adapters:
+                yield wrapper.adapters
+        for child in attention_adapters(self.model).values():
+            if name in child.prefixes:
+                yield child.prefixes
+
+    def parameters(self, name: str | None = None) -> list[nn.Parameter]:
+        names = [name] if name else list(self.configs)
+        return [p for n in names for a in self.adapters(n).values() for p in a.parameters()]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def set_trainable(self, name: str, trainable: bool = True) -> None:
+        for p in self.parameters(name):
+            p.requires_grad_(trainable)
+
+    def report(self) -> list[ParameterReport]:
+        rows = []
+        for name, config in self.configs.items():
+            params = self.parameters(name)
+            rows.append(
+                ParameterReport(
+                    name,
+                    config.method,
+                    sum(p.numel() for p in params),
+                    sum(p.numel() * p.element_size() for p in params),
+                    any(p.requires_grad for p in params),
+                )
+            )
+        return rows
+
+    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """Tensors of adapter ``name`` keyed '<site path>.<parameter>'."""
+        return {
+            f"{path}.{key}": tensor.detach()
+            for path, adapter in self.adapters(name).items()
+            for key, tensor in adapter.state_dict().items()
+        }
+
+    def load_state_dict(self, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Copy ``tensors`` into adapter ``name``; every key, shape and dtype is checked first."""
+        own = self.state_dict(name)
+        missing = sorted(own.keys() - tensors.keys())
+        extra = sorted(tensors.keys() - own.keys())
+        if missing or extra:
+            which, key = ("missing", missing[0]) if missing else ("unexpected", extra[0])
+            raise StorageError(f"{source}: {which} tensor {key!r}; the file does not fit adapter {name!r}")
+        for key, tensor in tensors.items():
+            if tensor.shape != own[key].shape:
+                raise StorageError(
+                    f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(own[key].shape)}"
+                )
+            if not tensor.dtype.is_floating_point:
+                raise StorageError(f"{source}: tensor {key!r} has dtype {tensor.dtype}, expected floating point")
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                own[key].copy_(tensor)
+
+    # ---- merging ---------------------------------------------------------------------------
+
+    def _mergeable(self, names: list[str]) -> None:
+        blocked = [n for n in names if not all(a.mergeable for a in self.adapters(n).values())]
+        if blocked:
+            method = self.configs[blocked[0]].method
+            raise AdapterNameError(
+                f"adapter {blocked[0]!r} ({method}) cannot be merged into weights; only LoRA and MoSLoRA can"
+            )
+
+    def merge(self, *names: str) -> None:
+        """Fold the named (default: all active) adapters into the base weights, W += w·ΔW."""
+        names = names or tuple(self.stack.active)
+        self.stack.check(*names)
+        self._mergeable(list(names))
+        weights = {n: self.stack.weights[n] for n in names if n in self.stack.active}
+        for wrapper in wrappers(self.model).values():
+            wrapper.merge(weights)
+        self.stack.mark_merged(weights)
+
+    def unmerge(self) -> None:
+        """Restore the exact base weights."""
+        for wrapper in wrappers(self.model).values():
+            wrapper.unmerge()
+        self.stack.clear_merged()
+
+    def merged_model(self) -> nn.Module:
+        """A plain transformers model (a copy) with the active adapters merged into its weights."""
+        self._mergeable(list(self.stack.active))
+        clone = copy.deepcopy(self.model)
+        for wrapper in wrappers(clone).values():
+            wrapper.merge(self.stack.active)
+            wrapper._original_weight = None
+        _strip(clone, self._attn_implementation, self._requires_grad)
+        return clone
+
+
+def _strip(model: nn.Module, attn_implementation: str, requires_grad: dict[str, bool]) -> None:
+    """Unwrap every layer, drop attention adapters, restore attention and requires_grad flags."""
+    for path in wrappers(model):
+        unwrap(model, path)
+    for path in attention_adapters(model):
+        delattr(model.get_submodule(path), attention.CHILD_NAME)
+    model.set_attn_implementation(attn_implementation)
+    for n, p in model.named_parameters():
+        p.requires_grad_(requires_grad[n])
+
+
+def attach(model: nn.Module, name: str, config: MethodConfig, trainable: bool = True) -> Adapted:
+    """Add adapter ``name`` to ``model`` and return the model's handle."""
+    handle = Adapted.of(model)
+    handle.add(name, config, trainable=trainable)
+    return handle

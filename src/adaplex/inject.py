@@ -1,0 +1,217 @@
+"""Finding where adapters go: model families, target patterns, and wrapping base layers.
+
+A target is an alias of the model's family ("q", "k", "v", "o", "gate", "up", "down",
+"all-linear", "ffn-out", "attention"), a module name or its last component ("q_proj"), or a
+regular expression matched against full module names. GPT-2's fused c_attn is exposed as
+three sites c_attn.q, c_attn.k and c_attn.v, so q/k/v can be adapted separately.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from adaplex.attention import AttentionAdapters
+from adaplex.compose import Stack
+from adaplex.errors import TargetError
+from adaplex.layers import LINEAR_TYPES, AdaptedLinear, linear_shape
+from adaplex.methods.base import Adapter
+
+LINEAR_ALIASES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where the parts of one transformer family live, as regexes over module names."""
+
+    name: str
+    model_types: tuple[str, ...]
+    aliases: dict[str, str]
+    attention: str
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def alias_patterns(self, target: str) -> list[str] | None:
+        if target == "all-linear":
+            return [self.aliases[a] for a in LINEAR_ALIASES if a in self.aliases]
+        if target == "attention":
+            return [self.attention]
+        return [self.aliases[target]] if target in self.aliases else None
+
+
+def _llama_like() -> dict[str, str]:
+    attn = {a: rf".*\.self_attn\.{a}_proj" for a in "qkvo"}
+    mlp = {a: rf".*\.mlp\.{a}_proj" for a in ("gate", "up", "down")}
+    return {**attn, **mlp, "ffn-out": mlp["down"]}
+
+
+FAMILIES = (
+    Family("llama", ("llama", "qwen2", "qwen3", "mistral"), _llama_like(), r".*\.layers\.\d+\.self_attn"),
+    Family(
+        "gpt2",
+        ("gpt2",),
+        {
+            **{a: rf".*\.attn\.c_attn\.{a}" for a in "qkv"},
+            "o": r".*\.attn\.c_proj",
+            "up": r".*\.mlp\.c_fc",
+            "down": r".*\.mlp\.c_proj",
+            "ffn-out": r".*\.mlp\.c_proj",
+        },
+        r".*\.h\.\d+\.attn",
+        fused={r".*\.attn\.c_attn": ("q", "k", "v")},
+    ),
+    Family(
+        "bert",
+        ("bert",),
+        {
+            "q": r".*\.attention\.self\.query",
+            "k": r".*\.attention\.self\.key",
+            "v": r".*\.attention\.self\.value",
+            "o": r".*\.attention\.output\.dense",
+            "up": r".*\.intermediate\.dense",
+            "down": r".*\.layer\.\d+\.output\.dense",
+            "ffn-out": r".*\.layer\.\d+\.output\.dense",
+        },
+        r".*\.attention\.self",
+    ),
+)
+
+
+def family_of(model: nn.Module) -> Family:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    supported = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise TargetError(f"unsupported model family {model_type!r}; adaplex adapts: {supported}")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place for a site adapter: a base linear layer, or one part of a fused one."""
+
+    module: str
+    part: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}.{self.part}" if self.part else self.module
+
+
+def base_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Base linear layers by module path, looking through wrappers and skipping adapters."""
+    found: dict[str, nn.Module] = {}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if isinstance(child, AdaptedLinear):
+                found[path] = child.base
+            elif isinstance(child, LINEAR_TYPES):
+                found[path] = child
+            elif not isinstance(child, (Adapter, AttentionAdapters)):
+                walk(child, path + ".")
+
+    walk(model, "")
+    return found
+
+
+def fused_parts(family: Family, module: str) -> tuple[str, ...]:
+    return next((parts for pat, parts in family.fused.items() if re.fullmatch(pat, module)), ())
+
+
+def all_sites(model: nn.Module, family: Family) -> list[Site]:
+    sites = []
+    for path in base_linears(model):
+        sites.append(Site(path))
+        sites.extend(Site(path, part) for part in fused_parts(family, path))
+    return sites
+
+
+def _matches(target: str, name: str) -> bool:
+    if name == target or name.endswith("." + target):
+        return True
+    try:
+        return re.fullmatch(target, name) is not None
+    except re.error:
+        return False
+
+
+def names_hint(names: list[str], limit: int = 12) -> str:
+    """Distinct module names with layer numbers folded: 'model.layers.*.self_attn.q_proj, ...'."""
+    folded = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", n) for n in names))
+    more = f" (+{len(folded) - limit} more)" if len(folded) > limit else ""
+    return ", ".join(folded[:limit]) + more
+
+
+def select(names: list[str], targets: tuple[str, ...], family: Family, what: str) -> list[str]:
+    """Names matched by any target; a target that matches nothing is an error listing what exists."""
+    chosen: dict[str, None] = {}
+    for target in targets:
+        patterns = family.alias_patterns(target)
+        if patterns is None:
+            matched = [n for n in names if _matches(target, n)]
+        else:
+            matched = [n for n in names if any(re.fullmatch(p, n) for p in patterns)]
+        if not matched:
+            aliases = ", ".join([*family.aliases, "all-linear", "attention"])
+            raise TargetError(
+                f"target {target!r} matches no {what} of this {family.name} model; "
+                f"use an alias ({aliases}) or one of: {names_hint(names)}"
+            )
+        chosen.update(dict.fromkeys(matched))
+    return list(chosen)
+
+
+def select_sites(model: nn.Module, family: Family, targets: tuple[str, ...]) -> dict[str, list[Site]]:
+    """Chosen sites grouped by base module path; a fused layer cannot be targeted whole and in parts."""
+    by_name = {s.name: s for s in all_sites(model, family)}
+    grouped: dict[str, list[Site]] = {}
+    for name in select(list(by_name), targets, family, "linear layer"):
+        site = by_name[name]
+        grouped.setdefault(site.module, []).append(site)
+    for module, sites in grouped.items():
+        if len(sites) > 1 and any(s.part is None for s in sites):
+            raise TargetError(f"{module} is targeted both whole and by parts; target one or the other")
+    return grouped
+
+
+def select_attention(model: nn.Module, family: Family, targets: tuple[str, ...]) -> list[str]:
+    names = [n for n, _ in model.named_modules() if re.fullmatch(family.attention, n)]
+    return select(names, targets, family, "attention layer")
+
+
+def site_shape(model: nn.Module, family: Family, site: Site) -> tuple[int, int]:
+    """(in, out) features of a site; a fused part gets an equal share of the output."""
+    in_features, out_features = linear_shape(base_linears(model)[site.module])
+    if site.part is None:
+        return in_features, out_features
+    return in_features, out_features // len(fused_parts(family, site.module))
+
+
+def wrap(model: nn.Module, path: str, stack: Stack) -> AdaptedLinear:
+    """The AdaptedLinear at ``path``, replacing the base layer there on first use."""
+    layer = model.get_submodule(path)
+    if isinstance(layer, AdaptedLinear):
+        return layer
+    wrapper = AdaptedLinear(layer, stack)
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent), child, wrapper)
+    return wrapper
+
+
+def unwrap(model: nn.Module, path: str) -> None:
+    """Put the base layer back at ``path``."""
+    wrapper = model.get_submodule(path)
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent), child, wrapper.base)
+
+
+def wrappers(model: nn.Module) -> dict[str, AdaptedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+def attention_adapters(model: nn.Module) -> dict[str, AttentionAdapters]:
+    """AttentionAdapters children keyed by their attention layer's path."""
+    return {n.rpartition(".")[0]: m for n, m in model.named_modules() if isinstance(m, AttentionAdapters)}

@@ -49,7 +49,16 @@ def qwen2(seed: int = 0) -> Qwen2ForCausalLM:
 
 def gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -78,3 +87,22 @@ def outputs(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def word_tokenizer():
+    """A tiny word-level tokenizer over VOCAB ids (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def save_base(family: str, directory, seed: int = 0):
+    """Save a tiny model of ``family`` with a tokenizer, as a local base model directory."""
+    model = FAMILIES[family](seed)
+    model.save_pretrained(directory)
+    word_tokenizer().save_pretrained(directory)
+    return directory

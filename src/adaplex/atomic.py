@@ -1,0 +1,70 @@
+"""Atomic directory writes: build in a temporary sibling, fsync, then rename into place.
+
+An existing directory is replaced only with ``overwrite=True``, by an atomic exchange
+(Linux renameat2 RENAME_EXCHANGE), so a reader or a crash sees the complete old version or
+the complete new one, never a mix and never nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from adaplex.errors import StorageError
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in [*root.rglob("*"), root]:
+        _fsync(path)
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two paths atomically."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    result = libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result != 0:
+        err = ctypes.get_errno()
+        raise StorageError(f"cannot replace {b} atomically ({os.strerror(err)}); save to a new directory instead")
+
+
+def refuse_existing(target: Path, overwrite: bool) -> None:
+    if target.exists() and not overwrite:
+        raise StorageError(f"{target} already exists; choose another directory or pass --overwrite")
+    if target.exists() and not target.is_dir():
+        raise StorageError(f"{target} exists and is not a directory; choose another path")
+
+
+@contextmanager
+def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory; on success it becomes ``target`` in one atomic step."""
+    target = Path(target)
+    refuse_existing(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield staging
+        _fsync_tree(staging)
+        if target.exists():
+            refuse_existing(target, overwrite)
+            _exchange(staging, target)  # staging now holds the old version
+        else:
+            os.rename(staging, target)
+        _fsync(target.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

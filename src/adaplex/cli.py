@@ -1,0 +1,277 @@
+"""`adaplex <command>`: the command-line interface.
+
+Errors a user can cause are AdaplexError subclasses: printed as one line, exit code 2, no
+traceback. Commands that measure take --json and then print one JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from transformers.utils import logging as transformers_logging
+
+from adaplex.errors import AdaplexError, ConfigError, StorageError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Parameter-efficient adapters on transformers models: inspect, merge, export, import, benchmark."
+)
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks measured side by side in one run.")
+app.add_typer(bench_app, name="bench")
+console = Console()
+
+BaseOption = Annotated[str | None, typer.Option("--base", help="base model: embedded name, directory or cached hub id")]
+JsonOption = Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")]
+ForceOption = Annotated[bool, typer.Option("--force", help="load onto a base other than the recorded one")]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")]
+
+
+def _emit_json(result: dict, out: Path | None) -> None:
+    text = json.dumps(result, default=str)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(text)
+
+
+def _print_mapping(title: str, mapping: dict) -> None:
+    table = Table(show_header=False, title=title)
+    for key, value in mapping.items():
+        if isinstance(value, list):
+            value = ", ".join(str(v) for v in value)
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+def _base_for(paths: list[Path], base: str | None):
+    """Load the base by the one rule: --base, else the base recorded in the first path, else the default."""
+    from adaplex.models import choose_base, load_base
+    from adaplex.storage import recorded_base
+
+    recorded, relative_to = recorded_base(paths[0]) if paths else (None, None)
+    return load_base(choose_base(base, recorded), relative_to=relative_to)
+
+
+def _load_all(model, paths: list[Path], force: bool):
+    from adaplex.storage import load
+
+    handle = None
+    for path in paths:
+        handle = load(model, path, force=force)
+    return handle
+
+
+@app.command()
+def info(
+    path: Annotated[Path | None, typer.Argument(help="adapter, bundle or PEFT LoRA directory")] = None,
+    base: BaseOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show an adapter, bundle or PEFT directory (members, sizes, base, versions), or a base model."""
+    if path is not None:
+        from adaplex.storage import describe
+
+        result = describe(path)
+        if as_json:
+            _emit_json(result, None)
+            return
+        members = result.pop("members", [])
+        _print_mapping(f"{result['kind']} {path}", {k: v for k, v in result.items() if k != "config"})
+        if members:
+            table = Table(title="members")
+            for column in ("member", "name", "method", "role", "parameters", "bytes"):
+                table.add_column(column)
+            for m in members:
+                table.add_row(
+                    m["member"],
+                    m.get("name", ""),
+                    str(m.get("method", "")),
+                    m.get("role", ""),
+                    f"{m['parameters']:,}",
+                    f"{m['bytes']:,}",
+                )
+            console.print(table)
+        return
+    from adaplex.inject import all_sites, family_of, names_hint
+
+    model, _ = _base_for([], base)
+    family = family_of(model)
+    result = {
+        "base": model.config.name_or_path,
+        "family": family.name,
+        "class": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "layers": model.config.num_hidden_layers,
+        "target_aliases": sorted(family.aliases),
+        "linear_sites": names_hint([s.name for s in all_sites(model, family)], limit=50),
+    }
+    if as_json:
+        _emit_json(result, None)
+    else:
+        _print_mapping(f"base model {result['base']}", result)
+
+
+@app.command("export")
+def export(
+    path: Annotated[Path, typer.Argument(help="adapter or bundle directory")],
+    out: Annotated[Path, typer.Argument(help="output directory")],
+    to: Annotated[str, typer.Option(help="target format")] = "peft",
+    combined: Annotated[bool, typer.Option(help="a stack as one adapter (rank concatenation)")] = False,
+    base: BaseOption = None,
+    force: ForceOption = False,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Export to PEFT LoRA: one directory per adapter (OUT/<name>), or one combined adapter."""
+    from adaplex.atomic import refuse_existing
+    from adaplex.peft_io import export_peft
+
+    if to != "peft":
+        raise ConfigError(f"unknown export format {to!r}; the only one is 'peft'")
+    refuse_existing(out, overwrite)
+    model, _ = _base_for([path], base)
+    handle = _load_all(model, [path], force)
+    names = list(handle.configs)
+    if combined or len(names) == 1:
+        export_peft(handle, names, out, weights=handle.stack.weights, overwrite=overwrite)
+        console.print(f"wrote PEFT LoRA {out} ({', '.join(names)})")
+        return
+    from adaplex.atomic import atomic_directory
+
+    with atomic_directory(out, overwrite) as staging:
+        for name in names:
+            export_peft(handle, [name], staging / name)
+    console.print(f"wrote {len(names)} PEFT LoRA adapters under {out}: {', '.join(names)}")
+
+
+@app.command("import")
+def import_(
+    peft_dir: Annotated[Path, typer.Argument(help="PEFT LoRA directory (e.g. a trainer's checkpoint-531/)")],
+    out: Annotated[Path, typer.Argument(help="adaplex adapter directory to write")],
+    name: Annotated[str | None, typer.Option(help="adapter name (default: the directory's name)")] = None,
+    base: BaseOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Import a PEFT LoRA directory as an adaplex adapter directory (safetensors)."""
+    from adaplex.atomic import refuse_existing
+    from adaplex.peft_io import import_into, is_peft_dir
+    from adaplex.storage import save_adapter
+
+    if not is_peft_dir(peft_dir):
+        raise StorageError(f"{peft_dir} is not a PEFT directory (no adapter_config.json with a peft_type)")
+    refuse_existing(out, overwrite)
+    model, _ = _base_for([peft_dir], base)
+    adapter_name, _ = import_into(model, peft_dir, name, trainable=False)
+    from adaplex.adapted import Adapted
+
+    save_adapter(Adapted.of(model), adapter_name, out, overwrite=overwrite)
+    console.print(f"imported {peft_dir} as adapter {adapter_name!r} into {out}")
+
+
+@app.command()
+def merge(
+    paths: Annotated[list[Path], typer.Argument(help="adapter, bundle or PEFT directories to merge")],
+    out: Annotated[Path, typer.Option("--out", help="plain transformers model directory to write")],
+    base: BaseOption = None,
+    force: ForceOption = False,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Merge adapters into the base: a plain transformers model directory (safetensors)."""
+    from adaplex.atomic import atomic_directory, refuse_existing
+
+    refuse_existing(out, overwrite)
+    model, tokenizer = _base_for(paths, base)
+    handle = _load_all(model, paths, force)
+    merged = handle.merged_model()
+    with atomic_directory(out, overwrite) as staging:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    console.print(f"wrote merged model {out} ({', '.join(handle.configs)} into {model.config.name_or_path})")
+
+
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Argument(help="legacy PyTorch .bin weights file")],
+    out: Annotated[Path, typer.Argument(help="safetensors file to write")],
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Convert a legacy .bin tensor file (read with weights_only=True) to safetensors, keys unchanged."""
+    from safetensors.torch import save_file
+
+    from adaplex.storage import read_legacy
+
+    if not source.is_file():
+        raise StorageError(f"{source} is not a file")
+    if out.exists() and not overwrite:
+        raise StorageError(f"{out} already exists; choose another path or pass --overwrite")
+    tensors = read_legacy(source)
+    staging = out.with_name(f".{out.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, staging)
+    staging.replace(out)
+    console.print(f"wrote {out}: {len(tensors)} tensors")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="where the merged model is written")] = Path("demo-out"),
+    steps: Annotated[int, typer.Option(help="training steps")] = 40,
+) -> None:
+    """Train, compare and merge a LoRA adapter on the embedded model with real text (CPU, minutes)."""
+    from adaplex import demo as demo_job
+
+    demo_job.run(out, steps=steps, console=console)
+
+
+@bench_app.command("overhead")
+def bench_overhead(
+    base: BaseOption = None,
+    batch: int = 4,
+    seq: int = 128,
+    rank: int = 16,
+    rounds: Annotated[int, typer.Option(help="interleaved timing rounds")] = 3,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    bf16: Annotated[bool, typer.Option(help="bfloat16 weights (GPU)")] = False,
+    out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Forward and train-step cost of each method against the base and against PEFT LoRA."""
+    import torch
+
+    from adaplex.bench import overhead
+    from adaplex.models import choose_base
+
+    result = overhead.run(
+        choose_base(base, None), batch, seq, rank, rounds, device, torch.bfloat16 if bf16 else torch.float32
+    )
+    table = Table(title=f"overhead on {result['base']} ({result['device']}, batch {batch}x{seq}, rank {rank})")
+    for column in ("variant", "forward x base", "train step x base", "trainable", "peak train MiB"):
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+        table.add_row(
+            row["variant"],
+            f"{row['forward_x_base']:.3f}",
+            f"{row['train_step_x_base']:.3f}",
+            f"{row['trainable_params']:,}",
+            f"{row['peak_train_mib']:.0f}",
+        )
+    console.print(table)
+    console.print({k: round(v, 3) for k, v in result["lora_vs_peft"].items()})
+    if as_json or out:
+        _emit_json(result, out)
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line and a non-zero exit."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    transformers_logging.disable_progress_bar()
+    try:
+        app()
+    except AdaplexError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,221 @@
+"""PEFT LoRA interop: export adaplex LoRA-family adapters to PEFT directories and import them back.
+
+Export writes ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT saves them
+(keys ``base_model.model.<module>.lora_{A,B}.weight``). A plain LoRA on unfused layers exports
+as is (same r, alpha, rsLoRA flag). Everything else is folded exactly into plain LoRA:
+MoSLoRA's mixer into B (B' = B·M), GPT-2's q/k/v parts into one c_attn LoRA by rank
+concatenation (A' = [A_q; A_k; A_v], B' = blockdiag(B_q, B_k, B_v)), and a stack into one
+adapter by rank concatenation with each adapter's scale and weight folded into its B; such
+modules get rank_pattern/alpha_pattern entries with alpha = rank, i.e. scale 1.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from adaplex.adapted import Adapted
+from adaplex.atomic import atomic_directory
+from adaplex.errors import StorageError
+from adaplex.layers import FusedParts
+from adaplex.methods import LoRA, LoRAConfig
+from adaplex.storage import read_legacy, read_safetensors
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_LEGACY_WEIGHTS = "adapter_model.bin"
+PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+UNSUPPORTED = {
+    "use_dora": "DoRA",
+    "modules_to_save": "modules_to_save (fully trained extra modules)",
+    "layers_to_transform": "layers_to_transform",
+    "layer_replication": "layer_replication",
+    "trainable_token_indices": "trainable token indices",
+    "target_parameters": "target_parameters (LoRA on raw parameters)",
+    "lora_bias": "LoRA bias terms",
+}
+
+
+def is_peft_dir(directory: Path) -> bool:
+    path = directory / PEFT_CONFIG
+    if not path.is_file():
+        return False
+    try:
+        return "peft_type" in json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def read_peft_config(directory: Path) -> dict[str, Any]:
+    path = directory / PEFT_CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StorageError(f"{path} is not readable JSON ({type(err).__name__}); restore it") from None
+    if config.get("peft_type") != "LORA":
+        raise StorageError(f"{path}: PEFT type {config.get('peft_type')!r} is not LoRA; adaplex imports LoRA only")
+    for field, what in UNSUPPORTED.items():
+        if config.get(field):
+            raise StorageError(f"{path}: {what} cannot be represented by adaplex; remove it or merge it first")
+    if config.get("bias", "none") != "none":
+        raise StorageError(f"{path}: bias={config['bias']!r} cannot be represented by adaplex; use bias='none'")
+    return config
+
+
+def recorded_base(directory: Path) -> str | None:
+    return read_peft_config(directory).get("base_model_name_or_path")
+
+
+def _peft_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    if (directory / PEFT_WEIGHTS).is_file():
+        return read_safetensors(directory / PEFT_WEIGHTS)
+    if (directory / PEFT_LEGACY_WEIGHTS).is_file():
+        return read_legacy(directory / PEFT_LEGACY_WEIGHTS)
+    raise StorageError(f"{directory} has no {PEFT_WEIGHTS}; is it a PEFT LoRA directory?")
+
+
+def _peft_alpha(config: dict[str, Any], module: str) -> float:
+    """PEFT's rule: the first alpha_pattern key k with re.match(rf'(.*\\.)?({k})$', module)."""
+    for key, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return float(alpha)
+    return float(config.get("lora_alpha", 8))
+
+
+def import_into(model: nn.Module, directory: Path, name: str | None, trainable: bool) -> tuple[str, Path]:
+    """Attach a PEFT LoRA directory as an adaplex LoRA adapter (exact: same A, B and scale per module)."""
+    config = read_peft_config(directory)
+    tensors = _peft_tensors(directory)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = PEFT_KEY.match(key)
+        if match is None:
+            raise StorageError(
+                f"{directory / PEFT_WEIGHTS}: tensor {key!r} is not a LoRA A/B weight adaplex can import"
+            )
+        modules.setdefault(match["module"], {})[match["ab"]] = tensor
+    incomplete = [m for m, ab in modules.items() if set(ab) != {"A", "B"}]
+    if incomplete:
+        raise StorageError(f"{directory / PEFT_WEIGHTS}: module {incomplete[0]!r} lacks lora_A or lora_B")
+    r = int(config["r"])
+    ours = LoRAConfig(
+        r=r,
+        alpha=float(config.get("lora_alpha", 8)),
+        dropout=float(config.get("lora_dropout", 0.0)),
+        rslora=bool(config.get("use_rslora", False)),
+        targets=tuple(sorted(modules)),
+        rank_pattern={m: ab["A"].shape[0] for m, ab in modules.items() if ab["A"].shape[0] != r},
+        alpha_pattern={
+            m: _peft_alpha(config, m) for m in modules if _peft_alpha(config, m) != config.get("lora_alpha", 8)
+        },
+    )
+    handle = Adapted.of(model)
+    adapter_name = name or re.sub(r"[^A-Za-z0-9_-]", "-", directory.resolve().name) or "peft"
+    handle.add(adapter_name, ours, trainable=trainable)
+    state = {f"{m}.{ab}": t for m, pair in modules.items() for ab, t in pair.items()}
+    try:
+        handle.load_state_dict(adapter_name, state, str(directory / PEFT_WEIGHTS))
+    except StorageError:
+        handle.remove(adapter_name)
+        raise
+    return adapter_name, directory
+
+
+def _pieces(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B·scale) of a LoRA, or of a fused layer's LoRA parts concatenated along the rank."""
+    if isinstance(adapter, LoRA):
+        return adapter.A.detach(), adapter.folded_B().detach() * adapter.scaling
+    if isinstance(adapter, FusedParts) and all(isinstance(p, LoRA) for p in adapter.parts.values()):
+        A_parts, B_blocks, row = [], [], 0
+        total = sum(adapter.part_sizes.values())
+        for part, size in adapter.part_sizes.items():
+            if part in adapter.parts:
+                A, B = _pieces(adapter.parts[part])
+                block = B.new_zeros(total, B.shape[1])
+                block[row : row + size] = B
+                A_parts.append(A)
+                B_blocks.append(block)
+            row += size
+        return torch.cat(A_parts), torch.cat(B_blocks, dim=1)
+    raise StorageError(f"{type(adapter).__name__} adapters have no PEFT LoRA form; export LoRA or MoSLoRA only")
+
+
+def peft_modules(handle: Adapted, weights: dict[str, float]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per base module: (A, B) with every adapter's scale and weight folded into B, ranks concatenated."""
+    pieces: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for name, weight in weights.items():
+        if not isinstance(handle.configs[name], LoRAConfig):
+            raise StorageError(
+                f"adapter {name!r} is {handle.configs[name].method}; only LoRA and MoSLoRA export to PEFT"
+            )
+        for path, adapter in handle.adapters(name).items():
+            A, B = _pieces(adapter)
+            pieces.setdefault(path, []).append((A, B * weight))
+    return {p: (torch.cat([a for a, _ in ab]), torch.cat([b for _, b in ab], dim=1)) for p, ab in pieces.items()}
+
+
+def _as_is(handle: Adapted, names: list[str]) -> LoRAConfig | None:
+    """The config of a single plain LoRA on unfused layers, which exports unchanged."""
+    if len(names) != 1:
+        return None
+    config = handle.configs[names[0]]
+    plain = type(config) is LoRAConfig and not config.rank_pattern and not config.alpha_pattern
+    unfused = all(isinstance(a, LoRA) for a in handle.adapters(names[0]).values())
+    return config if plain and unfused else None
+
+
+def export_peft(
+    handle: Adapted,
+    names: list[str],
+    out: str | Path,
+    *,
+    weights: dict[str, float] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write adapters ``names`` (their weighted sum when several) as one PEFT LoRA directory."""
+    out = Path(out)
+    handle.stack.check(*names)
+    config = _as_is(handle, names)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    if config is not None:
+        for path, adapter in handle.adapters(names[0]).items():
+            tensors[f"base_model.model.{path}.lora_A.weight"] = adapter.A.detach()
+            tensors[f"base_model.model.{path}.lora_B.weight"] = adapter.B.detach()
+            ranks[path] = config.r
+        r, alpha, rslora = config.r, config.alpha, config.rslora
+    else:
+        for path, (A, B) in peft_modules(handle, {n: (weights or {}).get(n, 1.0) for n in names}).items():
+            tensors[f"base_model.model.{path}.lora_A.weight"] = A
+            tensors[f"base_model.model.{path}.lora_B.weight"] = B
+            ranks[path] = A.shape[0]
+        r = Counter(ranks.values()).most_common(1)[0][0]
+        alpha, rslora = float(r), False
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if hasattr(handle.model, "generate") and handle.family.name != "bert" else None,
+        "base_model_name_or_path": str(handle.model.config.name_or_path or ""),
+        "r": r,
+        "lora_alpha": alpha,
+        "use_rslora": rslora,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted(ranks),
+        "fan_in_fan_out": handle.family.name == "gpt2",
+        "rank_pattern": {re.escape(p): k for p, k in ranks.items() if k != r},
+        "alpha_pattern": {re.escape(p): float(k) for p, k in ranks.items() if k != r},
+        "inference_mode": True,
+    }
+    with atomic_directory(out, overwrite) as staging:
+        save_file(
+            {k: v.contiguous().cpu() for k, v in tensors.items()}, staging / PEFT_WEIGHTS, metadata={"format": "pt"}
+        )
+        (staging / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+    return out

@@ -1,0 +1,404 @@
+"""Adapter directories and bundles on disk.
+
+Adapter directory: ``adapter_config.json`` (method, hyper-parameters, targets, role, base
+identity, version lineage, SHA-256 of the weights, and a checksum of the config itself) beside
+``adapter.safetensors`` (tensors keyed '<site path>.<parameter>'). A bundle is a directory with
+``bundle.json`` and one adapter directory per member, each loadable alone.
+
+Every write is atomic (``adaplex.atomic``); every read is verified before anything is attached,
+and a load that fails leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import struct
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
+from torch import nn
+
+import adaplex
+from adaplex.adapted import _HANDLES, Adapted
+from adaplex.atomic import atomic_directory
+from adaplex.errors import AdaplexError, StorageError
+from adaplex.methods import method_config
+from adaplex.models import fingerprint
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+LEGACY_WEIGHTS = "adapter.bin"
+BUNDLE_FILE = "bundle.json"
+
+
+class Record(BaseModel):
+    """Fields shared by adapter and bundle records; ``checksum`` covers all the others."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    base: str
+    base_model_type: str
+    base_fingerprint: str
+    adaplex_version: str
+    created: str
+    version: str | None = None
+    parent: str | None = None
+    checksum: str = ""
+
+    def content_hash(self) -> str:
+        fields = self.model_dump(exclude={"checksum"})
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+class AdapterRecord(Record):
+    format: Literal["adaplex-adapter"] = "adaplex-adapter"
+    role: str = "adapter"
+    config: dict[str, Any]
+    dtype: str
+    weights_sha256: str
+
+
+class BundleRecord(Record):
+    format: Literal["adaplex-bundle"] = "adaplex-bundle"
+    members: dict[str, str]  # member directory (relative) -> role
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_record(record: Record, path: Path) -> None:
+    record.checksum = record.content_hash()
+    path.write_text(json.dumps(record.model_dump(), indent=2) + "\n")
+
+
+def _read_record(path: Path, kind: type[Record]) -> Record:
+    if not path.is_file():
+        raise StorageError(f"{path} not found; is {path.parent} an adaplex adapter or bundle directory?")
+    try:
+        record = kind.model_validate_json(path.read_bytes())
+    except (ValidationError, UnicodeDecodeError) as err:
+        raise StorageError(f"{path} is corrupt or not an adaplex file ({_first_error(err)}); restore it") from None
+    if record.checksum != record.content_hash():
+        raise StorageError(f"{path} fails its checksum: the file was changed or damaged; restore it")
+    return record
+
+
+def _first_error(err: Exception) -> str:
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        return f"{'.'.join(str(p) for p in first['loc']) or 'file'}: {first['msg']}"
+    return type(err).__name__
+
+
+def _base_fields(model: nn.Module, version: str | None, parent: str | None) -> dict[str, Any]:
+    return {
+        "base": str(model.config.name_or_path or model.config.model_type),
+        "base_model_type": model.config.model_type,
+        "base_fingerprint": fingerprint(model),
+        "adaplex_version": adaplex.__version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "version": version,
+        "parent": parent,
+    }
+
+
+def write_adapter(handle: Adapted, name: str, directory: Path, role: str, base_fields: dict[str, Any]) -> None:
+    """Write adapter ``name`` into an existing, empty ``directory`` (no atomicity here)."""
+    tensors = {k: v.contiguous().cpu() for k, v in handle.state_dict(name).items()}
+    dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
+    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    record = AdapterRecord(
+        name=name,
+        role=role,
+        config=handle.configs[name].model_dump(mode="json"),
+        dtype=dtypes.pop() if len(dtypes) == 1 else "mixed",
+        weights_sha256=_sha256(directory / WEIGHTS_FILE),
+        **base_fields,
+    )
+    _write_record(record, directory / CONFIG_FILE)
+
+
+def save_adapter(
+    handle: Adapted,
+    name: str,
+    directory: str | Path,
+    *,
+    role: str = "adapter",
+    version: str | None = None,
+    parent: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save one adapter atomically; an existing directory is replaced only with ``overwrite``."""
+    handle.stack.check(name)
+    directory = Path(directory)
+    with atomic_directory(directory, overwrite) as staging:
+        write_adapter(handle, name, staging, role, _base_fields(handle.model, version, parent))
+    return directory
+
+
+def save_bundle(
+    handle: Adapted,
+    directory: str | Path,
+    members: dict[str, str] | None = None,
+    *,
+    roles: dict[str, str] | None = None,
+    version: str | None = None,
+    parent: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save several adapters as one bundle; ``members`` maps member directory -> adapter name."""
+    members = members or {name: name for name in handle.configs}
+    roles = roles or {}
+    handle.stack.check(*members.values())
+    directory = Path(directory)
+    fields = _base_fields(handle.model, version, parent)
+    with atomic_directory(directory, overwrite) as staging:
+        for member, name in members.items():
+            (staging / member).mkdir(parents=True)
+            write_adapter(handle, name, staging / member, roles.get(name, "member"), fields)
+        bundle = BundleRecord(
+            name=directory.name, members={m: roles.get(n, "member") for m, n in members.items()}, **fields
+        )
+        _write_record(bundle, staging / BUNDLE_FILE)
+    return directory
+
+
+def read_adapter_record(directory: Path) -> AdapterRecord:
+    return _read_record(directory / CONFIG_FILE, AdapterRecord)  # type: ignore[return-value]
+
+
+def read_bundle_record(directory: Path) -> BundleRecord:
+    return _read_record(directory / BUNDLE_FILE, BundleRecord)  # type: ignore[return-value]
+
+
+def read_safetensors(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; with ``sha256``, the file must match it first."""
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise StorageError(f"{path} does not match the checksum in {CONFIG_FILE}: damaged or replaced; restore it")
+    try:
+        return load_safetensors_bytes(data)
+    except (SafetensorError, struct.error, ValueError, RuntimeError) as err:
+        raise StorageError(f"{path} is truncated or corrupt ({err}); restore it") from None
+
+
+def read_tensors(directory: Path, record: AdapterRecord) -> dict[str, torch.Tensor]:
+    """Tensors of an adapter directory, verified against the record's SHA-256 and dtype.
+
+    safetensors is the format; a legacy ``adapter.bin`` is read with ``weights_only=True``.
+    """
+    path = directory / WEIGHTS_FILE
+    if path.is_file():
+        tensors = read_safetensors(path, record.weights_sha256)
+    elif (directory / LEGACY_WEIGHTS).is_file():
+        path = directory / LEGACY_WEIGHTS
+        if _sha256(path) != record.weights_sha256:
+            raise StorageError(f"{path} does not match the checksum in {CONFIG_FILE}: damaged or replaced; restore it")
+        tensors = read_legacy(path)
+    else:
+        raise StorageError(f"{directory} has no {WEIGHTS_FILE}; is it an adapter directory?")
+    if record.dtype != "mixed":
+        for key, tensor in tensors.items():
+            if str(tensor.dtype).removeprefix("torch.") != record.dtype:
+                raise StorageError(f"{path}: tensor {key!r} is {tensor.dtype}, the config says {record.dtype}")
+    return tensors
+
+
+def read_legacy(path: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch ``.bin`` state dict, read safely (``weights_only=True``: no code runs)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise StorageError(
+            f"{path} is not a readable PyTorch weights file ({type(err).__name__}); restore it"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise StorageError(f"{path} does not hold a flat dict of tensors")
+    return state
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header, without reading the data."""
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise StorageError(f"{path} is truncated or corrupt ({err}); restore it") from None
+
+
+def check_base(model: nn.Module, record: Record, source: Path, force: bool) -> None:
+    """A different base than the one the adapter was made for is an error unless ``force``."""
+    if record.base_fingerprint == fingerprint(model):
+        return
+    current = model.config.name_or_path or model.config.model_type
+    message = (
+        f"{source} was made for base {record.base!r} (fingerprint {record.base_fingerprint}), "
+        f"not for {current!r} (fingerprint {fingerprint(model)})"
+    )
+    if not force:
+        raise StorageError(message + "; pass --base with the right model, or --force to load anyway")
+    log.warning("%s; loading anyway (--force)", message)
+
+
+def _attach_verified(
+    model: nn.Module, directory: Path, name: str | None, force: bool, trainable: bool
+) -> list[tuple[str, Path]]:
+    """Read, verify and attach every adapter under ``directory``; returns (name, source) pairs."""
+    from adaplex import peft_io
+
+    if peft_io.is_peft_dir(directory):
+        return [peft_io.import_into(model, directory, name=name, trainable=trainable)]
+    if (directory / BUNDLE_FILE).is_file():
+        bundle = read_bundle_record(directory)
+        check_base(model, bundle, directory, force)
+        loaded = []
+        for member in bundle.members:
+            loaded += _attach_verified(model, directory / member, None, force, trainable)
+        return loaded
+    record = read_adapter_record(directory)
+    check_base(model, record, directory, force)
+    config = method_config(record.config, source=str(directory / CONFIG_FILE))
+    tensors = read_tensors(directory, record)
+    handle = Adapted.of(model)
+    adapter_name = name or record.name
+    handle.add(adapter_name, config, trainable=trainable)
+    try:
+        handle.load_state_dict(adapter_name, tensors, str(directory / WEIGHTS_FILE))
+    except AdaplexError:
+        handle.remove(adapter_name)
+        raise
+    return [(adapter_name, directory)]
+
+
+def load(
+    model: nn.Module, path: str | Path, *, name: str | None = None, force: bool = False, trainable: bool = False
+) -> Adapted:
+    """Attach an adapter directory, a bundle (all members) or a PEFT LoRA directory, all or nothing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise StorageError(f"{path} is not a directory; give an adapter, bundle or PEFT LoRA directory")
+    fresh = model not in _HANDLES
+    before = list(_HANDLES[model].configs) if not fresh else []
+    try:
+        _attach_verified(model, path, name, force, trainable)
+    except BaseException:
+        if model in _HANDLES:
+            handle = _HANDLES[model]
+            for added in [n for n in handle.configs if n not in before]:
+                handle.remove(added)
+            if fresh:
+                handle.detach()
+        raise
+    return Adapted.of(model)
+
+
+def recorded_base(path: Path) -> tuple[str | None, Path]:
+    """The base recorded in an adapter, bundle or PEFT directory, and the directory it is relative to."""
+    from adaplex import peft_io
+
+    if peft_io.is_peft_dir(path):
+        return peft_io.recorded_base(path), path
+    for file, kind in ((BUNDLE_FILE, BundleRecord), (CONFIG_FILE, AdapterRecord)):
+        if (path / file).is_file():
+            return _read_record(path / file, kind).base, path
+    raise StorageError(f"{path} is not an adapter, bundle or PEFT LoRA directory")
+
+
+def lineage(directory: Path) -> list[str]:
+    """Version chain ending at ``directory``: its version, then its parent's, found among its siblings."""
+
+    def record_of(d: Path) -> Record | None:
+        for file, kind in ((BUNDLE_FILE, BundleRecord), (CONFIG_FILE, AdapterRecord)):
+            if (d / file).is_file():
+                try:
+                    return _read_record(d / file, kind)
+                except StorageError:
+                    return None
+        return None
+
+    record = record_of(directory)
+    if record is None or record.version is None:
+        return []
+    siblings = {}
+    for d in directory.parent.iterdir():
+        sibling = record_of(d) if d.is_dir() else None
+        if sibling is not None and sibling.version:
+            siblings[sibling.version] = sibling
+    chain, seen = [record.version], {record.version}
+    parent = record.parent
+    while parent and parent not in seen:
+        chain.append(parent)
+        seen.add(parent)
+        parent = siblings[parent].parent if parent in siblings else None
+    return chain
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """What an adapter, bundle or PEFT directory holds, read from its files without a model."""
+    from adaplex import peft_io
+
+    if not path.is_dir():
+        raise StorageError(f"{path} is not a directory; give an adapter, bundle or PEFT LoRA directory")
+    if peft_io.is_peft_dir(path):
+        config = peft_io.read_peft_config(path)
+        weights = path / peft_io.PEFT_WEIGHTS
+        shapes = safetensors_shapes(weights) if weights.is_file() else {}
+        return {
+            "kind": "peft-lora",
+            "path": str(path),
+            "base": config.get("base_model_name_or_path"),
+            "r": config.get("r"),
+            "lora_alpha": config.get("lora_alpha"),
+            "targets": config.get("target_modules"),
+            "parameters": sum(math.prod(s) for s in shapes.values()),
+            "bytes": weights.stat().st_size if weights.is_file() else 0,
+        }
+    if (path / BUNDLE_FILE).is_file():
+        bundle = read_bundle_record(path)
+        members = [describe(path / m) | {"member": m} for m in bundle.members]
+        return {
+            "kind": "bundle",
+            "path": str(path),
+            "base": bundle.base,
+            "base_fingerprint": bundle.base_fingerprint,
+            "version": bundle.version,
+            "lineage": lineage(path),
+            "parameters": sum(m["parameters"] for m in members),
+            "bytes": sum(m["bytes"] for m in members),
+            "members": members,
+        }
+    record = read_adapter_record(path)
+    weights = path / WEIGHTS_FILE
+    return {
+        "kind": "adapter",
+        "path": str(path),
+        "name": record.name,
+        "method": record.config.get("method"),
+        "role": record.role,
+        "config": record.config,
+        "base": record.base,
+        "base_fingerprint": record.base_fingerprint,
+        "dtype": record.dtype,
+        "created": record.created,
+        "version": record.version,
+        "lineage": lineage(path),
+        "parameters": sum(math.prod(s) for s in safetensors_shapes(weights).values()),
+        "bytes": weights.stat().st_size,
+    }

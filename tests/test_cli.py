@@ -1,0 +1,116 @@
+"""The command line on tiny local models: real subprocesses, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from adaplex.models import load_base
+from adaplex.storage import CONFIG_FILE, WEIGHTS_FILE, load, save_adapter, save_bundle
+
+import tiny
+from helpers import randomize
+
+
+def adaplex_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adaplex", *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A tiny llama base on disk and a saved stack bundle for it."""
+    root = tmp_path_factory.mktemp("cli")
+    tiny.save_base("llama", root / "base")
+    model, _ = load_base(str(root / "base"))
+    from adaplex import Adapted, LoRAConfig, MoSLoRAConfig
+
+    handle = Adapted.of(model)
+    handle.add("style", LoRAConfig(r=2, targets=("q", "v")))
+    handle.add("instruct", MoSLoRAConfig(r=2, targets=("o", "up")))
+    randomize(handle, "style", seed=1)
+    randomize(handle, "instruct", seed=2)
+    save_bundle(handle, root / "stack", version="v1")
+    save_adapter(handle, "style", root / "style")
+    return root, model, handle
+
+
+def test_info_shows_bundle_members_and_base(work):
+    root, _, handle = work
+    result = adaplex_cli("info", str(root / "stack"))
+    assert result.returncode == 0, result.stderr
+    for text in ("bundle", "style", "instruct", "moslora", str(root / "base")):
+        assert text in result.stdout
+
+
+def test_merge_writes_a_plain_model_that_loads_without_adaplex(work):
+    root, model, handle = work
+    result = adaplex_cli("merge", str(root / "stack"), "--out", str(root / "merged"))
+    assert result.returncode == 0, result.stderr
+    plain = AutoModelForCausalLM.from_pretrained(root / "merged").eval()
+    ids = tiny.tokens()
+    torch.testing.assert_close(tiny.outputs(plain, ids), tiny.outputs(model, ids), atol=1e-4, rtol=0)
+    again = adaplex_cli("merge", str(root / "stack"), "--out", str(root / "merged"))
+    assert_clean_error(again, "already exists", "--overwrite")
+
+
+def test_export_then_import_through_the_cli(work):
+    root, model, handle = work
+    exported = adaplex_cli("export", str(root / "stack"), str(root / "peft"))
+    assert exported.returncode == 0, exported.stderr
+    assert sorted(p.name for p in (root / "peft").iterdir()) == ["instruct", "style"]
+    combined = adaplex_cli("export", str(root / "stack"), str(root / "combined"), "--combined")
+    assert combined.returncode == 0, combined.stderr
+    imported = adaplex_cli("import", str(root / "combined"), str(root / "imported"))
+    assert imported.returncode == 0, imported.stderr
+    assert sorted(p.name for p in (root / "imported").iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    fresh, _ = load_base(str(root / "base"))
+    load(fresh, root / "imported")
+    ids = tiny.tokens()
+    torch.testing.assert_close(tiny.outputs(fresh, ids), tiny.outputs(model, ids), atol=1e-5, rtol=0)
+
+
+def test_bad_input_gives_one_line_errors(work, tmp_path):
+    root, _, _ = work
+    assert_clean_error(adaplex_cli("info", str(tmp_path / "missing")), "is not a directory")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / CONFIG_FILE).write_text((root / "style" / CONFIG_FILE).read_text())
+    data = (root / "style" / WEIGHTS_FILE).read_bytes()
+    (broken / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    assert_clean_error(adaplex_cli("merge", str(broken), "--out", str(tmp_path / "m")), "checksum")
+    assert not (tmp_path / "m").exists()
+    assert_clean_error(
+        adaplex_cli("merge", str(root / "style"), "--out", str(tmp_path / "m"), "--base", "nowhere"),
+        "base model 'nowhere' not found",
+        "tried",
+    )
+    assert_clean_error(adaplex_cli("export", str(root / "style"), str(tmp_path / "x"), "--to", "onnx"), "onnx")
+
+
+def test_recorded_base_that_moved_lists_the_places_tried(work, tmp_path):
+    root, _, _ = work
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for file in (CONFIG_FILE, WEIGHTS_FILE):
+        (moved / file).write_bytes((root / "style" / file).read_bytes())
+    record = (moved / CONFIG_FILE).read_text()
+    assert str(root / "base") in record
+    (root / "base").rename(root / "base-moved")
+    try:
+        result = adaplex_cli("merge", str(moved), "--out", str(tmp_path / "m"))
+        assert_clean_error(result, "not found; tried", "embedded models", f"directory {root / 'base'}")
+    finally:
+        (root / "base-moved").rename(root / "base")

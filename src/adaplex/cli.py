@@ -20,7 +20,10 @@ from transformers.utils import logging as transformers_logging
 from adaplex.errors import AdaplexError, ConfigError, StorageError
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Parameter-efficient adapters on transformers models: inspect, merge, export, import, benchmark."
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Parameter-efficient adapters on transformers models: inspect, merge, export, import, benchmark.",
 )
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks measured side by side in one run.")
 app.add_typer(bench_app, name="bench")
@@ -215,6 +218,82 @@ def convert(
     save_file({k: v.contiguous() for k, v in tensors.items()}, staging)
     staging.replace(out)
     console.print(f"wrote {out}: {len(tensors)} tensors")
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="training config (YAML)")],
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the output's last checkpoint")] = False,
+) -> None:
+    """Train adapters on PyTorch Lightning as the YAML config describes (see configs/)."""
+    from adaplex.train.config import TrainConfig
+    from adaplex.train.run import train as run_training
+    from adaplex.yamlconfig import load_yaml
+
+    result = run_training(load_yaml(config, TrainConfig), source=str(config), resume=resume)
+    console.print(f"trained adapter saved to {result}")
+
+
+AdapterOption = Annotated[list[str], typer.Option("--adapter", help="PATH[:WEIGHT], repeatable, stacked in order")]
+PromptOption = Annotated[list[str], typer.Option("--prompt", help="prompt, repeatable")]
+ChatOption = Annotated[bool, typer.Option("--chat/--no-chat", help="render prompts with the chat template")]
+
+
+@app.command()
+def generate(
+    prompt: PromptOption,
+    adapter: AdapterOption = [],  # noqa: B006 - typer reads the default, never mutates it
+    disable: Annotated[list[str], typer.Option(help="adapter name to switch off, repeatable")] = [],  # noqa: B006
+    base: BaseOption = None,
+    chat: ChatOption = False,
+    max_new_tokens: int = 40,
+    as_json: JsonOption = False,
+) -> None:
+    """Complete prompts with the base model plus the given adapters (none: the base alone)."""
+    from adaplex.infer import generate as complete
+    from adaplex.infer import load_stack
+
+    handle, tokenizer, names = load_stack(adapter, base)
+    with handle.disable(*disable):
+        results = [{"prompt": p, "completion": complete(handle, tokenizer, p, chat, max_new_tokens)} for p in prompt]
+    if as_json:
+        _emit_json({"adapters": handle.stack.weights, "results": results}, None)
+        return
+    for r in results:
+        console.print(f"[bold]{r['prompt']}[/] {r['completion']}")
+
+
+@app.command()
+def compare(
+    prompt: PromptOption,
+    adapter: AdapterOption,
+    eval_file: Annotated[list[Path], typer.Option("--eval", help="held-out .txt or .jsonl, repeatable")] = [],  # noqa: B006
+    base: BaseOption = None,
+    chat: ChatOption = False,
+    max_new_tokens: int = 40,
+    as_json: JsonOption = False,
+) -> None:
+    """Base, stage 1, stage 1+2, ... side by side: completions and held-out perplexities."""
+    from adaplex.infer import compare as run_compare
+    from adaplex.infer import load_stack
+
+    handle, tokenizer, names = load_stack(adapter, base)
+    rows = run_compare(handle, tokenizer, names, prompt, eval_file, chat, max_new_tokens)
+    print_comparison(rows, prompt)
+    if as_json:
+        _emit_json({"rows": rows}, None)
+
+
+def print_comparison(rows: list[dict], prompts: list[str]) -> None:
+    table = Table(title="stages side by side", show_lines=True)
+    table.add_column("stage")
+    for name in rows[0]["perplexity"]:
+        table.add_column(f"ppl {Path(name).name}", justify="right")
+    for p in prompts:
+        table.add_column(p)
+    for row in rows:
+        table.add_row(row["stage"], *[f"{v:.2f}" for v in row["perplexity"].values()], *row["completions"])
+    console.print(table)
 
 
 @app.command()

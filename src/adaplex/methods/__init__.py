@@ -11,6 +11,7 @@ from adaplex.methods.base import Adapter, MethodConfig, SiteAdapter
 from adaplex.methods.bottleneck import Bottleneck, BottleneckConfig
 from adaplex.methods.lora import LoRA, LoRAConfig, MoSLoRAConfig
 from adaplex.methods.prefix import Prefix, PrefixConfig
+from adaplex.yamlconfig import validation_message
 
 METHODS: dict[str, type[MethodConfig]] = {
     "lora": LoRAConfig,
@@ -28,9 +29,7 @@ def method_config(fields: dict[str, Any], source: str = "config") -> MethodConfi
     try:
         return METHODS[method].model_validate(fields)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
-        raise ConfigError(f"{source}: field {where!r}: {first['msg']}") from None
+        raise ConfigError(validation_message(err, source)) from None
 
 
 __all__ = [

@@ -1,17 +1,35 @@
-"""Text sources and causal-LM batches.
+"""Training data: text, JSONL and chat JSONL into causal-LM examples, and a resumable data order.
 
-Real text comes from what installed packages ship: Python's ``pydoc_data.topics`` (always
-present) and, where installed, Debian's ``fortunes`` collections.
+- text:  plain text files, concatenated (EOS between files) and cut into blocks of block_size.
+- jsonl: one JSON object per line with a text field; texts are packed into blocks the same way.
+- chat:  one JSON object per line with "messages" ([{role, content}, ...], the last one the
+         assistant's) or "prompt"/"response"; rendered with the model's chat template, loss on
+         the response tokens only; longer than block_size: truncated, with a warning that counts.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
 import torch
+from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
+
+from adaplex.errors import ConfigError
+from adaplex.train.config import DataConfig
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+Example = dict[str, list[int]]
 
 
 def pydoc_topics() -> dict[str, str]:
-    """Python's reference documentation topics, name -> text."""
+    """Python's reference documentation topics, name -> text (shipped with every Python)."""
     from pydoc_data.topics import topics
 
     return dict(sorted(topics.items()))
@@ -19,25 +37,210 @@ def pydoc_topics() -> dict[str, str]:
 
 def token_blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, block: int) -> torch.Tensor:
     """Concatenate the texts (separated by EOS) and cut the token stream into (N, block) rows."""
-    eos = tokenizer.eos_token_id
     stream: list[int] = []
     for text in texts:
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        stream.append(eos)
+        stream.append(tokenizer.eos_token_id)
     rows = len(stream) // block
     return torch.tensor(stream[: rows * block], dtype=torch.long).view(rows, block)
 
 
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """JSON objects of a JSONL file; a bad line is an error naming the file and line."""
+    records = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise ConfigError(f"{path}:{number}: expected a JSON object")
+        records.append(record)
+    return records
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"data file {path} not found; check the data paths in the config") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"data file {path} is unreadable ({type(err).__name__}); give UTF-8 text") from None
+
+
+def chat_messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
+    if "messages" in record:
+        messages = record["messages"]
+    elif "prompt" in record and "response" in record:
+        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+    else:
+        raise ConfigError(f"{where}: a chat record needs 'messages' or 'prompt' and 'response'")
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ConfigError(f"{where}: the last message must be the assistant's response")
+    return messages
+
+
+def chat_example(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> Example:
+    """Token ids of the rendered conversation; labels mask everything before the final response."""
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=True)
+    prompt, full = _ids(prompt), _ids(full)
+    labels = [IGNORE] * len(prompt) + full[len(prompt) :]
+    return {"input_ids": full, "labels": labels}
+
+
+def _ids(rendered: Any) -> list[int]:
+    return list(rendered["input_ids"] if isinstance(rendered, dict) or hasattr(rendered, "keys") else rendered)
+
+
+def build_examples(paths: list[Path], config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
+    """Examples of the configured format from ``paths``; empty data is an error."""
+    if config.format == "chat":
+        if not tokenizer.chat_template:
+            raise ConfigError("data format 'chat' needs a tokenizer with a chat template; this base model has none")
+        examples = [
+            chat_example(chat_messages(r, f"{p}:{i + 1}"), tokenizer)
+            for p in paths
+            for i, r in enumerate(read_lines(p))
+        ]
+        examples = truncate(examples, config.block_size)
+    else:
+        if config.format == "text":
+            texts = [_read_text(p) for p in paths]
+        else:
+            texts = [_field(r, config.text_field, f"{p}:{i + 1}") for p in paths for i, r in enumerate(read_lines(p))]
+        blocks = token_blocks([t for t in texts if t.strip()], tokenizer, config.block_size)
+        examples = [{"input_ids": b.tolist(), "labels": b.tolist()} for b in blocks]
+    if not examples:
+        names = ", ".join(str(p) for p in paths)
+        raise ConfigError(f"no training examples in {names} (empty, or shorter than one block of {config.block_size})")
+    return examples
+
+
+def _field(record: dict[str, Any], field: str, where: str) -> str:
+    if not isinstance(record.get(field), str):
+        raise ConfigError(f"{where}: no text field {field!r}; set data.text_field")
+    return record[field]
+
+
+def truncate(examples: list[Example], block: int) -> list[Example]:
+    """Cut examples to ``block`` tokens (warning with a count); drop those left with no response tokens."""
+    longer = sum(len(e["input_ids"]) > block for e in examples)
+    cut = [{k: v[:block] for k, v in e.items()} for e in examples]
+    kept = [e for e in cut if any(label != IGNORE for label in e["labels"][1:])]
+    if longer:
+        log.warning(
+            "%d of %d sequences are longer than block_size %d and were truncated; %d lost their whole response "
+            "and were dropped",
+            longer,
+            len(examples),
+            block,
+            len(cut) - len(kept),
+        )
+    return kept
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids, attention_mask, labels (IGNORE on padding)."""
+    length = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class StepSampler(Sampler[int]):
+    """Indices for a whole run: epoch e is permutation(seed + e) of the dataset, epochs back to back,
+    ``total`` indices in all. Iteration begins after ``start`` of them, so a resumed run continues
+    the same order; the length stays ``total`` so that Lightning's batch counts line up."""
+
+    def __init__(self, size: int, total: int, seed: int) -> None:
+        self.size, self.total, self.seed, self.start = size, total, seed, 0
+
+    def __iter__(self) -> Iterator[int]:
+        position = self.start
+        while position < self.total:
+            epoch, offset = divmod(position, self.size)
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+            take = min(self.size - offset, self.total - position)
+            yield from order[offset : offset + take].tolist()
+            position += take
+
+    def __len__(self) -> int:
+        return self.total
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a StepSampler whose position Lightning saves in checkpoints and restores."""
+
+    consumed: Callable[[], int] = staticmethod(lambda: 0)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"samples_consumed": self.consumed()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.start = state["samples_consumed"]
+
+
+class CausalLMData(L.LightningDataModule):
+    """Train loader in a resumable run order, and the eval loader."""
+
+    def __init__(
+        self,
+        train: list[Example],
+        evaluation: list[Example],
+        config: DataConfig,
+        total_samples: int,
+        seed: int,
+        pad_id: int,
+    ) -> None:
+        super().__init__()
+        self.train, self.evaluation, self.config = train, evaluation, config
+        self.total_samples, self.seed, self.pad_id = total_samples, seed, pad_id
+
+    def _collate(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+        return collate(batch, self.pad_id)
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = StepSampler(len(self.train), self.total_samples, self.seed)
+        loader = ResumableLoader(
+            self.train,
+            batch_size=self.config.batch_size,
+            sampler=sampler,
+            collate_fn=self._collate,
+            num_workers=self.config.num_workers,
+        )
+        trainer = self.trainer
+        loader.consumed = lambda: (
+            trainer.global_step * trainer.accumulate_grad_batches * self.config.batch_size * trainer.world_size
+        )
+        return loader
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.evaluation:
+            return []
+        return DataLoader(self.evaluation, batch_size=self.config.batch_size, collate_fn=self._collate)
+
+
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch: int = 8) -> float:
-    """exp(mean token negative log-likelihood) over the blocks."""
+def perplexity(model: torch.nn.Module, blocks: torch.Tensor | list[Example], batch: int = 8, pad_id: int = 0) -> float:
+    """exp(mean negative log-likelihood over the labelled tokens)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
+    examples = [{"input_ids": b.tolist(), "labels": b.tolist()} for b in blocks] if torch.is_tensor(blocks) else blocks
     total, count = 0.0, 0
-    for start in range(0, len(blocks), batch):
-        ids = blocks[start : start + batch].to(next(model.parameters()).device)
-        loss = model(input_ids=ids, labels=ids).loss
-        tokens = ids.numel() - ids.shape[0]
+    for start in range(0, len(examples), batch):
+        inputs = {k: v.to(device) for k, v in collate(examples[start : start + batch], pad_id).items()}
+        loss = model(**inputs).loss
+        tokens = int((inputs["labels"][:, 1:] != IGNORE).sum())
         total += loss.item() * tokens
         count += tokens
     model.train(was_training)

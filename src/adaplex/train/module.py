@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning as L
 import torch
 
 from adaplex.adapted import Adapted
+from adaplex.errors import AdaplexError
+
+
+class TrainingDiverged(AdaplexError):
+    """The loss became NaN or infinite."""
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -19,22 +25,48 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 
 class AdapterLM(L.LightningModule):
-    """Next-token loss on batches of token ids; only adapter parameters are optimised."""
+    """Next-token loss; only adapter parameters are optimised, and checkpoints hold only them."""
 
-    def __init__(self, handle: Adapted, lr: float = 1e-3, warmup: int = 10, total_steps: int = 100) -> None:
+    def __init__(
+        self, handle: Adapted, lr: float = 1e-3, warmup: int = 10, total_steps: int = 100, weight_decay: float = 0.0
+    ) -> None:
         super().__init__()
         self.handle = handle
         self.model = handle.model
-        self.lr, self.warmup, self.total_steps = lr, warmup, total_steps
+        self.lr, self.warmup, self.total_steps, self.weight_decay = lr, warmup, total_steps, weight_decay
+        self.strict_loading = False  # checkpoints carry the adapters, not the base weights
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = self.model(input_ids=batch, labels=batch).loss
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(batch)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"the loss became {loss.item()} at step {self.global_step}; the last good checkpoint is kept "
+                "under checkpoints/; lower optim.lr (or set gradient_clip) and run again with --resume"
+            )
         self.log("train_loss", loss, prog_bar=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
-    def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.handle.trainable_parameters(), lr=self.lr, weight_decay=0.0)
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self(batch), prog_bar=True, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("val_loss")
+        if loss is not None:
+            self.log("val_ppl", torch.exp(loss), prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(self.handle.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, self.warmup, self.total_steps)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the adapters' tensors: a checkpoint is a few MB, not a copy of the base."""
+        adapter_ids = {id(p) for p in self.handle.parameters()}
+        keep = {f"model.{n}" for n, p in self.model.named_parameters() if id(p) in adapter_ids}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}

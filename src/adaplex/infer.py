@@ -1,0 +1,92 @@
+"""Inference on stacks of saved adapters: loading `PATH[:WEIGHT]` specs, generating, comparing stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from adaplex.adapted import Adapted
+from adaplex.errors import ConfigError
+from adaplex.models import choose_base, load_base
+from adaplex.storage import load, recorded_base
+from adaplex.train.config import DataConfig
+from adaplex.train.data import build_examples, perplexity, read_lines
+
+
+def parse_adapter(spec: str) -> tuple[Path, float]:
+    """'runs/style/adapter:0.5' -> (path, 0.5); no weight means 1."""
+    path, sep, weight = spec.rpartition(":")
+    if sep and not Path(spec).exists():
+        try:
+            return Path(path), float(weight)
+        except ValueError:
+            raise ConfigError(f"--adapter {spec!r}: the weight after ':' must be a number") from None
+    return Path(spec), 1.0
+
+
+def load_stack(specs: list[str], base: str | None) -> tuple[Adapted, PreTrainedTokenizerBase, list[str]]:
+    """Base model with the adapters of ``specs`` stacked and weighted; returns their names in order."""
+    parsed = [parse_adapter(s) for s in specs]
+    recorded, relative_to = recorded_base(parsed[0][0]) if parsed else (None, None)
+    model, tokenizer = load_base(choose_base(base, recorded), relative_to=relative_to)
+    handle = Adapted.of(model)
+    names: list[str] = []
+    for path, weight in parsed:
+        before = set(handle.configs)
+        load(model, path)
+        added = [n for n in handle.configs if n not in before]
+        for name in added:
+            handle.stack.set_weight(name, weight)
+        names += added
+    return handle, tokenizer, names
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> str:
+    if chat and tokenizer.chat_template:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+    return prompt
+
+
+@torch.no_grad()
+def generate(handle: Adapted, tokenizer, prompt: str, chat: bool = False, max_new_tokens: int = 40) -> str:
+    """Greedy completion of ``prompt`` by the model with its currently active adapters."""
+    text = render_prompt(tokenizer, prompt, chat)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(next(handle.model.parameters()).device)
+    out = handle.model.generate(
+        **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def eval_examples(path: Path, tokenizer, block: int = 256) -> list:
+    """Held-out examples from a file: .txt is plain text, .jsonl is chat if its records are, else text."""
+    if path.suffix != ".jsonl":
+        return build_examples([path], DataConfig(format="text", train=[path], block_size=block), tokenizer)
+    first = read_lines(path)[0]
+    fmt = "chat" if "messages" in first or "response" in first else "jsonl"
+    return build_examples([path], DataConfig(format=fmt, train=[path], block_size=block), tokenizer)
+
+
+def compare(
+    handle: Adapted, tokenizer, names: list[str], prompts: list[str], evals: list[Path], chat: bool, max_new_tokens: int
+) -> list[dict]:
+    """Rows for base, then the first adapter, the first two stacked, ...: completions and perplexities."""
+    sets = {str(p): eval_examples(p, tokenizer) for p in evals}
+    rows = []
+    for count in range(len(names) + 1):
+        stage = names[:count]
+        with handle.only(*stage):
+            rows.append(
+                {
+                    "stage": " + ".join(stage) or "base",
+                    "perplexity": {
+                        k: perplexity(handle.model, v, pad_id=tokenizer.pad_token_id or 0) for k, v in sets.items()
+                    },
+                    "completions": [generate(handle, tokenizer, p, chat, max_new_tokens) for p in prompts],
+                }
+            )
+    return rows

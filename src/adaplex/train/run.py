@@ -1,0 +1,140 @@
+"""`adaplex train CONFIG`: build the adapted model from a TrainConfig, fit it on Lightning, save.
+
+Output directory: config.yaml (snapshot), logs/ (CSV and TensorBoard), checkpoints/ (adapter-only
+Lightning checkpoints, the last ``keep_checkpoints`` of them plus last.ckpt), adapter/ (the final
+trained adapter, or a bundle when several adapters train).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from adaplex.adapted import Adapted
+from adaplex.errors import StorageError
+from adaplex.methods import method_config
+from adaplex.models import choose_base, load_base
+from adaplex.storage import load, recorded_base, save_adapter, save_bundle
+from adaplex.train.config import TrainConfig
+from adaplex.train.data import CausalLMData, build_examples
+from adaplex.train.module import AdapterLM
+
+log = logging.getLogger(__name__)
+
+
+def build_model(config: TrainConfig, source: str) -> tuple[Adapted, object]:
+    """Base model (the one rule: config.base, else the first loaded adapter's base, else the default)
+    with every adapter of the config created or loaded, trained or frozen, and weighted."""
+    loaded = [a.path for a in config.adapters if a.path is not None]
+    recorded, relative_to = recorded_base(loaded[0]) if loaded else (None, None)
+    model, tokenizer = load_base(choose_base(config.base, recorded), relative_to=relative_to)
+    handle = Adapted.of(model)
+    for spec in config.adapters:
+        if spec.path is not None:
+            load(model, spec.path, name=spec.name, trainable=spec.train)
+        else:
+            handle.add(spec.name, method_config(spec.config, f"{source}: adapters.{spec.name}.config"), spec.train)
+        handle.stack.set_weight(spec.name, spec.weight)
+    return handle, tokenizer
+
+
+def precision_for(config: TrainConfig) -> str:
+    if config.trainer.precision != "auto":
+        return config.trainer.precision
+    gpu = torch.cuda.is_available() and config.trainer.accelerator in ("auto", "gpu", "cuda")
+    return "bf16-mixed" if gpu else "32-true"
+
+
+def train(config: TrainConfig, source: str = "config", resume: bool = False) -> Path:
+    """Run the training the config describes; returns the directory of the final adapter."""
+    out = config.output
+    last = out / "checkpoints" / "last.ckpt"
+    if resume and not last.is_file():
+        raise StorageError(f"nothing to resume: {last} does not exist; run without --resume")
+    if not resume and out.exists() and any(out.iterdir()):
+        raise StorageError(f"{out} already holds a run; pass --resume to continue it or choose another output")
+    L.seed_everything(config.seed, verbose=False)
+    handle, tokenizer = build_model(config, source)
+    data = config.data
+    train_examples = build_examples(data.train, data, tokenizer)
+    eval_examples = build_examples(data.eval, data, tokenizer) if data.eval else []
+    per_step = data.batch_size * config.optim.grad_accum
+    steps = config.optim.max_steps or math.ceil(len(train_examples) / per_step) * config.optim.max_epochs
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+    module = AdapterLM(
+        handle,
+        lr=config.optim.lr,
+        warmup=config.optim.warmup_steps,
+        total_steps=steps,
+        weight_decay=config.optim.weight_decay,
+    )
+    datamodule = CausalLMData(
+        train_examples, eval_examples, data, steps * per_step, config.seed, tokenizer.pad_token_id or 0
+    )
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(
+            dirpath=out / "checkpoints",
+            filename="step-{step}",
+            every_n_train_steps=config.trainer.checkpoint_every_n_steps,
+            save_top_k=config.trainer.keep_checkpoints,
+            monitor="step",
+            mode="max",
+            save_last=True,
+        )
+    ]
+    if eval_examples and config.eval.early_stopping_patience:
+        callbacks.append(EarlyStopping("val_loss", patience=config.eval.early_stopping_patience))
+    loggers = [CSVLogger(out, name="logs", version="csv")]
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        loggers.append(TensorBoardLogger(out, name="logs", version="tensorboard"))
+    trainer = L.Trainer(
+        max_steps=steps,
+        accumulate_grad_batches=config.optim.grad_accum,
+        gradient_clip_val=config.optim.gradient_clip,
+        val_check_interval=min(config.eval.every_n_steps * config.optim.grad_accum, steps * config.optim.grad_accum)
+        if eval_examples
+        else None,
+        check_val_every_n_epoch=None,
+        limit_val_batches=config.eval.max_batches,
+        num_sanity_val_steps=0,
+        precision=precision_for(config),
+        accelerator=config.trainer.accelerator,
+        devices=config.trainer.devices,
+        strategy=config.trainer.strategy,
+        logger=loggers,
+        callbacks=callbacks,
+        log_every_n_steps=1,
+        enable_model_summary=False,
+    )
+    handle.model.train()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None, weights_only=True)
+    handle.model.eval()
+    return save_result(handle, config, out / "adapter")
+
+
+def save_result(handle: Adapted, config: TrainConfig, target: Path) -> Path:
+    trained = [a.name for a in config.adapters if a.train]
+    if len(trained) == 1:
+        return save_adapter(
+            handle, trained[0], target, role=trained[0], version=config.version, parent=config.parent, overwrite=True
+        )
+    return save_bundle(
+        handle,
+        target,
+        {n: n for n in trained},
+        roles={n: n for n in trained},
+        version=config.version,
+        parent=config.parent,
+        overwrite=True,
+    )

@@ -1,0 +1,230 @@
+"""Lightning training on tiny models: stage-wise stacking, checkpoints, exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from adaplex.errors import ConfigError, StorageError
+from adaplex.models import load_base
+from adaplex.storage import CONFIG_FILE, WEIGHTS_FILE, load, read_adapter_record
+from adaplex.train.config import TrainConfig
+from adaplex.train.module import TrainingDiverged
+from adaplex.train.run import train
+from adaplex.yamlconfig import load_yaml
+
+import tiny
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {{ eos_token }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
+
+
+def cyclic_text(n_words: int, start: int = 3, period: int = 7) -> str:
+    """A learnable pattern: w3 w4 ... w9 w3 w4 ..."""
+    return " ".join(f"w{start + i % period}" for i in range(n_words))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    tiny.save_base("llama", root / "base")
+    tokenizer = tiny.word_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(root / "base")
+    (root / "style.txt").write_text(cyclic_text(1200))
+    (root / "style-eval.txt").write_text(cyclic_text(200))
+    chats = [{"prompt": f"w{20 + i % 5} w{30 + i % 3}", "response": f"w{40 + i % 5} w{50 + i % 5}"} for i in range(40)]
+    (root / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in chats))
+    return root
+
+
+def config(root: Path, out: str, **overrides) -> TrainConfig:
+    fields = {
+        "base": str(root / "base"),
+        "output": str(root / out),
+        "adapters": [{"name": "style", "config": {"method": "lora", "r": 4, "alpha": 8}}],
+        "data": {
+            "format": "text",
+            "train": [str(root / "style.txt")],
+            "eval": [str(root / "style-eval.txt")],
+            "block_size": 16,
+            "batch_size": 4,
+        },
+        "optim": {"lr": 5e-3, "warmup_steps": 2, "max_steps": 12},
+        "eval": {"every_n_steps": 4},
+        "trainer": {"checkpoint_every_n_steps": 4, "accelerator": "cpu"},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(fields.get(key), dict):
+            fields[key] = fields[key] | value
+        else:
+            fields[key] = value
+    return TrainConfig.model_validate(fields)
+
+
+def losses(run: Path, column: str) -> list[float]:
+    import csv
+
+    with open(run / "logs" / "csv" / "metrics.csv") as f:
+        return [float(r[column]) for r in csv.DictReader(f) if r.get(column)]
+
+
+def test_stage_wise_stacking(workspace):
+    root = workspace
+    style_dir = train(config(root, "stage1"))
+    assert (root / "stage1" / "config.yaml").is_file()
+    assert read_adapter_record(style_dir).role == "style"
+    val = losses(root / "stage1", "val_loss")
+    assert len(val) == 3 and val[-1] < val[0]  # evaluated every 4 steps, and it learned
+
+    style_bytes = (style_dir / WEIGHTS_FILE).read_bytes()
+    stage2 = config(
+        root,
+        "stage2",
+        adapters=[
+            {"name": "style", "path": str(style_dir), "train": False},
+            {"name": "instruct", "config": {"method": "moslora", "r": 4}},
+        ],
+        data={"format": "chat", "train": [str(root / "chat.jsonl")], "eval": [], "block_size": 32, "batch_size": 4},
+    )
+    instruct_dir = train(stage2)
+    assert (style_dir / WEIGHTS_FILE).read_bytes() == style_bytes  # the frozen stage stays untouched
+
+    model, _ = load_base(str(root / "base"))
+    handle = load(model, style_dir)
+    style_alone = {k: v.clone() for k, v in handle.state_dict("style").items()}
+    load(model, instruct_dir)
+    ids = tiny.tokens()
+    with handle.only():
+        base = tiny.outputs(model, ids)
+    with handle.only("style"):
+        style = tiny.outputs(model, ids)
+    both = tiny.outputs(model, ids)
+    assert not torch.equal(style, base) and not torch.equal(both, style)
+    assert all(torch.equal(style_alone[k], v) for k, v in handle.state_dict("style").items())
+    merged = handle.merged_model()  # W = W0 + dW_style + dW_instruct
+    torch.testing.assert_close(tiny.outputs(merged, ids), both, atol=1e-5, rtol=0)
+
+
+def test_checkpoints_hold_only_adapter_tensors(workspace):
+    root = workspace
+    train(config(root, "ckpt", optim={"max_steps": 8}))
+    checkpoints = sorted((root / "ckpt" / "checkpoints").glob("*.ckpt"))
+    assert {c.name for c in checkpoints} >= {"last.ckpt", "step-step=8.ckpt"}
+    state = torch.load(checkpoints[0], weights_only=True)["state_dict"]
+    assert state and all(".adapters.style." in k for k in state)
+
+
+TRAIN_SCRIPT = "import sys; from adaplex.cli import main; sys.argv = ['adaplex', 'train', *sys.argv[1:]]; main()"
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(workspace):
+    root = workspace
+    steps = {"max_steps": 24}
+    straight = train(
+        config(root, "straight", optim=steps, trainer={"checkpoint_every_n_steps": 2, "accelerator": "cpu"})
+    )
+    killed_cfg = config(root, "killed", optim=steps, trainer={"checkpoint_every_n_steps": 2, "accelerator": "cpu"})
+    path = root / "killed.yaml"
+    path.write_text(yaml.safe_dump(killed_cfg.model_dump(mode="json")))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TRAIN_SCRIPT, str(path)], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    while not list((root / "killed" / "checkpoints").glob("step-step=6.ckpt")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (root / "killed" / "adapter").exists()  # it really died mid-run
+    resumed = subprocess.run(
+        [sys.executable, "-c", TRAIN_SCRIPT, str(path), "--resume"], capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = (
+        load(load_base(str(root / "base"))[0], d).state_dict("style") for d in (straight, root / "killed" / "adapter")
+    )
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)
+
+
+def test_continue_into_a_new_version_leaves_the_old_one(workspace):
+    root = workspace
+    v1 = train(config(root, "v1", optim={"max_steps": 4}, version="v1"))
+    old = {f: (v1 / f).read_bytes() for f in (CONFIG_FILE, WEIGHTS_FILE)}
+    v2 = train(
+        config(
+            root,
+            "v2",
+            version="v2",
+            parent="v1",
+            optim={"max_steps": 4, "lr": 1e-3},
+            adapters=[{"name": "style", "path": str(v1), "train": True}],
+        )
+    )
+    assert {f: (v1 / f).read_bytes() for f in old} == old
+    record = read_adapter_record(v2)
+    assert (record.version, record.parent) == ("v2", "v1")
+    assert (v2 / WEIGHTS_FILE).read_bytes() != old[WEIGHTS_FILE]
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_checkpoints(workspace):
+    root = workspace
+    bad = config(
+        root,
+        "nan",
+        optim={"lr": 1e30, "warmup_steps": 0, "max_steps": 12, "gradient_clip": None},
+        trainer={"checkpoint_every_n_steps": 1, "accelerator": "cpu"},
+    )
+    with pytest.raises(TrainingDiverged, match="the loss became nan.*--resume"):
+        train(bad)
+    assert (root / "nan" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_bad_data_and_config_errors(workspace, tmp_path, caplog):
+    root = workspace
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ConfigError, match="no training examples"):
+        train(config(root, "e1", data={"train": [str(tmp_path / "empty.txt")], "eval": []}))
+    with pytest.raises(ConfigError, match="not found"):
+        train(config(root, "e2", data={"train": [str(tmp_path / "missing.txt")], "eval": []}))
+    no_template = tmp_path / "plain-base"
+    tiny.save_base("llama", no_template)
+    with pytest.raises(ConfigError, match="chat template"):
+        train(
+            config(
+                root,
+                "e3",
+                base=str(no_template),
+                data={"format": "chat", "train": [str(root / "chat.jsonl")], "eval": []},
+            )
+        )
+    with caplog.at_level("WARNING"):
+        train(
+            config(
+                root,
+                "e4",
+                optim={"max_steps": 1},
+                data={"format": "chat", "train": [str(root / "chat.jsonl")], "eval": [], "block_size": 9},
+            )
+        )
+    assert "40 of 40 sequences are longer than block_size 9 and were truncated; 0 lost" in caplog.text
+    chat_only = {"format": "chat", "train": [str(root / "chat.jsonl")], "eval": [], "block_size": 4}
+    with pytest.raises(ConfigError, match="no training examples"), caplog.at_level("WARNING"):
+        train(config(root, "e6", data=chat_only))
+    assert "40 lost their whole response and were dropped" in caplog.text
+    with pytest.raises(StorageError, match="already holds a run"):
+        train(config(root, "e4"))
+    yaml_path = tmp_path / "bad.yaml"
+    yaml_path.write_text(yaml.safe_dump(config(root, "e5").model_dump(mode="json") | {"learning_rate": 1}))
+    with pytest.raises(ConfigError, match=f"{yaml_path}: field 'learning_rate'"):
+        load_yaml(yaml_path, TrainConfig)

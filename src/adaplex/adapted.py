@@ -36,6 +36,8 @@ from adaplex.methods import (
     Adapter,
     Bottleneck,
     BottleneckConfig,
+    ExpertBank,
+    ExpertsConfig,
     LoRA,
     LoRAConfig,
     MethodConfig,
@@ -62,6 +64,8 @@ def site_adapter(config: MethodConfig, in_features: int, out_features: int) -> S
         return LoRA(in_features, out_features, config)
     if isinstance(config, BottleneckConfig):
         return Bottleneck(in_features, out_features, config)
+    if isinstance(config, ExpertsConfig):
+        return ExpertBank(in_features, out_features, config)
     raise AdapterNameError(f"method {config.method!r} is not applied beside linear layers")
 
 

@@ -288,7 +288,7 @@ def print_comparison(rows: list[dict], prompts: list[str]) -> None:
     table = Table(title="stages side by side", show_lines=True)
     table.add_column("stage")
     for name in rows[0]["perplexity"]:
-        table.add_column(f"ppl {Path(name).name}", justify="right")
+        table.add_column(f"ppl {Path(name).parent.name}/{Path(name).name}", justify="right")
     for p in prompts:
         table.add_column(p)
     for row in rows:
@@ -298,13 +298,22 @@ def print_comparison(rows: list[dict], prompts: list[str]) -> None:
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="where the merged model is written")] = Path("demo-out"),
-    steps: Annotated[int, typer.Option(help="training steps")] = 40,
+    out: Annotated[Path, typer.Option(help="scratch directory for data, runs and the merged model")] = Path("demo-out"),
+    steps: Annotated[int, typer.Option(help="training steps per stage")] = 30,
 ) -> None:
-    """Train, compare and merge a LoRA adapter on the embedded model with real text (CPU, minutes)."""
+    """Stage-wise style + instruct training on the embedded model with real text, compared side by side."""
     from adaplex import demo as demo_job
 
     demo_job.run(out, steps=steps, console=console)
+
+
+@app.command("data")
+def data_prepare(out: Annotated[Path, typer.Argument(help="directory to write the data into")]) -> None:
+    """Prepare real-text training files (fortunes, Python reference Q&A) under OUT."""
+    from adaplex.realdata import prepare
+
+    for name, count in prepare(out).items():
+        console.print(f"{out / name}: {count}")
 
 
 @bench_app.command("overhead")
@@ -341,6 +350,34 @@ def bench_overhead(
         )
     console.print(table)
     console.print({k: round(v, 3) for k, v in result["lora_vs_peft"].items()})
+    if as_json or out:
+        _emit_json(result, out)
+
+
+@bench_app.command("train")
+def bench_train(
+    base: BaseOption = None,
+    batch: int = 4,
+    seq: int = 128,
+    rank: int = 16,
+    steps: Annotated[int, typer.Option(help="steps per timed chunk")] = 4,
+    rounds: Annotated[int, typer.Option(help="interleaved rounds")] = 3,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Training step time and peak memory: adaplex (Lightning) against PEFT in a plain loop."""
+    from adaplex.bench import train as train_bench
+    from adaplex.models import choose_base
+
+    result = train_bench.run(choose_base(base, None), batch, seq, rank, steps, rounds, device)
+    table = Table(title=f"training step on {result['base']} ({result['device']}, {result['precision']})")
+    for column in ("variant", "step s", "tokens/s", "peak MiB"):
+        table.add_column(column, justify="right")
+    for name, step in result["step_s"].items():
+        table.add_row(name, f"{step:.3f}", f"{result['tokens_per_s'][name]:.0f}", f"{result['peak_mib'][name]:.0f}")
+    console.print(table)
+    console.print(result["adaplex_vs_peft"], {"moslora_vs_lora_step_time_x": result["moslora_vs_lora_step_time_x"]})
     if as_json or out:
         _emit_json(result, out)
 

@@ -2,7 +2,9 @@
 
 A ``Stack`` is shared by every adapted layer of one model. Layers read ``stack.active``
 (name -> weight, in the order the adapters were added) and compute
-y = base(x) + Σ_{i in active} w_i · Δ_i(x). Routing and gating (later) only change the weights.
+y = base(x) + Σ_{i in active} w_i · Δ_i(x). Routing only changes the weights: an expert bank's
+weight becomes a ``Route`` (each sample's expert index), and with ``none="base"`` the other
+adapters' weights become per-sample tensors (B, 1, 1) that are 0 for unrouted samples.
 State changes made by the context managers are undone on exit, even when the body raises.
 """
 
@@ -11,7 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
+import torch
+
 from adaplex.errors import AdapterNameError
+from adaplex.methods.experts import Route
 
 
 class Stack:
@@ -21,7 +26,9 @@ class Stack:
         self.weights: dict[str, float] = {}
         self.enabled: set[str] = set()
         self.merged: dict[str, float] = {}
-        self.active: dict[str, float] = {}
+        self.routes: dict[str, torch.Tensor] = {}  # bank name -> (B,) expert index, -1 = none
+        self.unrouted_base = False  # unrouted samples skip every adapter, not only the experts
+        self.active: dict[str, float | torch.Tensor | Route] = {}
 
     def add(self, name: str, weight: float = 1.0, enabled: bool = True) -> None:
         self.weights[name] = weight
@@ -93,6 +100,19 @@ class Stack:
             yield
 
     @contextmanager
+    def route(self, routes: dict[str, torch.Tensor], unrouted_base: bool = False) -> Iterator[None]:
+        """Per-sample expert indices for each bank inside the block (restored on exit)."""
+        self.check(*routes)
+        saved = dict(self.routes), self.unrouted_base
+        try:
+            self.routes, self.unrouted_base = dict(routes), unrouted_base
+            self._refresh()
+            yield
+        finally:
+            self.routes, self.unrouted_base = saved
+            self._refresh()
+
+    @contextmanager
     def _restoring(self) -> Iterator[None]:
         saved = dict(self.weights), set(self.enabled)
         try:
@@ -107,4 +127,13 @@ class Stack:
             raise AdapterNameError(f"adapter {merged[0]!r} is merged into the base weights; unmerge() it first")
 
     def _refresh(self) -> None:
-        self.active = {n: w for n, w in self.weights.items() if n in self.enabled and n not in self.merged}
+        active: dict[str, float | torch.Tensor | Route] = {
+            n: w for n, w in self.weights.items() if n in self.enabled and n not in self.merged
+        }
+        routed = next(iter(self.routes.values()), None)
+        for name in active:
+            if name in self.routes:
+                active[name] = Route(self.routes[name], self.weights[name])
+            elif self.unrouted_base and routed is not None:
+                active[name] = (routed >= 0).float().view(-1, 1, 1) * self.weights[name]
+        self.active = active

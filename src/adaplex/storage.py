@@ -31,7 +31,7 @@ import adaplex
 from adaplex.adapted import _HANDLES, Adapted
 from adaplex.atomic import atomic_directory
 from adaplex.errors import AdaplexError, StorageError
-from adaplex.methods import method_config
+from adaplex.methods import MethodConfig, method_config
 from adaplex.models import fingerprint
 
 log = logging.getLogger(__name__)
@@ -121,13 +121,25 @@ def _base_fields(model: nn.Module, version: str | None, parent: str | None) -> d
 
 def write_adapter(handle: Adapted, name: str, directory: Path, role: str, base_fields: dict[str, Any]) -> None:
     """Write adapter ``name`` into an existing, empty ``directory`` (no atomicity here)."""
-    tensors = {k: v.contiguous().cpu() for k, v in handle.state_dict(name).items()}
+    write_files(directory, name, role, handle.configs[name], handle.state_dict(name), base_fields)
+
+
+def write_files(
+    directory: Path,
+    name: str,
+    role: str,
+    config: MethodConfig,
+    tensors: dict[str, torch.Tensor],
+    base_fields: dict[str, Any],
+) -> None:
+    """adapter.safetensors and its verified adapter_config.json."""
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
     save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     record = AdapterRecord(
         name=name,
         role=role,
-        config=handle.configs[name].model_dump(mode="json"),
+        config=config.model_dump(mode="json"),
         dtype=dtypes.pop() if len(dtypes) == 1 else "mixed",
         weights_sha256=_sha256(directory / WEIGHTS_FILE),
         **base_fields,
@@ -163,20 +175,38 @@ def save_bundle(
     parent: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Save several adapters as one bundle; ``members`` maps member directory -> adapter name."""
-    members = members or {name: name for name in handle.configs}
+    """Save several adapters as one bundle; ``members`` maps member directory -> adapter name.
+
+    An expert bank is written as one member per key, ``experts/<key>/`` (role "expert"), each a
+    plain LoRA/MoSLoRA adapter directory that loads alone.
+    """
+    from adaplex.routing import banks, expert_config, expert_state
+
+    members = members or {name: name for name in handle.configs if name not in banks(handle)}
     roles = roles or {}
     handle.stack.check(*members.values())
     directory = Path(directory)
     fields = _base_fields(handle.model, version, parent)
+    written: dict[str, str] = {}
     with atomic_directory(directory, overwrite) as staging:
         for member, name in members.items():
             (staging / member).mkdir(parents=True)
             write_adapter(handle, name, staging / member, roles.get(name, "member"), fields)
-        bundle = BundleRecord(
-            name=directory.name, members={m: roles.get(n, "member") for m, n in members.items()}, **fields
-        )
-        _write_record(bundle, staging / BUNDLE_FILE)
+            written[member] = roles.get(name, "member")
+        for bank_name, bank in banks(handle).items():
+            for key in bank.keys:
+                member = f"experts/{key}"
+                (staging / member).mkdir(parents=True)
+                write_files(
+                    staging / member,
+                    f"{bank_name}-{key}",
+                    "expert",
+                    expert_config(bank, key),
+                    expert_state(handle, bank_name, key),
+                    fields,
+                )
+                written[member] = "expert"
+        _write_record(BundleRecord(name=directory.name, members=written, **fields), staging / BUNDLE_FILE)
     return directory
 
 
@@ -269,8 +299,19 @@ def _attach_verified(
         bundle = read_bundle_record(directory)
         check_base(model, bundle, directory, force)
         loaded = []
-        for member in bundle.members:
-            loaded += _attach_verified(model, directory / member, None, force, trainable)
+        experts = {}
+        for member, role in bundle.members.items():
+            if role == "expert":
+                record = read_adapter_record(directory / member)
+                check_base(model, record, directory / member, force)
+                experts[Path(member).name] = (record.config, read_tensors(directory / member, record))
+            else:
+                loaded += _attach_verified(model, directory / member, None, force, trainable)
+        if experts:
+            from adaplex.routing import add_bank_from_experts
+
+            add_bank_from_experts(Adapted.of(model), "experts", experts, str(directory), trainable)
+            loaded.append(("experts", directory))
         return loaded
     record = read_adapter_record(directory)
     check_base(model, record, directory, force)

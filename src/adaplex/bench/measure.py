@@ -12,10 +12,12 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 Step = Callable[[], object]
+T = TypeVar("T")
 
 
 def sync(device: torch.device) -> None:
@@ -51,8 +53,8 @@ def _vm_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory_mib(step: Step, device: torch.device) -> float:
-    """Peak memory a call of ``step`` adds above what was held before it, in MiB.
+def peak_memory_mib(step: Callable[[], T], device: torch.device) -> tuple[float, T]:
+    """Peak memory a call of ``step`` adds above what was held before it, in MiB, and its result.
 
     CUDA: torch's allocator peak. CPU: the process's peak resident set (VmHWM), reset through
     /proc/self/clear_refs before the call, after malloc_trim has returned freed heap to the OS
@@ -62,12 +64,12 @@ def peak_memory_mib(step: Step, device: torch.device) -> float:
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         held = torch.cuda.memory_allocated(device)
-        step()
+        result = step()
         sync(device)
-        return (torch.cuda.max_memory_allocated(device) - held) / 2**20
+        return (torch.cuda.max_memory_allocated(device) - held) / 2**20, result
     gc.collect()
     ctypes.CDLL(None).malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
     held = _vm_kib("VmRSS")
-    step()
-    return (_vm_kib("VmHWM") - held) / 1024
+    result = step()
+    return (_vm_kib("VmHWM") - held) / 1024, result

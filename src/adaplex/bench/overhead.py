@@ -34,7 +34,7 @@ class Row:
     peak_train_mib: float
 
 
-def _peft_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
+def peft_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     """The module names adaplex would adapt, spelled as PEFT's target_modules (last name component)."""
     handle = Adapted(copy.deepcopy(model))
     return sorted({m.rpartition(".")[2] for m in select_sites(handle.model, handle.family, targets)})
@@ -58,7 +58,7 @@ def build_variants(base: nn.Module, rank: int) -> dict[str, nn.Module]:
     handle.merge()
     variants["adaplex-lora-merged"] = merged
     peft_config = PeftLoraConfig(
-        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=_peft_targets(base, lora.targets)
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=peft_targets(base, lora.targets)
     )
     variants["peft-lora"] = get_peft_model(copy.deepcopy(base), peft_config)
     return variants
@@ -103,7 +103,7 @@ def run(
     fwd = interleaved_times({n: forward(m) for n, m in variants.items()}, rounds, dev)
     train_merged = variants.pop("adaplex-lora-merged")  # a merged model is for inference only
     trn = interleaved_times({n: train_step(m) for n, m in variants.items()}, rounds, dev)
-    peaks = {n: peak_memory_mib(train_step(m), dev) for n, m in variants.items()}
+    peaks = {n: peak_memory_mib(train_step(m), dev)[0] for n, m in variants.items()}
     variants["adaplex-lora-merged"] = train_merged
     rows = []
     for name in variants:

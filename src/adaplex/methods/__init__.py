@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from adaplex.errors import ConfigError
 from adaplex.methods.base import Adapter, MethodConfig, SiteAdapter
 from adaplex.methods.bottleneck import Bottleneck, BottleneckConfig
+from adaplex.methods.experts import ExpertBank, ExpertsConfig, Route
 from adaplex.methods.lora import LoRA, LoRAConfig, MoSLoRAConfig
 from adaplex.methods.prefix import Prefix, PrefixConfig
 from adaplex.yamlconfig import validation_message
@@ -18,6 +19,7 @@ METHODS: dict[str, type[MethodConfig]] = {
     "moslora": MoSLoRAConfig,
     "bottleneck": BottleneckConfig,
     "prefix": PrefixConfig,
+    "experts": ExpertsConfig,
 }
 
 
@@ -37,12 +39,15 @@ __all__ = [
     "Adapter",
     "Bottleneck",
     "BottleneckConfig",
+    "ExpertBank",
+    "ExpertsConfig",
     "LoRA",
     "LoRAConfig",
     "MethodConfig",
     "MoSLoRAConfig",
     "Prefix",
     "PrefixConfig",
+    "Route",
     "SiteAdapter",
     "method_config",
 ]

@@ -97,9 +97,10 @@ def train(config: TrainConfig, source: str = "config", resume: bool = False) -> 
         callbacks.append(EarlyStopping("val_loss", patience=config.eval.early_stopping_patience))
     loggers = [CSVLogger(out, name="logs", version="csv")]
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-        loggers.append(TensorBoardLogger(out, name="logs", version="tensorboard"))
+        loggers.append(TensorBoardLogger(out, name="logs", version="tb"))
     trainer = L.Trainer(
         max_steps=steps,
+        max_epochs=1,  # one Lightning epoch is the whole run: StepSampler spans all epochs of the data
         accumulate_grad_batches=config.optim.grad_accum,
         gradient_clip_val=config.optim.gradient_clip,
         val_check_interval=min(config.eval.every_n_steps * config.optim.grad_accum, steps * config.optim.grad_accum)

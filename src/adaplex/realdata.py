@@ -1,0 +1,87 @@
+"""Real text that installed packages ship, prepared as training files.
+
+- fortunes: Debian's ``fortunes`` collections (/usr/share/games/fortunes), one topic per file,
+  fortunes separated by '%' lines. Install with ``apt-get install fortunes`` (``make data``).
+- pydoc:   Python's ``pydoc_data.topics`` (in every Python): reference documentation topics.
+
+``adaplex data prepare OUT`` writes style/{train,heldout}.txt (fortunes), instruct/{train,heldout}.jsonl
+(questions about Python topics answered by the reference's first paragraphs, in chat form), and
+topics/<topic>/{train,heldout}.txt (one directory per fortunes topic, for routing experiments).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+from adaplex.errors import ConfigError
+from adaplex.train.data import pydoc_topics
+
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+STYLE_TOPICS = ("computers", "science", "wisdom", "work", "food", "love", "politics", "literature")
+QUESTIONS = ("What does the Python reference say about {}?", "Explain {} in Python.", "How does {} work in Python?")
+
+
+def fortunes(topic: str) -> list[str]:
+    """The fortunes of one collection, whitespace-normalised, short ones only (<= 400 characters)."""
+    path = FORTUNES_DIR / topic
+    if not path.is_file():
+        raise ConfigError(f"fortunes collection {path} not found; install it with `apt-get install fortunes`")
+    entries = [" ".join(e.split()) for e in path.read_text(encoding="utf-8", errors="replace").split("\n%\n")]
+    return [e for e in entries if 20 <= len(e) <= 400]
+
+
+def fortunes_available() -> bool:
+    return all((FORTUNES_DIR / t).is_file() for t in STYLE_TOPICS)
+
+
+def first_paragraph(text: str) -> str:
+    """The first prose paragraph of a pydoc topic, without its title and grammar blocks."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text)]
+    prose = [p for p in paragraphs if len(p) > 80 and not p.startswith(("*", "=")) and "::=" not in p]
+    return " ".join(prose[0].split()) if prose else ""
+
+
+def instruct_records(seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    records = []
+    for name, text in pydoc_topics().items():
+        answer = first_paragraph(text)
+        if answer:
+            subject = f"'{name.replace('-', ' ')}'"
+            records.append({"prompt": rng.choice(QUESTIONS).format(subject), "response": answer[:600]})
+    return records
+
+
+def split(items: list, heldout_every: int = 10) -> tuple[list, list]:
+    """Every ``heldout_every``-th item is held out."""
+    return [x for i, x in enumerate(items) if i % heldout_every], items[::heldout_every]
+
+
+def prepare(out: Path, seed: int = 0) -> dict[str, int]:
+    """Write the real-text training files under ``out``; returns counts per file."""
+    counts: dict[str, int] = {}
+
+    def write(path: Path, lines: list[str]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        counts[str(path.relative_to(out))] = len(lines)
+
+    if fortunes_available():
+        style = [f for t in STYLE_TOPICS for f in fortunes(t)]
+        random.Random(seed).shuffle(style)
+        for topic in STYLE_TOPICS:
+            train, held = split(fortunes(topic))
+            write(out / "topics" / topic / "train.txt", train)
+            write(out / "topics" / topic / "heldout.txt", held)
+    else:  # documented fallback: Python's own docs as the "style" text
+        style = [first_paragraph(t) for t in pydoc_topics().values() if first_paragraph(t)]
+    train, held = split(style)
+    write(out / "style" / "train.txt", train)
+    write(out / "style" / "heldout.txt", held)
+    train, held = split(instruct_records(seed))
+    write(out / "instruct" / "train.jsonl", [json.dumps(r) for r in train])
+    write(out / "instruct" / "heldout.jsonl", [json.dumps(r) for r in held])
+    return counts

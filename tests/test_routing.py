@@ -1,0 +1,143 @@
+"""Routed experts: per-sample routing in one pass, bundles, three load modes, registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adaplex
+from adaplex import LoRAConfig
+from adaplex.errors import AdapterNameError, ConfigError, StorageError
+from adaplex.methods import ExpertsConfig
+from adaplex.registry import Registry, RegistryError, load_registry
+from adaplex.routing import route
+from adaplex.storage import describe, load, save_bundle
+
+import tiny
+from helpers import randomize
+
+KEYS = ("v100", "a100", "i7")
+
+
+def routed(family: str = "llama", mixer: str | None = None, key_ranks: dict | None = None):
+    model = tiny.FAMILIES[family]()
+    handle = adaplex.attach(model, "shared", LoRAConfig(r=2, alpha=16, targets=("q", "v", "up")))
+    handle.add(
+        "experts",
+        ExpertsConfig(keys=KEYS, r=4, alpha=32, targets=("q", "v", "up"), mixer_init=mixer, key_ranks=key_ranks or {}),
+    )
+    randomize(handle, "shared", seed=1)
+    randomize(handle, "experts", seed=2)
+    return model, handle
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("mixer", [None, "orthogonal"])
+def test_mixed_batch_equals_each_sample_alone(family, mixer):
+    model, handle = routed(family, mixer, key_ranks={"i7": 2})
+    keys = ["i7", "v100", None, "a100", "v100"]
+    ids = tiny.tokens(batch=len(keys))
+    with route(handle, keys):
+        together = tiny.outputs(model, ids)
+    for b, key in enumerate(keys):
+        with route(handle, [key]):
+            alone = tiny.outputs(model, ids[b : b + 1])
+        torch.testing.assert_close(together[b : b + 1], alone, atol=1e-5, rtol=0)
+    with handle.only("shared"):
+        shared_only = tiny.outputs(model, ids[2:3])
+    torch.testing.assert_close(together[2:3], shared_only, atol=1e-5, rtol=0)
+    with route(handle, [None], unrouted="base"):
+        torch.testing.assert_close(
+            tiny.outputs(model, ids[2:3]), tiny.outputs(tiny.FAMILIES[family](), ids[2:3]), atol=1e-6, rtol=0
+        )
+
+
+def test_routed_gradients_reach_only_the_routed_experts():
+    model, handle = routed()
+    ids = tiny.tokens(batch=2)
+    with route(handle, ["v100", "v100"]):
+        model(input_ids=ids).logits.sum().backward()
+    bank = handle.adapters("experts")["model.layers.0.self_attn.q_proj"]
+    per_key = bank.A.grad.abs().sum(dim=(1, 2))
+    assert per_key[0] > 0 and per_key[1] == 0 and per_key[2] == 0
+    assert all(p.grad is not None for p in handle.parameters("shared"))
+
+
+def test_bundle_on_disk_and_three_load_modes(tmp_path):
+    model, handle = routed(key_ranks={"i7": 2})
+    save_bundle(handle, tmp_path / "bundle", {"shared": "shared"}, roles={"shared": "shared"})
+    info = describe(tmp_path / "bundle")
+    assert [m["member"] for m in info["members"]] == ["shared", "experts/v100", "experts/a100", "experts/i7"]
+    assert [m["role"] for m in info["members"]] == ["shared", "expert", "expert", "expert"]
+    ids = tiny.tokens(batch=3)
+    keys = ["a100", "i7", "v100"]
+    with route(handle, keys):
+        expected = tiny.outputs(model, ids)
+    # (c) base + whole bundle, routed per sample
+    whole = tiny.llama()
+    loaded = load(whole, tmp_path / "bundle")
+    with route(loaded, keys):
+        torch.testing.assert_close(tiny.outputs(whole, ids), expected, atol=1e-5, rtol=0)
+    for b, key in enumerate(keys):
+        # (b) base + shared + one expert, as two plain adapters
+        plain = tiny.llama()
+        load(plain, tmp_path / "bundle" / "shared")
+        two = load(plain, tmp_path / "bundle" / "experts" / key)
+        torch.testing.assert_close(tiny.outputs(plain, ids[b : b + 1]), expected[b : b + 1], atol=1e-4, rtol=0)
+        # (a) merged full model for one key
+        merged = two.merged_model()
+        torch.testing.assert_close(tiny.outputs(merged, ids[b : b + 1]), expected[b : b + 1], atol=1e-4, rtol=0)
+
+
+def test_expert_that_does_not_fit_the_bundle_is_refused(tmp_path):
+    model, handle = routed()
+    save_bundle(handle, tmp_path / "bundle", {"shared": "shared"}, roles={"shared": "shared"})
+    other = adaplex.attach(tiny.llama(), "odd", LoRAConfig(r=4, alpha=8, targets=("q", "v", "up")))
+    from adaplex.storage import save_adapter
+
+    save_adapter(other, "odd", tmp_path / "odd")
+    import shutil
+
+    shutil.rmtree(tmp_path / "bundle" / "experts" / "i7")
+    shutil.copytree(tmp_path / "odd", tmp_path / "bundle" / "experts" / "i7")
+    fresh = tiny.llama()
+    names = [n for n, _ in fresh.named_modules()]
+    with pytest.raises(StorageError, match="expert 'i7' has alpha=8.0 but expert 'v100' has 32.0"):
+        load(fresh, tmp_path / "bundle")
+    assert [n for n, _ in fresh.named_modules()] == names
+
+
+def test_unknown_key_is_an_error_and_banks_need_routes():
+    model, handle = routed()
+    with pytest.raises(AdapterNameError, match="unknown routing key 'h100'; bank 'experts' has: v100, a100, i7"):
+        with route(handle, ["h100"]):
+            pass
+    with pytest.raises(AdapterNameError, match="per-sample keys"):
+        model(input_ids=tiny.tokens())
+
+
+def test_registry_maps_free_form_targets(tmp_path, caplog):
+    path = tmp_path / "registry.yaml"
+    path.write_text(
+        "default: i7\n"
+        "keys:\n"
+        "  v100: {keywords: ['-model=v100'], aliases: ['tesla-v100'], adapter: experts/v100}\n"
+        "  a100: {keywords: ['-model=a100', 'sm_80']}\n"
+        "  i7: {keywords: ['core-avx2']}\n"
+    )
+    registry = load_registry(path)
+    assert registry.resolve("cuda -model=v100") == "v100"
+    assert registry.resolve("llvm -mcpu=core-avx2") == "i7"
+    assert registry.resolve("Tesla-V100") == "v100"
+    assert registry.resolve(None) is None
+    assert registry.keys["v100"].adapter == tmp_path / "experts" / "v100"
+    with caplog.at_level("WARNING"):
+        assert registry.resolve("riscv") == "i7"
+    assert "matches no key" in caplog.text
+    with pytest.raises(RegistryError, match="known keys: v100, a100, i7"):
+        registry.resolve("riscv", strict=True)
+    with pytest.raises(ValueError, match="belongs to both"):
+        Registry.model_validate({"keys": {"a": {"keywords": ["x"]}, "b": {"keywords": ["X"]}}})
+    path.write_text("keys:\n  a: {keywords: [x]}\n  b: {keywords: [x]}\n")
+    with pytest.raises(ConfigError, match="belongs to both 'a' and 'b'"):
+        load_registry(path)

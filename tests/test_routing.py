@@ -109,7 +109,7 @@ def test_expert_that_does_not_fit_the_bundle_is_refused(tmp_path):
 
 def test_unknown_key_is_an_error_and_banks_need_routes():
     model, handle = routed()
-    with pytest.raises(AdapterNameError, match="unknown routing key 'h100'; bank 'experts' has: v100, a100, i7"):
+    with pytest.raises(AdapterNameError, match="unknown routing key 'h100'; known keys: a100, i7, v100"):
         with route(handle, ["h100"]):
             pass
     with pytest.raises(AdapterNameError, match="per-sample keys"):

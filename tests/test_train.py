@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import yaml
 
 from adaplex.errors import ConfigError, StorageError
 from adaplex.models import load_base
-from adaplex.storage import CONFIG_FILE, WEIGHTS_FILE, load, read_adapter_record
+from adaplex.storage import CONFIG_FILE, WEIGHTS_FILE, describe, load, read_adapter_record, read_tensors
 from adaplex.train.config import TrainConfig
 from adaplex.train.module import TrainingDiverged
 from adaplex.train.run import train
@@ -73,8 +74,6 @@ def config(root: Path, out: str, **overrides) -> TrainConfig:
 
 
 def losses(run: Path, column: str) -> list[float]:
-    import csv
-
     with open(run / "logs" / "csv" / "metrics.csv") as f:
         return [float(r[column]) for r in csv.DictReader(f) if r.get(column)]
 
@@ -228,3 +227,98 @@ def test_bad_data_and_config_errors(workspace, tmp_path, caplog):
     yaml_path.write_text(yaml.safe_dump(config(root, "e5").model_dump(mode="json") | {"learning_rate": 1}))
     with pytest.raises(ConfigError, match=f"{yaml_path}: field 'learning_rate'"):
         load_yaml(yaml_path, TrainConfig)
+
+
+def keyed_records(keys: dict[str, int], per_key: int = 60) -> str:
+    """JSONL with a free-form target per record; each key's text follows its own cyclic pattern."""
+    lines = []
+    for target, start in keys.items():
+        for i in range(per_key):
+            lines.append(json.dumps({"text": cyclic_text(12, start=start + i % 2, period=5), "target": target}))
+    return "\n".join(lines)
+
+
+def test_joint_routed_training_then_a_new_key(workspace, tmp_path):
+    root = workspace
+    (tmp_path / "registry.yaml").write_text(
+        "keys:\n  v100: {keywords: ['-model=v100']}\n  i7: {keywords: ['core-avx2']}\n  a100: {keywords: ['sm_80']}\n"
+    )
+    (tmp_path / "joint.jsonl").write_text(keyed_records({"cuda -model=v100": 10, "llvm -mcpu=core-avx2": 30}))
+    (tmp_path / "new.jsonl").write_text(keyed_records({"cuda sm_80": 50}))
+    data = {
+        "format": "jsonl",
+        "train": [str(tmp_path / "joint.jsonl")],
+        "eval": [],
+        "key_field": "target",
+        "registry": str(tmp_path / "registry.yaml"),
+        "block_size": 8,
+        "batch_size": 4,
+    }
+    bundle = train(
+        config(
+            root,
+            "joint",
+            version="v1",
+            data=data,
+            adapters=[
+                {"name": "shared", "config": {"method": "lora", "r": 2, "alpha": 16, "targets": ["q", "v"]}},
+                {
+                    "name": "experts",
+                    "config": {
+                        "method": "experts",
+                        "keys": ["v100", "i7"],
+                        "r": 4,
+                        "alpha": 32,
+                        "targets": ["q", "v"],
+                        "mixer_init": "identity",
+                    },
+                },
+            ],
+        )
+    )
+    info = describe(bundle)
+    assert [m["member"] for m in info["members"]] == ["shared", "experts/v100", "experts/i7"]
+    with open(root / "joint" / "logs" / "csv" / "metrics.csv") as f:
+        logged = set(next(csv.DictReader(f)))
+    assert {"train_loss/v100", "train_loss/i7"} <= logged
+    old = {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+
+    grown = train(
+        config(
+            root,
+            "grown",
+            version="v2",
+            parent="v1",
+            data=data | {"train": [str(tmp_path / "new.jsonl")]},
+            adapters=[
+                {"name": "bundle", "path": str(bundle), "train": False},
+                {
+                    "name": "new",
+                    "config": {
+                        "method": "experts",
+                        "keys": ["a100"],
+                        "r": 4,
+                        "alpha": 32,
+                        "targets": ["q", "v"],
+                        "mixer_init": "identity",
+                    },
+                },
+            ],
+        )
+    )
+    assert {p: p.read_bytes() for p in old} == old  # v1 untouched
+    assert [m["member"] for m in describe(grown)["members"]] == ["shared", "experts/v100", "experts/i7", "experts/a100"]
+    for member in ("shared", "experts/v100", "experts/i7"):
+        assert (
+            read_tensors(grown / member, read_adapter_record(grown / member)).keys()
+            == read_tensors(bundle / member, read_adapter_record(bundle / member)).keys()
+        )
+        before = read_tensors(bundle / member, read_adapter_record(bundle / member))
+        after = read_tensors(grown / member, read_adapter_record(grown / member))
+        assert all(torch.equal(before[k], after[k]) for k in before)  # frozen experts and shared unchanged
+    model, _ = load_base(str(root / "base"))
+    handle = load(model, grown)
+    from adaplex.routing import route
+
+    with route(handle, ["a100", "v100", None]):
+        assert tiny.outputs(model, tiny.tokens(batch=3)).shape[0] == 3

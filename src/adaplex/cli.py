@@ -382,6 +382,41 @@ def bench_train(
         _emit_json(result, out)
 
 
+@bench_app.command("route")
+def bench_route(
+    base: BaseOption = None,
+    adapters: Annotated[list[int], typer.Option("--adapters", help="distinct adapters in the batch, repeatable")] = [8],  # noqa: B006
+    batch: int = 8,
+    seq: int = 128,
+    rank: int = 16,
+    rounds: int = 3,
+    mode: Annotated[str, typer.Option(help="prefill (full forward) or decode (one cached step)")] = "prefill",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    bf16: Annotated[bool, typer.Option(help="bfloat16 weights (GPU)")] = False,
+    out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Mixed-key batches: adaplex routed experts against PEFT mixed-adapter batches and the base."""
+    from adaplex.bench import route as route_bench
+    from adaplex.models import choose_base
+
+    result = route_bench.run(choose_base(base, None), tuple(adapters), batch, seq, rank, rounds, device, mode, bf16)
+    table = Table(title=f"{mode} on {result['base']} ({result['device']}, batch {batch}, seq {seq}, rank {rank})")
+    for column in ("adapters", "base s", "routed x base", "PEFT x base", "PEFT / routed"):
+        table.add_column(column, justify="right")
+    for r in result["results"]:
+        table.add_row(
+            str(r["adapters"]),
+            f"{r['step_s']['base']:.4f}",
+            f"{r['routed_x_base']:.2f}",
+            f"{r['peft_x_base']:.2f}",
+            f"{r['peft_x_routed']:.2f}",
+        )
+    console.print(table)
+    if as_json or out:
+        _emit_json(result, out)
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and a non-zero exit."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")

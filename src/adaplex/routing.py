@@ -24,20 +24,22 @@ def banks(handle: Adapted) -> dict[str, ExpertsConfig]:
 
 
 def route(handle: Adapted, keys: Sequence[str | None], unrouted: str = "shared") -> AbstractContextManager[None]:
-    """Route sample b of the batch to expert ``keys[b]`` in every bank; None or "__base__" routes to
-    no expert, and then to the shared adapter alone (``unrouted="shared"``) or to nothing ("base")."""
+    """Route sample b of the batch to expert ``keys[b]`` (in whichever bank holds that key); None or
+    "__base__" routes to no expert, and then to the shared adapter alone (``unrouted="shared"``) or to
+    nothing ("base")."""
     if unrouted not in ("shared", "base"):
         raise AdapterNameError(f"unrouted must be 'shared' or 'base', not {unrouted!r}")
     found = banks(handle)
     if not found:
         raise AdapterNameError("this model has no expert bank to route; add an 'experts' adapter or load a bundle")
     device = next(handle.model.parameters()).device
+    known = {key for config in found.values() for key in config.keys}
+    unknown = [k for k in keys if k not in UNROUTED and k not in known]
+    if unknown:
+        raise AdapterNameError(f"unknown routing key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
     routes = {}
-    for name, config in found.items():
-        unknown = [k for k in keys if k not in UNROUTED and k not in config.keys]
-        if unknown:
-            raise AdapterNameError(f"unknown routing key {unknown[0]!r}; bank {name!r} has: {', '.join(config.keys)}")
-        index = [-1 if k in UNROUTED else config.keys.index(k) for k in keys]
+    for name, config in found.items():  # a key lives in one bank; the others give that sample no expert
+        index = [config.keys.index(k) if k in config.keys else -1 for k in keys]
         routes[name] = torch.tensor(index, dtype=torch.long, device=device)
     return handle.stack.route(routes, unrouted_base=unrouted == "base")
 

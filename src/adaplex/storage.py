@@ -196,6 +196,8 @@ def save_bundle(
         for bank_name, bank in banks(handle).items():
             for key in bank.keys:
                 member = f"experts/{key}"
+                if member in written:
+                    raise StorageError(f"key {key!r} is in two expert banks; a bundle holds one expert per key")
                 (staging / member).mkdir(parents=True)
                 write_files(
                     staging / member,

@@ -33,9 +33,18 @@ class DataConfig(Strict):
     train: list[Path]
     eval: list[Path] = []
     text_field: str = "text"
+    key_field: str | None = Field(None, description="jsonl/chat: the record field naming each sample's routing key")
+    registry: Path | None = Field(None, description="key registry mapping free-form key fields to keys")
+    strict_keys: bool = Field(False, description="an unknown key is an error instead of the registry's default")
     block_size: int = Field(256, gt=1)
     batch_size: int = Field(4, gt=0)
     num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _keys_need_records(self) -> DataConfig:
+        if self.key_field is not None and self.format == "text":
+            raise ValueError("key_field needs format jsonl or chat (plain text files carry no keys)")
+        return self
 
 
 class OptimConfig(Strict):

@@ -25,7 +25,7 @@ from adaplex.train.config import DataConfig
 
 log = logging.getLogger(__name__)
 IGNORE = -100
-Example = dict[str, list[int]]
+Example = dict[str, Any]  # input_ids, labels (lists of ints) and, for routed data, key
 
 
 def pydoc_topics() -> dict[str, str]:
@@ -96,27 +96,65 @@ def _ids(rendered: Any) -> list[int]:
 
 
 def build_examples(paths: list[Path], config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
-    """Examples of the configured format from ``paths``; empty data is an error."""
+    """Examples of the configured format from ``paths``; empty data is an error.
+
+    With ``key_field``, every example carries its routing key (mapped through the registry, if
+    one is given), and text is packed into blocks per key so that no block mixes keys.
+    """
+    records = (
+        [] if config.format == "text" else [(f"{p}:{i + 1}", r) for p in paths for i, r in enumerate(read_lines(p))]
+    )
+    keys = _keys(records, config)
     if config.format == "chat":
         if not tokenizer.chat_template:
             raise ConfigError("data format 'chat' needs a tokenizer with a chat template; this base model has none")
         examples = [
-            chat_example(chat_messages(r, f"{p}:{i + 1}"), tokenizer)
-            for p in paths
-            for i, r in enumerate(read_lines(p))
+            chat_example(chat_messages(r, where), tokenizer) | _key(k)
+            for (where, r), k in zip(records, keys, strict=True)
         ]
         examples = truncate(examples, config.block_size)
+    elif config.format == "text":
+        examples = _blocks([_read_text(p) for p in paths], tokenizer, config.block_size, None)
     else:
-        if config.format == "text":
-            texts = [_read_text(p) for p in paths]
-        else:
-            texts = [_field(r, config.text_field, f"{p}:{i + 1}") for p in paths for i, r in enumerate(read_lines(p))]
-        blocks = token_blocks([t for t in texts if t.strip()], tokenizer, config.block_size)
-        examples = [{"input_ids": b.tolist(), "labels": b.tolist()} for b in blocks]
+        texts = [_field(r, config.text_field, where) for where, r in records]
+        examples = [
+            e
+            for key in dict.fromkeys(keys)
+            for e in _blocks(
+                [t for t, k in zip(texts, keys, strict=True) if k == key], tokenizer, config.block_size, key
+            )
+        ]
     if not examples:
         names = ", ".join(str(p) for p in paths)
         raise ConfigError(f"no training examples in {names} (empty, or shorter than one block of {config.block_size})")
     return examples
+
+
+def _key(key: str | None) -> dict[str, str]:
+    return {} if key is None else {"key": key}
+
+
+def _blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, block: int, key: str | None) -> list[Example]:
+    blocks = token_blocks([t for t in texts if t.strip()], tokenizer, block)
+    return [{"input_ids": b.tolist(), "labels": b.tolist()} | _key(key) for b in blocks]
+
+
+def _keys(records: list[tuple[str, dict[str, Any]]], config: DataConfig) -> list[str | None]:
+    """Each record's routing key (None without key_field)."""
+    if config.key_field is None:
+        return [None] * len(records)
+    registry = None
+    if config.registry is not None:
+        from adaplex.registry import load_registry
+
+        registry = load_registry(config.registry)
+    keys = []
+    for where, record in records:
+        if config.key_field not in record:
+            raise ConfigError(f"{where}: no key field {config.key_field!r}; set data.key_field")
+        raw = record[config.key_field]
+        keys.append(registry.resolve(raw, strict=config.strict_keys) if registry else raw)
+    return keys
 
 
 def _field(record: dict[str, Any], field: str, where: str) -> str:
@@ -128,7 +166,7 @@ def _field(record: dict[str, Any], field: str, where: str) -> str:
 def truncate(examples: list[Example], block: int) -> list[Example]:
     """Cut examples to ``block`` tokens (warning with a count); drop those left with no response tokens."""
     longer = sum(len(e["input_ids"]) > block for e in examples)
-    cut = [{k: v[:block] for k, v in e.items()} for e in examples]
+    cut = [e | {"input_ids": e["input_ids"][:block], "labels": e["labels"][:block]} for e in examples]
     kept = [e for e in cut if any(label != IGNORE for label in e["labels"][1:])]
     if longer:
         log.warning(
@@ -142,8 +180,9 @@ def truncate(examples: list[Example], block: int) -> list[Example]:
     return kept
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids, attention_mask, labels (IGNORE on padding)."""
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor | list[str]]:
+    """Right-pad to the longest example: input_ids, attention_mask, labels (IGNORE on padding),
+    and ``keys`` (one per example) when the examples carry routing keys."""
     length = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
@@ -153,7 +192,10 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, :n] = torch.tensor(e["input_ids"])
         labels[row, :n] = torch.tensor(e["labels"])
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch: dict[str, torch.Tensor | list[str]] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any("key" in e for e in examples):
+        batch["keys"] = [e.get("key") for e in examples]
+    return batch
 
 
 class StepSampler(Sampler[int]):
@@ -238,7 +280,7 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor | list[Example], bat
     examples = [{"input_ids": b.tolist(), "labels": b.tolist()} for b in blocks] if torch.is_tensor(blocks) else blocks
     total, count = 0.0, 0
     for start in range(0, len(examples), batch):
-        inputs = {k: v.to(device) for k, v in collate(examples[start : start + batch], pad_id).items()}
+        inputs = {k: v.to(device) for k, v in collate(examples[start : start + batch], pad_id).items() if k != "keys"}
         loss = model(**inputs).loss
         tokens = int((inputs["labels"][:, 1:] != IGNORE).sum())
         total += loss.item() * tokens

@@ -7,9 +7,12 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
 from adaplex.adapted import Adapted
 from adaplex.errors import AdaplexError
+from adaplex.routing import route
+from adaplex.train.data import IGNORE
 
 
 class TrainingDiverged(AdaplexError):
@@ -36,11 +39,29 @@ class AdapterLM(L.LightningModule):
         self.lr, self.warmup, self.total_steps, self.weight_decay = lr, warmup, total_steps, weight_decay
         self.strict_loading = False  # checkpoints carry the adapters, not the base weights
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.model(**batch).loss
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(batch)
+    def loss(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        """Mean next-token loss; a batch with routing keys runs routed and logs each key's loss too."""
+        keys = batch.get("keys")
+        if keys is None:
+            return self(batch)
+        with route(self.handle, keys):
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]  # (B, T-1)
+        per_token = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none"
+        ).view(labels.shape)  # (B, T-1)
+        counted = labels != IGNORE
+        for key in dict.fromkeys(keys):
+            rows = torch.tensor([k == key for k in keys], device=labels.device)
+            key_loss = per_token[rows].sum() / counted[rows].sum().clamp(min=1)
+            self.log(f"{stage}_loss/{key}", key_loss, batch_size=int(rows.sum()), sync_dist=stage == "val")
+        return per_token.sum() / counted.sum().clamp(min=1)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch, "train")
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"the loss became {loss.item()} at step {self.global_step}; the last good checkpoint is kept "
@@ -50,8 +71,8 @@ class AdapterLM(L.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.log("val_loss", self(batch), prog_bar=True, sync_dist=True)
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.log("val_loss", self.loss(batch, "val"), prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.trainer.callback_metrics.get("val_loss")

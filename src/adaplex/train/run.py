@@ -30,20 +30,25 @@ from adaplex.train.module import AdapterLM
 log = logging.getLogger(__name__)
 
 
-def build_model(config: TrainConfig, source: str) -> tuple[Adapted, object]:
+def build_model(config: TrainConfig, source: str) -> tuple[Adapted, object, dict[str, list[str]]]:
     """Base model (the one rule: config.base, else the first loaded adapter's base, else the default)
-    with every adapter of the config created or loaded, trained or frozen, and weighted."""
+    with every adapter of the config created or loaded, trained or frozen, and weighted. Returns the
+    adapter names each spec produced (a bundle produces several)."""
     loaded = [a.path for a in config.adapters if a.path is not None]
     recorded, relative_to = recorded_base(loaded[0]) if loaded else (None, None)
     model, tokenizer = load_base(choose_base(config.base, recorded), relative_to=relative_to)
     handle = Adapted.of(model)
+    produced: dict[str, list[str]] = {}
     for spec in config.adapters:
+        before = list(handle.configs)
         if spec.path is not None:
             load(model, spec.path, name=spec.name, trainable=spec.train)
         else:
             handle.add(spec.name, method_config(spec.config, f"{source}: adapters.{spec.name}.config"), spec.train)
-        handle.stack.set_weight(spec.name, spec.weight)
-    return handle, tokenizer
+        produced[spec.name] = [n for n in handle.configs if n not in before]
+        for name in produced[spec.name]:
+            handle.stack.set_weight(name, spec.weight)
+    return handle, tokenizer, produced
 
 
 def precision_for(config: TrainConfig) -> str:
@@ -62,7 +67,7 @@ def train(config: TrainConfig, source: str = "config", resume: bool = False) -> 
     if not resume and out.exists() and any(out.iterdir()):
         raise StorageError(f"{out} already holds a run; pass --resume to continue it or choose another output")
     L.seed_everything(config.seed, verbose=False)
-    handle, tokenizer = build_model(config, source)
+    handle, tokenizer, produced = build_model(config, source)
     data = config.data
     train_examples = build_examples(data.train, data, tokenizer)
     eval_examples = build_examples(data.eval, data, tokenizer) if data.eval else []
@@ -121,21 +126,23 @@ def train(config: TrainConfig, source: str = "config", resume: bool = False) -> 
     handle.model.train()
     trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None, weights_only=True)
     handle.model.eval()
-    return save_result(handle, config, out / "adapter")
+    return save_result(handle, config, produced, out / "adapter")
 
 
-def save_result(handle: Adapted, config: TrainConfig, target: Path) -> Path:
-    trained = [a.name for a in config.adapters if a.train]
-    if len(trained) == 1:
-        return save_adapter(
-            handle, trained[0], target, role=trained[0], version=config.version, parent=config.parent, overwrite=True
+def save_result(handle: Adapted, config: TrainConfig, produced: dict[str, list[str]], target: Path) -> Path:
+    """One trained adapter: an adapter directory. Several, or any expert bank: a bundle holding every
+    adapter of the run (frozen ones too, so a routed bundle stays whole: shared/ + experts/<key>/)."""
+    from adaplex.routing import banks
+
+    trained = [n for spec in config.adapters if spec.train for n in produced[spec.name]]
+    lineage = {"version": config.version, "parent": config.parent}
+    if len(trained) == 1 and not banks(handle):
+        return save_adapter(handle, trained[0], target, role=trained[0], overwrite=True, **lineage)
+    members = [n for n in handle.configs if n not in banks(handle)]
+    if banks(handle):
+        return save_bundle(
+            handle, target, {n: n for n in members}, roles={n: "shared" for n in members}, overwrite=True, **lineage
         )
     return save_bundle(
-        handle,
-        target,
-        {n: n for n in trained},
-        roles={n: n for n in trained},
-        version=config.version,
-        parent=config.parent,
-        overwrite=True,
+        handle, target, {n: n for n in trained}, roles={n: n for n in trained}, overwrite=True, **lineage
     )

@@ -1,0 +1,119 @@
+"""`adaplex bench route`: mixed-key batches, adaplex routed experts against PEFT's mixed-adapter batches.
+
+Every sample of the batch uses its own rank-r LoRA adapter (keys cycle through K adapters). adaplex
+routes through one ExpertBank per site (gathered batched matmuls); PEFT runs the same adapters
+with ``adapter_names``. Modes: "prefill" times a full forward of (B, T) tokens; "decode" times one
+next-token step of a batch with a KV cache of T tokens (the cache is cropped back after each step).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from torch import nn
+from transformers import DynamicCache
+
+from adaplex import Adapted
+from adaplex.bench.measure import interleaved_times, median_ratio
+from adaplex.bench.overhead import peft_targets
+from adaplex.methods import ExpertsConfig
+from adaplex.models import load_base
+from adaplex.routing import route
+
+
+def _randomize(params, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_((torch.randn(p.shape, generator=gen) * 0.01).to(p.dtype))
+
+
+def build(base: nn.Module, keys: list[str], rank: int) -> tuple[Adapted, nn.Module]:
+    routed = Adapted.of(copy.deepcopy(base))
+    routed.add("experts", ExpertsConfig(keys=tuple(keys), r=rank, alpha=2 * rank), trainable=False)
+    _randomize(routed.parameters("experts"), 0)
+    config = PeftLoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=peft_targets(base, ("all-linear",))
+    )
+    peft_model = get_peft_model(copy.deepcopy(base), config, adapter_name=keys[0])
+    for key in keys[1:]:
+        peft_model.add_adapter(key, config)
+    _randomize([p for n, p in peft_model.named_parameters() if "lora_" in n], 0)
+    return routed, peft_model.eval()
+
+
+def measure(base: nn.Module, ids: torch.Tensor, count: int, rank: int, rounds: int, mode: str) -> dict:
+    """Times of base, adaplex routed and PEFT mixed for one number of distinct adapters."""
+    batch, seq = ids.shape
+    keys = [f"k{i}" for i in range(count)]
+    per_sample = [keys[b % count] for b in range(batch)]
+    routed, peft_model = build(base, keys, rank)
+    models = {"base": base, "adaplex-routed": routed.model, "peft-mixed": peft_model}
+    kwargs = {"base": {}, "adaplex-routed": {}, "peft-mixed": {"adapter_names": per_sample}}
+    caches: dict[str, DynamicCache] = {}
+
+    def forward(name: str, **inputs) -> None:
+        with torch.no_grad():
+            if name == "adaplex-routed":
+                with route(routed, per_sample):
+                    models[name](**inputs)
+            else:
+                models[name](**inputs, **kwargs[name])
+
+    if mode == "decode":
+        for name in models:
+            caches[name] = DynamicCache(config=base.config)
+            forward(name, input_ids=ids, past_key_values=caches[name])
+
+    def step(name: str):
+        def call() -> None:
+            if mode == "decode":
+                forward(name, input_ids=ids[:, -1:], past_key_values=caches[name])
+                caches[name].crop(-1)  # drop the new token: every step sees seq cached tokens
+            else:
+                forward(name, input_ids=ids)
+
+        return call
+
+    times = interleaved_times({n: step(n) for n in models}, rounds, ids.device, warmup=2)
+    return {
+        "adapters": count,
+        "step_s": {n: statistics.median(t) for n, t in times.items()},
+        "routed_x_base": median_ratio(times, "adaplex-routed", "base"),
+        "peft_x_base": median_ratio(times, "peft-mixed", "base"),
+        "peft_x_routed": median_ratio(times, "peft-mixed", "adaplex-routed"),
+    }
+
+
+def run(
+    base_spec: str = "smollm2-135m",
+    adapters: tuple[int, ...] = (8,),
+    batch: int = 8,
+    seq: int = 128,
+    rank: int = 16,
+    rounds: int = 3,
+    device: str = "cpu",
+    mode: str = "prefill",
+    bf16: bool = False,
+) -> dict:
+    dev = torch.device(device)
+    base, _ = load_base(base_spec, dtype=torch.bfloat16 if bf16 else torch.float32)
+    base.to(dev).requires_grad_(False)
+    torch.manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (batch, seq), device=dev)
+    return {
+        "benchmark": "route",
+        "base": base_spec,
+        "mode": mode,
+        "device": device if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "dtype": "bfloat16" if bf16 else "float32",
+        "batch": batch,
+        "seq": seq,
+        "rank": rank,
+        "rounds": rounds,
+        "results": [measure(base, ids, count, rank, rounds, mode) for count in adapters],
+    }

@@ -141,3 +141,87 @@ def test_registry_maps_free_form_targets(tmp_path, caplog):
     path.write_text("keys:\n  a: {keywords: [x]}\n  b: {keywords: [x]}\n")
     with pytest.raises(ConfigError, match="belongs to both 'a' and 'b'"):
         load_registry(path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_each_key_exports_to_peft_with_equal_logits(family, tmp_path):
+    from peft import PeftModel
+
+    from adaplex.routing import export_key
+
+    model, handle = routed(family, mixer="kaiming", key_ranks={"i7": 2})
+    ids = tiny.tokens(batch=1)
+    for key in KEYS:
+        export_key(handle, key, tmp_path / key)
+        with route(handle, [key]):
+            expected = tiny.outputs(model, ids)
+        peft_model = PeftModel.from_pretrained(tiny.FAMILIES[family](), tmp_path / key).eval()
+        torch.testing.assert_close(tiny.outputs(peft_model, ids), expected, atol=1e-5, rtol=0)
+    assert list(handle.configs) == ["shared", "experts"]  # the temporary plain expert is gone
+
+
+def test_infer_with_workers_keeps_order_and_reports_a_crashed_shard(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from adaplex.infer import generate
+    from adaplex.models import load_base
+
+    tiny.save_base("llama", tmp_path / "base")
+    model, tokenizer = load_base(str(tmp_path / "base"))
+    handle = adaplex.attach(model, "shared", LoRAConfig(r=2, targets=("q", "v")))
+    handle.add("experts", ExpertsConfig(keys=KEYS, r=4, targets=("q", "v")))
+    randomize(handle, "shared", seed=1, std=0.3)
+    randomize(handle, "experts", seed=2, std=0.3)
+    save_bundle(handle, tmp_path / "bundle", {"shared": "shared"}, roles={"shared": "shared"})
+    (tmp_path / "registry.yaml").write_text(
+        "default: i7\nkeys:\n  v100: {keywords: [-model=v100]}\n  a100: {}\n  i7: {}\n"
+    )
+    records = [
+        {"target": "cuda -model=v100", "prompt": "w5 w6 w7"},
+        {"key": "a100", "prompt": "w9 w10"},
+        {"prompt": "w11 w12 w13"},
+        {"key": "i7", "prompt": "w20"},
+        {"target": "riscv", "prompt": "w30 w31"},
+    ]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    command = [
+        sys.executable,
+        "-m",
+        "adaplex",
+        "infer",
+        str(tmp_path / "in.jsonl"),
+        str(tmp_path / "out.jsonl"),
+        "--bundle",
+        str(tmp_path / "bundle"),
+        "--registry",
+        str(tmp_path / "registry.yaml"),
+        "--workers",
+        "2",
+        "--batch-size",
+        "1",
+        "--max-new-tokens",
+        "4",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in out] == [0, 1, 2, 3, 4]
+    assert [r["key"] for r in out] == ["v100", "a100", None, "i7", "i7"]
+    for r in out:
+        with route(handle, [r["key"]]):
+            assert r["completion"] == generate(handle, tokenizer, r["prompt"], max_new_tokens=4)
+    crashed = subprocess.run(
+        [*command[:5], str(tmp_path / "crash.jsonl"), *command[6:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"ADAPLEX_INFER_CRASH_SHARD": "1"},
+    )
+    assert crashed.returncode == 3
+    assert "worker 1 crashed (exit code 3); records 3-5 have no completion" in crashed.stdout.replace("\n", " ")
+    partial = [json.loads(line) for line in (tmp_path / "crash.jsonl").read_text().splitlines()]
+    assert [r.get("completion") for r in partial[:2]] == [r["completion"] for r in out[:2]]
+    assert all("crashed" in r["error"] for r in partial[2:])

@@ -127,12 +127,13 @@ def export(
     out: Annotated[Path, typer.Argument(help="output directory")],
     to: Annotated[str, typer.Option(help="target format")] = "peft",
     combined: Annotated[bool, typer.Option(help="a stack as one adapter (rank concatenation)")] = False,
+    key: Annotated[list[str], typer.Option(help="routed bundle: export only this key, repeatable")] = [],  # noqa: B006
     base: BaseOption = None,
     force: ForceOption = False,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Export to PEFT LoRA: one directory per adapter (OUT/<name>), or one combined adapter."""
-    from adaplex.atomic import refuse_existing
+    from adaplex.atomic import atomic_directory, refuse_existing
     from adaplex.peft_io import export_peft
 
     if to != "peft":
@@ -140,13 +141,20 @@ def export(
     refuse_existing(out, overwrite)
     model, _ = _base_for([path], base)
     handle = _load_all(model, [path], force)
+    from adaplex.routing import banks, export_key
+
+    if banks(handle):  # a routed bundle: one PEFT adapter per key, shared ⊕ expert
+        keys = key or [k for bank in banks(handle).values() for k in bank.keys]
+        with atomic_directory(out, overwrite) as staging:
+            for k in keys:
+                export_key(handle, k, staging / k)
+        console.print(f"wrote {len(keys)} PEFT LoRA adapters (shared + expert) under {out}: {', '.join(keys)}")
+        return
     names = list(handle.configs)
     if combined or len(names) == 1:
         export_peft(handle, names, out, weights=handle.stack.weights, overwrite=overwrite)
         console.print(f"wrote PEFT LoRA {out} ({', '.join(names)})")
         return
-    from adaplex.atomic import atomic_directory
-
     with atomic_directory(out, overwrite) as staging:
         for name in names:
             export_peft(handle, [name], staging / name)
@@ -261,6 +269,39 @@ def generate(
         return
     for r in results:
         console.print(f"[bold]{r['prompt']}[/] {r['completion']}")
+
+
+@app.command()
+def infer(
+    input_path: Annotated[Path, typer.Argument(help="JSONL of {key or target, prompt}")],
+    output: Annotated[Path, typer.Argument(help="JSONL of completions, in input order")],
+    bundle: Annotated[Path, typer.Option(help="routed bundle (shared + experts)")],
+    registry: Annotated[Path | None, typer.Option(help="key registry for 'target' fields")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="an unknown target is an error")] = False,
+    workers: Annotated[int, typer.Option(help="worker processes")] = 1,
+    batch_size: int = 8,
+    max_new_tokens: int = 40,
+    chat: ChatOption = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    base: BaseOption = None,
+    overwrite: OverwriteOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Generate for every record with its key's expert, in mixed-key batches, across worker processes."""
+    from adaplex.batch_infer import Job, run
+
+    job = Job(bundle, base, batch_size, max_new_tokens, chat, device)
+    summary = run(input_path, output, job, workers, registry, strict, overwrite)
+    for failure in summary["failed_shards"]:
+        console.print(
+            f"[red]worker {failure['worker']} crashed (exit code {failure['exit_code']}); records "
+            f"{failure['records'][0]}-{failure['records'][1]} have no completion[/]"
+        )
+    console.print(f"wrote {summary['records']} results to {output} with {summary['workers']} workers")
+    if as_json:
+        _emit_json(summary, None)
+    if summary["failed_shards"]:
+        raise typer.Exit(3)
 
 
 @app.command()

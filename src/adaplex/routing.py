@@ -7,8 +7,9 @@ the experts form one ``ExpertBank`` adapter per site so that a mixed batch runs 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 
 import torch
 
@@ -118,3 +119,31 @@ def add_bank_from_experts(
     except StorageError:
         handle.remove(name)
         raise
+
+
+@contextmanager
+def expert_as_adapter(handle: Adapted, bank_name: str, key: str) -> Iterator[str]:
+    """Inside the block, expert ``key`` of a bank is also a plain adapter (returned name), so that
+    everything a plain LoRA can do (merge, PEFT export) works on it; it is removed on exit."""
+    bank = banks(handle).get(bank_name)
+    if bank is None or key not in bank.keys:
+        raise AdapterNameError(f"no expert {key!r} in bank {bank_name!r}")
+    name = f"{bank_name}-{key}"
+    handle.add(name, expert_config(bank, key), trainable=False)
+    try:
+        handle.load_state_dict(name, expert_state(handle, bank_name, key), f"{bank_name}/{key}")
+        yield name
+    finally:
+        handle.remove(name)
+
+
+def export_key(handle: Adapted, key: str, out: Path, overwrite: bool = False) -> Path:
+    """One key as a PEFT LoRA directory: the non-expert adapters ⊕ that key's expert by rank concatenation."""
+    from adaplex.peft_io import export_peft
+
+    bank_name = next((n for n, c in banks(handle).items() if key in c.keys), None)
+    if bank_name is None:
+        raise AdapterNameError(f"unknown routing key {key!r}")
+    shared = [n for n in handle.stack.active if n not in banks(handle)]
+    with expert_as_adapter(handle, bank_name, key) as name:
+        return export_peft(handle, [*shared, name], out, weights=handle.stack.weights, overwrite=overwrite)

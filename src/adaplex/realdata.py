@@ -6,7 +6,8 @@
 
 ``adaplex data prepare OUT`` writes style/{train,heldout}.txt (fortunes), instruct/{train,heldout}.jsonl
 (questions about Python topics answered by the reference's first paragraphs, in chat form), and
-topics/<topic>/{train,heldout}.txt (one directory per fortunes topic, for routing experiments).
+topics/<topic>/{train,heldout}.txt (one directory per fortunes topic) and topics/{train,heldout}.jsonl
+(every topic's fortunes with a "key" field), for routing experiments.
 """
 
 from __future__ import annotations
@@ -72,10 +73,15 @@ def prepare(out: Path, seed: int = 0) -> dict[str, int]:
     if fortunes_available():
         style = [f for t in STYLE_TOPICS for f in fortunes(t)]
         random.Random(seed).shuffle(style)
+        keyed: dict[str, list[str]] = {"train": [], "heldout": []}
         for topic in STYLE_TOPICS:
             train, held = split(fortunes(topic))
             write(out / "topics" / topic / "train.txt", train)
             write(out / "topics" / topic / "heldout.txt", held)
+            keyed["train"] += [json.dumps({"text": t, "key": topic}) for t in train]
+            keyed["heldout"] += [json.dumps({"text": t, "key": topic}) for t in held]
+        for part, lines in keyed.items():
+            write(out / "topics" / f"{part}.jsonl", lines)
     else:  # documented fallback: Python's own docs as the "style" text
         style = [first_paragraph(t) for t in pydoc_topics().values() if first_paragraph(t)]
     train, held = split(style)

@@ -58,16 +58,13 @@ def measure(base: nn.Module, ids: torch.Tensor, count: int, rank: int, rounds: i
 
     def forward(name: str, **inputs) -> None:
         with torch.no_grad():
-            if name == "adaplex-routed":
-                with route(routed, per_sample):
-                    models[name](**inputs)
-            else:
-                models[name](**inputs, **kwargs[name])
+            models[name](**inputs, **kwargs[name])
 
     if mode == "decode":
         for name in models:
             caches[name] = DynamicCache(config=base.config)
-            forward(name, input_ids=ids, past_key_values=caches[name])
+            with route(routed, per_sample):
+                forward(name, input_ids=ids, past_key_values=caches[name])
 
     def step(name: str):
         def call() -> None:
@@ -79,7 +76,9 @@ def measure(base: nn.Module, ids: torch.Tensor, count: int, rank: int, rounds: i
 
         return call
 
-    times = interleaved_times({n: step(n) for n in models}, rounds, ids.device, warmup=2)
+    # As in generate(): the batch's routing is set once and holds for every step.
+    with route(routed, per_sample):
+        times = interleaved_times({n: step(n) for n in models}, rounds, ids.device, warmup=2)
     return {
         "adapters": count,
         "step_s": {n: statistics.median(t) for n, t in times.items()},

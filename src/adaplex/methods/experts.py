@@ -3,13 +3,13 @@
 For sample b routed to key k(b):  Δ_b(x) = w · s_k · B_k M_k A_k x_b   (M_k = I for LoRA experts).
 The bank holds A: (K, r, in), B: (K, out, r) (and M: (K, r, r)); experts of smaller rank r_k are
 zero-padded to r and masked, so they stay exactly rank r_k. A forward gathers each sample's
-A, B (and M) and runs batched matmuls: no Python loop over samples or keys. A sample routed to
-no key (index -1) gets no expert delta.
+A and its B (with M, scale and weight folded in) and runs two batched matmuls: no Python loop over
+samples or keys. A sample routed to no key (index -1) gets no expert delta.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -50,10 +50,15 @@ class ExpertsConfig(MethodConfig):
 
 @dataclass(frozen=True)
 class Route:
-    """Per-sample routing of one bank: expert index per sample (-1: none) and the bank's weight."""
+    """Per-sample routing of one bank: expert index per sample (-1: none) and the bank's weight.
+
+    Without autograd (inference, generation), each site's gathered per-sample weights are computed
+    once per route and reused for every forward inside it, e.g. every decode step of generate().
+    """
 
     index: torch.Tensor  # (B,) long
     weight: float = 1.0
+    gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, compare=False)
 
 
 class ExpertBank(SiteAdapter):
@@ -81,13 +86,22 @@ class ExpertBank(SiteAdapter):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, weight: Route) -> torch.Tensor:  # type: ignore[override]
         if not isinstance(weight, Route):
             raise AdapterNameError("an expert bank needs per-sample keys: run the batch inside handle.route(keys)")
-        index = weight.index.clamp(min=0)  # (B,)
-        gate = (weight.index >= 0).to(x.dtype) * self.scale[index].to(x.dtype) * weight.weight  # (B,)
-        mask = self.rank_mask[index].to(x.dtype).unsqueeze(1)  # (B, 1, r)
-        h = torch.bmm(x, self.A[index].transpose(1, 2)) * mask  # (B, T, r)
+        if torch.is_grad_enabled():
+            down, up = self.gather(weight)
+        else:
+            down, up = weight.gathered.get(id(self)) or weight.gathered.setdefault(id(self), self.gather(weight))
+        return torch.bmm(torch.bmm(x, down.to(x.dtype)), up.to(x.dtype))  # (B, T, r) -> (B, T, out)
+
+    def gather(self, route: Route) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's (A_k^T, (w·s_k·B_k M_k)^T), rank-masked: (B, in, r) and (B, r, out)."""
+        index = route.index.clamp(min=0)  # (B,)
+        mask = self.rank_mask[index]  # (B, r)
+        gate = (route.index >= 0).to(self.scale.dtype) * self.scale[index] * route.weight  # (B,)
+        down = self.A[index] * mask.unsqueeze(-1)  # (B, r, in)
+        up = self.B[index] * mask.unsqueeze(1)  # (B, out, r)
         if self.mixer is not None:
-            h = torch.bmm(h, self.mixer[index].transpose(1, 2)) * mask  # (B, T, r)
-        return torch.bmm(h, self.B[index].transpose(1, 2)) * gate.view(-1, 1, 1)  # (B, T, out)
+            up = torch.bmm(up, self.mixer[index] * mask.unsqueeze(1) * mask.unsqueeze(-1))  # (B, out, r)
+        return down.transpose(1, 2), (up * gate.view(-1, 1, 1)).transpose(1, 2)
 
     def expert_state(self, k: int, rank: int) -> dict[str, torch.Tensor]:
         """Expert k as a plain LoRA/MoSLoRA state dict of rank ``rank`` (keys A, B, mixer)."""

@@ -16,6 +16,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from adaplex.compose import Stack
+from adaplex.faults.eager import checked_attention
+from adaplex.faults.hook import FaultHook
 from adaplex.methods.prefix import Prefix
 
 ATTENTION_NAME = "adaplex"
@@ -29,6 +31,7 @@ class AttentionAdapters(nn.Module):
         super().__init__()
         self.prefixes = nn.ModuleDict()
         self.stack = stack
+        self.fault_hook: FaultHook | None = None  # set while a fault session is active
 
     def active_prefixes(self) -> list[tuple[Prefix, float]]:
         active = self.stack.active
@@ -82,13 +85,22 @@ def adaplex_attention(
 ) -> tuple[torch.Tensor, None]:
     """Attention over (B, H, T, D) queries and (B, H_kv, S, D) keys/values, with adapters applied."""
     adapters: AttentionAdapters | None = module._modules.get(CHILD_NAME)  # type: ignore[assignment]
-    prefixes = adapters.active_prefixes() if adapters is not None else []
+    if adapters is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    prefixes = adapters.active_prefixes()
+    is_causal = kwargs.pop("is_causal", None)
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     if prefixes:
-        is_causal = kwargs.pop("is_causal", None)
-        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         key, value, attention_mask = adapters.extend(query, key, value, attention_mask, is_causal, prefixes)
-        kwargs["is_causal"] = False
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        is_causal = False
+    if adapters.fault_hook is not None:
+        causal = is_causal and query.shape[2] > 1
+        return checked_attention(query, key, value, attention_mask, scaling, causal, adapters.fault_hook), None
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
 
 
 def register() -> None:

@@ -1,0 +1,1 @@
+"""Attention fault injection (bit flips) and detection (invariant and checksum checks)."""

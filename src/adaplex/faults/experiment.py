@@ -1,0 +1,136 @@
+"""One fault experiment: a baseline forward and an injected forward on the same inputs.
+
+Per run: which detectors fired, the largest logit deviation, how many positions changed their
+top-1 token (silent data corruption when nothing detected it), and whether correction restored
+the output. A performance monitor times the baseline (fused SDPA), the step-by-step forward
+without and with detectors and the injected one, and estimates the attention FLOPs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from adaplex.faults.hook import DetectorConfig, FaultPlan
+from adaplex.faults.session import armed
+
+
+@dataclass
+class RunResult:
+    plan: dict | None
+    injected: list[list[int]]
+    detections: list[dict]
+    detected: dict[str, bool]
+    max_logit_diff: float
+    top1_changes: int
+    significant: bool  # the fault changed a top-1 token or moved a logit beyond the tolerance
+    corrected: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def logits_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def logit_tolerance(dtype: torch.dtype) -> float:
+    """Deviation below which a fault is harmless: well above run-to-run noise of the dtype."""
+    return 1e-3 if dtype == torch.float32 else 5e-2
+
+
+def run_once(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    plan: FaultPlan | None,
+    detectors: DetectorConfig,
+    baseline: torch.Tensor | None = None,
+) -> RunResult:
+    start = time.perf_counter()
+    baseline = logits_of(model, inputs) if baseline is None else baseline
+    t_base = time.perf_counter() - start
+    start = time.perf_counter()
+    with armed(model, plan, detectors) as hooks:
+        faulty = logits_of(model, inputs)
+    t_run = time.perf_counter() - start
+    detections = [d for h in hooks for d in h.detections]
+    diff = (faulty.float() - baseline.float()).abs()
+    diff = torch.nan_to_num(diff, nan=float("inf"))
+    top1 = int((faulty.argmax(-1) != baseline.argmax(-1)).sum())
+    max_diff = float(diff.max())
+    return RunResult(
+        plan=plan.model_dump() if plan else None,
+        injected=[list(i) for h in hooks for i in h.injected],
+        detections=[asdict(d) for d in detections],
+        detected={name: any(d.detector.startswith(name) for d in detections) for name in detectors.enabled()},
+        max_logit_diff=max_diff,
+        top1_changes=top1,
+        significant=top1 > 0 or max_diff > logit_tolerance(baseline.dtype),
+        corrected=any(h.corrected for h in hooks),
+        timings={"baseline_s": t_base, "armed_s": t_run},
+    )
+
+
+def aggregate(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.pstdev(values),
+        "min": min(values),
+        "max": max(values),
+        "median": statistics.median(values),
+        "n": len(values),
+    }
+
+
+def attention_flops(model: nn.Module, batch: int, seq: int) -> int:
+    """2·(QKᵀ) + 2·(PV) multiply-adds over all layers: 4·B·H·T·S·D."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 4 * batch * cfg.num_attention_heads * seq * seq * head_dim * cfg.num_hidden_layers
+
+
+def monitor(
+    model: nn.Module, inputs: dict[str, torch.Tensor], plan: FaultPlan, detectors: DetectorConfig, repeats: int = 3
+) -> dict:
+    """Interleaved timings: fused baseline, step-by-step without detectors, with detectors, injected."""
+    from adaplex.bench.measure import peak_memory_mib
+
+    off = DetectorConfig(**{name: False for name in DetectorConfig.model_fields})
+    phases = {
+        "baseline": lambda: logits_of(model, inputs),
+        "stepwise": lambda: _armed_logits(model, inputs, None, off),
+        "detection": lambda: _armed_logits(model, inputs, None, detectors),
+        "injected": lambda: _armed_logits(model, inputs, plan, detectors),
+    }
+    times: dict[str, list[float]] = {p: [] for p in phases}
+    for _ in range(repeats):
+        for name, phase in phases.items():
+            start = time.perf_counter()
+            phase()
+            times[name].append(time.perf_counter() - start)
+    medians = {p: statistics.median(t) for p, t in times.items()}
+    base = medians["baseline"]
+    batch, seq = inputs["input_ids"].shape
+    return {
+        "seconds": {p: aggregate(t) for p, t in times.items()},
+        "overhead_percent": {p: 100 * (m / base - 1) for p, m in medians.items() if p != "baseline"},
+        "bounds_and_detection_percent": 100 * (medians["detection"] / medians["stepwise"] - 1),
+        "peak_memory_mib": {p: peak_memory_mib(phase, torch.device("cpu"))[0] for p, phase in phases.items()}
+        if next(model.parameters()).device.type == "cpu"
+        else {},
+        "attention_gflops": attention_flops(model, batch, seq) / 1e9,
+    }
+
+
+def _armed_logits(model, inputs, plan, detectors) -> torch.Tensor:
+    with armed(model, plan, detectors):
+        return logits_of(model, inputs)

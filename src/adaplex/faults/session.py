@@ -1,0 +1,42 @@
+"""Arming a model with fault hooks for the duration of a block."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from adaplex import attention
+from adaplex.adapted import _HANDLES, Adapted
+from adaplex.faults.bits import check_bit
+from adaplex.faults.hook import DetectorConfig, FaultHook, FaultPlan, plan_layers
+from adaplex.inject import family_of, select_attention
+
+
+def attention_layers(model: nn.Module) -> list[str]:
+    """Paths of the model's attention layers, in layer order."""
+    return select_attention(model, family_of(model), ("attention",))
+
+
+@contextmanager
+def armed(model: nn.Module, plan: FaultPlan | None, detectors: DetectorConfig) -> Iterator[list[FaultHook]]:
+    """Inside the block every attention layer runs step by step with detectors on; the plan's layers
+    also get its bit flips. Yields one hook per layer (their detections fill in as the model runs)."""
+    layers = attention_layers(model)
+    targets = set(plan_layers(plan, len(layers))) if plan else set()
+    if plan is not None:
+        check_bit(plan.bit, next(model.parameters()).dtype)
+    fresh = model not in _HANDLES
+    handle = Adapted.of(model)
+    hooks = [FaultHook(i, plan if i in targets else None, detectors) for i in range(len(layers))]
+    children = [attention.attention_child(model.get_submodule(path), handle.stack) for path in layers]
+    try:
+        for child, hook in zip(children, hooks, strict=True):
+            child.fault_hook = hook
+        yield hooks
+    finally:
+        for child in children:
+            child.fault_hook = None
+        if fresh:
+            handle.detach()

@@ -1,0 +1,125 @@
+"""Bit-flip injection inside attention and its detection, on tiny Llama-style, GPT-2 and BERT models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adaplex
+from adaplex import LoRAConfig, PrefixConfig
+from adaplex.errors import ConfigError
+from adaplex.faults.bits import flip_bit
+from adaplex.faults.detect import Tensors, kv_tied
+from adaplex.faults.experiment import logits_of, run_once
+from adaplex.faults.hook import DetectorConfig, FaultPlan
+from adaplex.faults.session import armed
+
+import tiny
+from helpers import randomize
+
+FAMILIES = ["llama", "gpt2", "bert"]
+OFF = DetectorConfig(softmax=False, output_bound=False, score_bound=False, abft=False)
+
+
+def test_flip_bit_flips_exactly_one_bit():
+    one = torch.tensor([1.0, 1.0])
+    assert flip_bit(one, torch.tensor([1]), 31).tolist() == [1.0, -1.0]
+    assert flip_bit(one, torch.tensor([0]), 23).tolist() == [0.5, 1.0]  # lowest exponent bit of 1.0 (2^0)
+    assert flip_bit(torch.tensor([1.0], dtype=torch.bfloat16), torch.tensor([0]), 15).item() == -1.0
+    assert flip_bit(torch.tensor([1.0], dtype=torch.float16), torch.tensor([0]), 0).item() == 1.0 + 2**-10
+    with pytest.raises(ConfigError, match="bit 16 is out of range for bfloat16 .0-15."):
+        flip_bit(torch.tensor([1.0], dtype=torch.bfloat16), torch.tensor([0]), 16)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stepwise_attention_equals_the_fused_one_and_leaves_no_trace(family):
+    model, ids = tiny.FAMILIES[family](), tiny.tokens(batch=3, length=9)
+    reference = logits_of(model, {"input_ids": ids})
+    with armed(model, None, OFF):
+        stepwise = logits_of(model, {"input_ids": ids})
+    torch.testing.assert_close(stepwise, reference, atol=1e-5, rtol=0)
+    assert torch.equal(logits_of(model, {"input_ids": ids}), reference)  # disarmed: bitwise the base again
+    assert model.config._attn_implementation != "adaplex"
+
+
+CASES = [
+    ("scores", 30, "abft_scores"),
+    ("weights", 29, "softmax"),
+    ("output", 30, "abft_output"),
+    ("scores", 22, "abft_scores"),
+    ("output", 27, "abft_output"),
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("location, bit, detector", CASES)
+def test_flips_are_detected_and_located(family, location, bit, detector):
+    model, ids = tiny.FAMILIES[family](), tiny.tokens(batch=2, length=8)
+    element = [1, 2, 5, 3]  # (batch, head, query row, key column or feature)
+    plan = FaultPlan(location=location, bit=bit, elements=[element], layers=[1])
+    result = run_once(model, {"input_ids": ids}, plan, DetectorConfig())
+    assert result.injected == [element]
+    assert result.detected[detector.split("_")[0] if detector.startswith("abft") else detector]
+    hit = next(d for d in result.detections if d["detector"] == detector)
+    assert (hit["layer"], hit["head"], hit["location"][:2]) == (1, 2, (1, 5))
+    if location != "weights":
+        assert hit["location"] == (1, 5, 3)  # row and column checksums locate the element
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_false_positives_on_clean_runs(family):
+    model = tiny.FAMILIES[family]()
+    for seed in range(25):
+        ids = tiny.tokens(batch=2, length=12, seed=seed)
+        mask = torch.ones_like(ids)
+        mask[0, 9:] = 0  # padding too
+        with armed(model, None, DetectorConfig()) as hooks:
+            logits_of(model, {"input_ids": ids, "attention_mask": mask})
+        assert [d for h in hooks for d in h.detections] == []
+
+
+def test_injection_with_adapters_attached_and_correction():
+    model, ids = tiny.llama(), tiny.tokens(batch=2, length=8)
+    handle = adaplex.attach(model, "lora", LoRAConfig(r=2))
+    handle.add("prefix", PrefixConfig(length=2))
+    randomize(handle, "lora")
+    plan = FaultPlan(location="output", bit=30, elements=[[0, 1, 7, 0]], layers="all")
+    baseline = logits_of(model, {"input_ids": ids})
+    result = run_once(model, {"input_ids": ids}, plan, DetectorConfig(correct=True), baseline)
+    assert result.corrected and result.detected["abft"]
+    assert result.max_logit_diff < 1e-4  # corrected back to the clean output
+    uncorrected = run_once(model, {"input_ids": ids}, plan, DetectorConfig(), baseline)
+    assert uncorrected.significant and not uncorrected.corrected
+    assert len(uncorrected.injected) == 2  # one flip in each of the two layers
+
+
+def test_kv_tied_detector():
+    k = torch.randn(1, 2, 4, 8)
+    v = k.clone()
+    scores = k @ k.transpose(-1, -2)
+    t = Tensors(
+        k, k, v, scores, scores.softmax(-1), scores.softmax(-1) @ v, torch.ones(1, 1, 4, 4, dtype=torch.bool), 1.0
+    )
+    assert kv_tied(0, t) == []
+    v = flip_bit(v, torch.tensor([9]), 20)
+    t = Tensors(k, k, v, scores, scores.softmax(-1), scores.softmax(-1) @ v, t.visible, 1.0)
+    assert [(d.head, d.location) for d in kv_tied(0, t)] == [(0, (0, 1))]
+
+
+def test_bad_fault_plans_are_errors():
+    model = tiny.llama()
+    with pytest.raises(ConfigError, match="bit 32 is out of range for float32 .0-31."):
+        with armed(model, FaultPlan(location="q", bit=32), DetectorConfig()):
+            pass
+    with pytest.raises(ConfigError, match="layer 5 does not exist; this model has layers 0-1"):
+        with armed(model, FaultPlan(location="q", bit=3, layers=[5]), DetectorConfig()):
+            pass
+    with pytest.raises(ValueError, match="location"):
+        FaultPlan(location="keys", bit=3)
+    with pytest.raises(ConfigError, match="outside the tensor"):
+        run_once(
+            model,
+            {"input_ids": tiny.tokens()},
+            FaultPlan(location="q", bit=3, elements=[[9, 0, 0, 0]]),
+            DetectorConfig(),
+        )

@@ -123,3 +123,74 @@ def test_bad_fault_plans_are_errors():
             FaultPlan(location="q", bit=3, elements=[[9, 0, 0, 0]]),
             DetectorConfig(),
         )
+
+
+def test_sweep_resumes_after_a_kill_and_reports(tmp_path):
+    import json
+
+    from adaplex.faults.sweep import SweepConfig, report, sweep
+
+    model = tiny.gpt2()
+    batches = [tiny.tokens(batch=1, length=10, seed=s) for s in range(2)]
+    config = SweepConfig(bits=[30, 3], locations=["scores", "output"], layers=[0, 1], seeds=[0, 1], clean_runs=3)
+    out = tmp_path / "runs.jsonl"
+    assert sweep(model, batches, config, out) == 2 * 2 * 2 * 2 + 3
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:5]) + "\n" + lines[5][:17])  # killed while writing line 6
+    assert sweep(model, batches, config, out) == 19 - 5
+    ids = [
+        json.loads(line)["id"]
+        for line in out.read_text().splitlines()
+        if line.startswith('{"id"') and line.endswith("}")
+    ]
+    assert len(ids) == len(set(ids)) == 19
+    summary = report(out, tmp_path / "heatmap.png")
+    assert summary["clean_runs"] == 3 and summary["false_positives"] == 0
+    assert summary["per_location_bit"]["scores"]["30"]["detection_rate"] == 1.0
+    assert summary["detected_of_significant"] == 1.0
+    assert (tmp_path / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_faults_cli_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    tiny.save_base("llama", tmp_path / "base")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "adaplex",
+            "faults",
+            "run",
+            "--base",
+            str(tmp_path / "base"),
+            "--location",
+            "scores",
+            "--bit",
+            "40",
+            "--seq",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and run.stderr.strip() == "error: bit 40 is out of range for float32 (0-31)"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "adaplex",
+            "faults",
+            "run",
+            "--base",
+            str(tmp_path / "base"),
+            "--location",
+            "keys",
+            "--bit",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and "location" in run.stderr and len(run.stderr.strip().splitlines()) == 1

@@ -194,3 +194,36 @@ def test_faults_cli_errors_are_one_line(tmp_path):
         text=True,
     )
     assert run.returncode == 2 and "location" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_checks_have_no_false_positives_and_match_sdpa(family):
+    model = tiny.FAMILIES[family]()
+    fused = DetectorConfig(fused=True)
+    for seed in range(10):
+        ids = tiny.tokens(batch=2, length=12, seed=seed)
+        mask = torch.ones_like(ids)
+        mask[1, 8:] = 0
+        reference = logits_of(model, {"input_ids": ids, "attention_mask": mask})
+        with armed(model, None, fused) as hooks:
+            checked = logits_of(model, {"input_ids": ids, "attention_mask": mask})
+        assert [d for h in hooks for d in h.detections] == []
+        torch.testing.assert_close(checked, reference, atol=1e-5, rtol=0)
+
+
+def test_fused_checks_catch_a_fault_inside_the_kernel(monkeypatch):
+    """A bit flipped in the kernel's P·V output (simulated by corrupting what SDPA returns)."""
+    import adaplex.faults.fused as fused_module
+
+    real = fused_module.sdpa_attention_forward
+
+    def faulty_kernel(*args, **kwargs):
+        out, weights = real(*args, **kwargs)
+        return flip_bit(out, torch.tensor([3 * out.shape[-1] + 1]), 27).view_as(out), weights
+
+    monkeypatch.setattr(fused_module, "sdpa_attention_forward", faulty_kernel)
+    model = tiny.llama()
+    with armed(model, None, DetectorConfig(fused=True)) as hooks:
+        logits_of(model, {"input_ids": tiny.tokens(batch=1, length=6)})
+    found = {d.detector for h in hooks for d in h.detections}
+    assert "abft_output" in found

@@ -17,6 +17,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from adaplex.compose import Stack
 from adaplex.faults.eager import checked_attention
+from adaplex.faults.fused import fused_checked_attention
 from adaplex.faults.hook import FaultHook
 from adaplex.methods.prefix import Prefix
 
@@ -95,9 +96,12 @@ def adaplex_attention(
     if prefixes:
         key, value, attention_mask = adapters.extend(query, key, value, attention_mask, is_causal, prefixes)
         is_causal = False
-    if adapters.fault_hook is not None:
+    hook = adapters.fault_hook
+    if hook is not None and hook.detectors.fused and hook.plan is None:
+        return fused_checked_attention(module, query, key, value, attention_mask, scaling, is_causal, hook), None
+    if hook is not None:
         causal = is_causal and query.shape[2] > 1
-        return checked_attention(query, key, value, attention_mask, scaling, causal, adapters.fault_hook), None
+        return checked_attention(query, key, value, attention_mask, scaling, causal, hook), None
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
     )

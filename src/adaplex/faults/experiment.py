@@ -101,12 +101,15 @@ def attention_flops(model: nn.Module, batch: int, seq: int) -> int:
 def monitor(
     model: nn.Module, inputs: dict[str, torch.Tensor], plan: FaultPlan, detectors: DetectorConfig, repeats: int = 3
 ) -> dict:
-    """Interleaved timings: fused baseline, step-by-step without detectors, with detectors, injected."""
+    """Interleaved timings: fused baseline, fused kernel with its checks, step-by-step without
+    detectors, step-by-step with every detector, and injected."""
     from adaplex.bench.measure import peak_memory_mib
 
     off = DetectorConfig(**{name: False for name in DetectorConfig.model_fields})
+    fused = detectors.model_copy(update={"fused": True})
     phases = {
         "baseline": lambda: logits_of(model, inputs),
+        "fused_detection": lambda: _armed_logits(model, inputs, None, fused),
         "stepwise": lambda: _armed_logits(model, inputs, None, off),
         "detection": lambda: _armed_logits(model, inputs, None, detectors),
         "injected": lambda: _armed_logits(model, inputs, plan, detectors),

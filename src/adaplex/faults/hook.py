@@ -42,6 +42,7 @@ class DetectorConfig(BaseModel):
     abft: bool = True
     kv_tied: bool = False
     correct: bool = False
+    fused: bool = Field(False, description="check the fused kernel (no injection): abft_output, softmax, output_bound")
 
     def enabled(self) -> list[str]:
         return [name for name in DETECTORS if getattr(self, name)]

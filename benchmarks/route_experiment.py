@@ -21,7 +21,7 @@ from adaplex.models import load_base
 from adaplex.realdata import prepare
 from adaplex.routing import route
 from adaplex.storage import load
-from adaplex.train.config import TrainConfig
+from adaplex.train.config import TrainConfig, short_cpu_run
 from adaplex.train.data import collate, token_blocks
 from adaplex.train.run import train
 
@@ -30,16 +30,7 @@ TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
 
 
 def config(out: Path, name: str, adapters: list[dict], data: dict, steps: int) -> TrainConfig:
-    return TrainConfig.model_validate(
-        {
-            "output": str(out / name),
-            "adapters": adapters,
-            "data": data,
-            "optim": {"lr": 2e-3, "warmup_steps": 4, "max_steps": steps},
-            "eval": {"every_n_steps": steps, "max_batches": 1},
-            "trainer": {"checkpoint_every_n_steps": steps, "keep_checkpoints": 1, "accelerator": "cpu"},
-        }
-    )
+    return short_cpu_run(out / name, adapters, data, steps)
 
 
 def lora(r: int) -> dict:

@@ -19,24 +19,14 @@ from rich.console import Console
 
 from adaplex.infer import compare, load_stack
 from adaplex.realdata import fortunes_available, prepare
-from adaplex.train.config import TrainConfig
+from adaplex.train.config import TrainConfig, short_cpu_run
 from adaplex.train.run import train
 
 PROMPTS = ("Explain the 'with' statement in Python.", "Say something wise about computers.")
 
 
 def stage_config(out: Path, name: str, data: dict, adapters: list[dict], steps: int) -> TrainConfig:
-    return TrainConfig.model_validate(
-        {
-            "output": str(out / name),
-            "adapters": adapters,
-            "data": data,
-            "optim": {"lr": 2e-3, "warmup_steps": 5, "max_steps": steps},
-            "eval": {"every_n_steps": steps, "max_batches": 4},
-            "trainer": {"checkpoint_every_n_steps": steps, "keep_checkpoints": 1, "accelerator": "cpu"},
-            "version": "v1",
-        }
-    )
+    return short_cpu_run(out / name, adapters, data, steps, version="v1")
 
 
 def run(out: Path, steps: int = 30, console: Console | None = None) -> list[dict]:

@@ -1,7 +1,8 @@
 """`adaplex bench train`: adaplex training (Lightning) against PEFT with a plain PyTorch loop.
 
 Same base, LoRA rank, alpha and targets, same batches. Rounds alternate: K Lightning steps of
-adaplex LoRA, K of adaplex MoSLoRA, K plain-loop steps of PEFT LoRA. A step is forward, backward,
+adaplex LoRA, K of adaplex MoSLoRA, K plain-loop steps of adaplex LoRA (the engine without
+Lightning) and K plain-loop steps of PEFT LoRA. A step is forward, backward,
 optimizer step and zero_grad; Lightning steps are timed by a callback from batch start to batch
 end. Ratios are medians of per-round ratios; peak memory is each chunk's peak above its start.
 """
@@ -109,6 +110,7 @@ def run(
     chunks: dict[str, Callable[[], list[float]]] = {
         name: (lambda h=h: lightning_chunk(h, batches, dev, precision)) for name, h in handles.items()
     }
+    chunks["adaplex-lora-plain-loop"] = lambda: plain_chunk(handles["adaplex-lora"].model, batches, dev, bf16)
     chunks["peft-lora"] = lambda: plain_chunk(peft_model, batches, dev, bf16)
     times: dict[str, list[float]] = {n: [] for n in chunks}
     peaks: dict[str, list[float]] = {n: [] for n in chunks}
@@ -138,6 +140,8 @@ def run(
         "adaplex_vs_peft": {
             "step_time_x": ratio("adaplex-lora", "peft-lora"),
             "peak_memory_x": max(peaks["adaplex-lora"]) / max(peaks["peft-lora"]),
+            "plain_loop_step_time_x": ratio("adaplex-lora-plain-loop", "peft-lora"),
+            "plain_loop_peak_memory_x": max(peaks["adaplex-lora-plain-loop"]) / max(peaks["peft-lora"]),
         },
         "moslora_vs_lora_step_time_x": ratio("adaplex-moslora", "adaplex-lora"),
     }

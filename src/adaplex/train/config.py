@@ -98,3 +98,19 @@ class TrainConfig(Strict):
         if not any(a.train for a in self.adapters):
             raise ValueError("no adapter has train: true; nothing would be trained")
         return self
+
+
+def short_cpu_run(output: Path, adapters: list[dict], data: dict, steps: int, **fields: Any) -> TrainConfig:
+    """A few-minute CPU run (demo, experiments): lr 2e-3 with a short warm-up, one evaluation and one
+    checkpoint at the end."""
+    return TrainConfig.model_validate(
+        {
+            "output": str(output),
+            "adapters": adapters,
+            "data": data,
+            "optim": {"lr": 2e-3, "warmup_steps": min(5, steps), "max_steps": steps},
+            "eval": {"every_n_steps": steps, "max_batches": 4},
+            "trainer": {"checkpoint_every_n_steps": steps, "keep_checkpoints": 1, "accelerator": "cpu"},
+            **fields,
+        }
+    )

@@ -239,19 +239,20 @@ class CausalLMData(L.LightningDataModule):
         train: list[Example],
         evaluation: list[Example],
         config: DataConfig,
-        total_samples: int,
+        samples_per_process: int,
         seed: int,
         pad_id: int,
     ) -> None:
         super().__init__()
         self.train, self.evaluation, self.config = train, evaluation, config
-        self.total_samples, self.seed, self.pad_id = total_samples, seed, pad_id
+        self.samples_per_process, self.seed, self.pad_id = samples_per_process, seed, pad_id
 
     def _collate(self, batch: list[Example]) -> dict[str, torch.Tensor]:
         return collate(batch, self.pad_id)
 
     def train_dataloader(self) -> DataLoader:
-        sampler = StepSampler(len(self.train), self.total_samples, self.seed)
+        # under DDP the sampler's indices are split across processes: the run needs world_size times more
+        sampler = StepSampler(len(self.train), self.samples_per_process * self.trainer.world_size, self.seed)
         loader = ResumableLoader(
             self.train,
             batch_size=self.config.batch_size,

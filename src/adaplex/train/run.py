@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -62,9 +63,10 @@ def train(config: TrainConfig, source: str = "config", resume: bool = False) -> 
     """Run the training the config describes; returns the directory of the final adapter."""
     out = config.output
     last = out / "checkpoints" / "last.ckpt"
+    launched_rank = rank_zero_only.rank != 0  # a process Lightning launched for DDP re-runs this command
     if resume and not last.is_file():
         raise StorageError(f"nothing to resume: {last} does not exist; run without --resume")
-    if not resume and out.exists() and any(out.iterdir()):
+    if not resume and not launched_rank and out.exists() and any(out.iterdir()):
         raise StorageError(f"{out} already holds a run; pass --resume to continue it or choose another output")
     L.seed_everything(config.seed, verbose=False)
     handle, tokenizer, produced = build_model(config, source)
@@ -74,7 +76,7 @@ def train(config: TrainConfig, source: str = "config", resume: bool = False) -> 
     per_step = data.batch_size * config.optim.grad_accum
     steps = config.optim.max_steps or math.ceil(len(train_examples) / per_step) * config.optim.max_epochs
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume and not launched_rank:
         (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
     module = AdapterLM(
@@ -126,6 +128,8 @@ def train(config: TrainConfig, source: str = "config", resume: bool = False) -> 
     handle.model.train()
     trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None, weights_only=True)
     handle.model.eval()
+    if not trainer.is_global_zero:
+        return out / "adapter"  # rank 0 saves
     return save_result(handle, config, produced, out / "adapter")
 
 

@@ -1,0 +1,112 @@
+"""Render the README's benchmark tables from benchmarks/results/*.json.
+
+.venv/bin/python benchmarks/tables.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def overhead(result: dict) -> str:
+    lines = [
+        f"**{result['device']}**, {result['dtype']}, batch {result['batch']} x {result['seq']}, rank {result['rank']}, "
+        f"{result['rounds']} interleaved rounds (`adaplex bench overhead`):",
+        "",
+        "| variant | forward x base | train step x base | trainable | peak train step MiB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        step = "—" if row["train_step_x_base"] != row["train_step_x_base"] else f"{row['train_step_x_base']:.3f}"
+        peak = "—" if row["peak_train_mib"] != row["peak_train_mib"] else f"{row['peak_train_mib']:.0f}"
+        lines.append(
+            f"| {row['variant']} | {row['forward_x_base']:.3f} | {step} | {row['trainable_params']:,} | {peak} |"
+        )
+    vs = result["lora_vs_peft"]
+    lines += [
+        "",
+        f"adaplex LoRA / PEFT LoRA: forward {vs['forward_x_peft']:.3f}x, train step "
+        f"{vs['train_step_x_peft']:.3f}x; merged / base: {vs['merged_forward_x_base']:.3f}x.",
+    ]
+    return "\n".join(lines)
+
+
+def train(result: dict) -> str:
+    lines = [
+        f"**{result['device']}**, {result['precision']}, batch {result['batch']} x {result['seq']}, "
+        f"rank {result['rank']} (`adaplex bench train`):",
+        "",
+        "| variant | step s | tokens/s | peak MiB |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, step in result["step_s"].items():
+        lines.append(f"| {name} | {step:.3f} | {result['tokens_per_s'][name]:,.0f} | {result['peak_mib'][name]:.0f} |")
+    vs = result["adaplex_vs_peft"]
+    lines += [
+        "",
+        "adaplex (Lightning) / PEFT (plain loop): step time "
+        f"{vs['step_time_x']:.3f}x, peak memory {vs['peak_memory_x']:.3f}x"
+        + (
+            f"; the engine alone in the same plain loop: {vs['plain_loop_step_time_x']:.3f}x time, "
+            f"{vs['plain_loop_peak_memory_x']:.3f}x memory"
+            if "plain_loop_step_time_x" in vs
+            else ""
+        )
+        + f". MoSLoRA / LoRA step time: {result['moslora_vs_lora_step_time_x']:.3f}x.",
+    ]
+    return "\n".join(lines)
+
+
+def route(result: dict) -> str:
+    lines = [
+        f"**{result['device']}**, {result['dtype']}, {result['mode']}, batch {result['batch']}, "
+        f"{'cache' if result['mode'] == 'decode' else 'sequence'} {result['seq']}, rank {result['rank']} "
+        "(`adaplex bench route`):",
+        "",
+        "| distinct adapters | base step s | adaplex routed x base | PEFT mixed x base | PEFT / adaplex |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["results"]:
+        lines.append(
+            f"| {r['adapters']} | {r['step_s']['base']:.4f} | {r['routed_x_base']:.2f} | "
+            f"{r['peft_x_base']:.2f} | {r['peft_x_routed']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def faults(result: dict) -> str:
+    over = result["overhead_percent"]
+    return (
+        f"`adaplex bench faults` ({result['base']}, batch {result['batch']} x {result['seq']}, CPU): over the "
+        f"fused baseline, fused-kernel checks +{over['fused_detection']:.1f}%, step-by-step attention without "
+        f"checks +{over['stepwise']:.1f}%, with every detector +{over['detection']:.1f}%, injected "
+        f"+{over['injected']:.1f}%; attention {result['attention_gflops']:.2f} GFLOP per forward."
+    )
+
+
+def main() -> None:
+    sections = [
+        ("overhead-cpu.json", overhead),
+        ("overhead-cuda.json", overhead),
+        ("train-cpu.json", train),
+        ("train-cuda.json", train),
+        ("route-prefill-cpu.json", route),
+        ("route-decode-cuda.json", route),
+        ("faults-cpu.json", faults),
+    ]
+    for name, render in sections:
+        result = load(name)
+        if result is not None:
+            print(render(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

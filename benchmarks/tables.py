@@ -101,6 +101,7 @@ def main() -> None:
         ("route-prefill-cpu.json", route),
         ("route-decode-cuda.json", route),
         ("faults-cpu.json", faults),
+        ("faults-cuda.json", faults),
     ]
     for name, render in sections:
         result = load(name)

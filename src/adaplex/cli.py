@@ -350,7 +350,11 @@ def demo(
     demo_job.run(out, steps=steps, console=console)
 
 
-@app.command("data")
+data_app = typer.Typer(no_args_is_help=True, help="Real-text data that installed packages ship.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
 def data_prepare(out: Annotated[Path, typer.Argument(help="directory to write the data into")]) -> None:
     """Prepare real-text training files (fortunes, Python reference Q&A) under OUT."""
     from adaplex.realdata import prepare
@@ -590,17 +594,27 @@ def bench_faults(
     batch: int = 1,
     seq: int = 128,
     repeats: int = 5,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Forward time with every detector on against off (fused attention), interleaved in one run."""
+    import torch
+
     from adaplex.faults.experiment import monitor
     from adaplex.faults.hook import DetectorConfig, FaultPlan
 
     model, batches = _fault_inputs(base, batch, seq, 1)
-    result = {"benchmark": "faults", "base": model.config.name_or_path, "batch": batch, "seq": seq} | monitor(
-        model, {"input_ids": batches[0]}, FaultPlan(location="scores", bit=30), DetectorConfig(), repeats
-    )
+    model.to(device)
+    inputs = {"input_ids": batches[0].to(device)}
+    name = device if device == "cpu" else torch.cuda.get_device_name(torch.device(device))
+    result = {
+        "benchmark": "faults",
+        "base": model.config.name_or_path,
+        "device": name,
+        "batch": batch,
+        "seq": seq,
+    } | monitor(model, inputs, FaultPlan(location="scores", bit=30), DetectorConfig(), repeats)
     _print_mapping("detector overhead (percent over the fused baseline)", result["overhead_percent"])
     if as_json or out:
         _emit_json(result, out)

@@ -2,7 +2,8 @@
 
 All take (B, H, T, D) queries, (B, H, S, D) keys/values (heads already repeated for GQA), the
 (B, H, T, S) scores and softmax weights, the (B, H, T, D) output and a boolean visibility mask
-broadcastable to the scores (True = attend). Each returns the detections it made.
+broadcastable to the scores (True = attend). Each returns findings: thunks that turn its on-device
+excess tensors into detections when called after the forward, so the checks never sync the device.
 
 - softmax:       weights finite, in [0, 1] and each visible row sums to 1
 - output_bound:  every output element lies within the min/max of V over the visible keys (convex hull)
@@ -14,9 +15,13 @@ broadcastable to the scores (True = attend). Each returns the detections it made
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+
+Finding = Callable[[], "list[Detection]"]  # resolved after the forward, so checks never sync the device
 
 
 @dataclass(frozen=True)
@@ -58,17 +63,17 @@ def _report(layer: int, detector: str, excess: torch.Tensor, limit: int = 8) -> 
     ]
 
 
-def softmax(layer: int, t: Tensors) -> list[Detection]:
+def softmax(layer: int, t: Tensors) -> list[Finding]:
     w = t.weights.float()
     rows = t.visible.expand_as(w).any(-1)  # rows with at least one visible key
     tol = 4 * w.shape[-1] * _eps(t.weights)
     out_of_range = torch.maximum(-w, w - 1).amax(-1) - tol  # (B, H, T)
     row_error = (w.sum(-1) - 1).abs() - tol
     excess = torch.where(rows, torch.maximum(out_of_range, row_error), torch.zeros_like(row_error))
-    return _report(layer, "softmax", excess)
+    return [partial(_report, layer, "softmax", excess)]
 
 
-def output_bound(layer: int, t: Tensors) -> list[Detection]:
+def output_bound(layer: int, t: Tensors) -> list[Finding]:
     v = t.v.float().unsqueeze(2)  # (B, H, 1, S, D)
     visible = t.visible.expand(t.scores.shape).unsqueeze(-1)  # (B, H, T, S, 1)
     low = torch.where(visible, v, torch.inf).amin(3)  # (B, H, T, D)
@@ -77,21 +82,21 @@ def output_bound(layer: int, t: Tensors) -> list[Detection]:
     tol = 4 * t.v.shape[2] * _eps(t.output) * t.v.float().abs().amax(dim=(2, 3), keepdim=True)
     excess = torch.maximum(low - o, o - high) - tol  # (B, H, T, D)
     excess = torch.where(torch.isfinite(low), excess, torch.zeros_like(excess))  # rows with no visible key
-    return _report(layer, "output_bound", excess.amax(-1))
+    return [partial(_report, layer, "output_bound", excess.amax(-1))]
 
 
-def score_bound(layer: int, t: Tensors) -> list[Detection]:
+def score_bound(layer: int, t: Tensors) -> list[Finding]:
     qn = t.q.float().norm(dim=-1, keepdim=True)  # (B, H, T, 1)
     kn = t.k.float().norm(dim=-1).unsqueeze(-2)  # (B, H, 1, S)
     bound = abs(t.scaling) * qn * kn
     tol = 4 * t.q.shape[-1] * _eps(t.scores) * bound + 1e-30
     excess = (t.scores.float().abs() - bound - tol).amax(-1)  # (B, H, T)
-    return _report(layer, "score_bound", excess)
+    return [partial(_report, layer, "score_bound", excess)]
 
 
 def _checksums(
     name: str, layer: int, product: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float
-) -> list[Detection]:
+) -> list[Finding]:
     """product = scale · left @ right; row and column checksums against the operands."""
     p, a, b = product.float(), left.float(), right.float()
     n = a.shape[-1]
@@ -103,6 +108,11 @@ def _checksums(
     size = n + p.shape[-1] + p.shape[-2]
     row_excess = (p.sum(-1) - row_ref).abs() - 4 * size * eps * row_mag - 1e-30  # (B, H, T)
     col_excess = (p.sum(-2) - col_ref).abs() - 4 * size * eps * col_mag - 1e-30  # (B, H, S)
+    return [partial(_locate, layer, name, row_excess, col_excess)]
+
+
+def _locate(layer: int, name: str, row_excess: torch.Tensor, col_excess: torch.Tensor) -> list[Detection]:
+    """A failing row checksum with exactly one failing column checksum locates the element."""
     found = []
     for row in _report(layer, name, row_excess):
         batch, _ = row.location
@@ -114,15 +124,15 @@ def _checksums(
     return found
 
 
-def abft(layer: int, t: Tensors) -> list[Detection]:
+def abft(layer: int, t: Tensors) -> list[Finding]:
     """Checksums of the raw scores S = s·Q Kᵀ (taken before masking, so every product is kept) and of O = P V."""
     return _checksums("abft_scores", layer, t.scores, t.q, t.k.transpose(-1, -2), t.scaling) + _checksums(
         "abft_output", layer, t.output, t.weights, t.v, 1.0
     )
 
 
-def kv_tied(layer: int, t: Tensors) -> list[Detection]:
-    return _report(layer, "kv_tied", (t.k.float() - t.v.float()).abs().amax(-1))
+def kv_tied(layer: int, t: Tensors) -> list[Finding]:
+    return [partial(_report, layer, "kv_tied", (t.k.float() - t.v.float()).abs().amax(-1))]
 
 
 DETECTORS = {

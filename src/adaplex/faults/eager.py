@@ -44,8 +44,9 @@ def checked_attention(
     k = hook.inject("k", key).repeat_interleave(groups, dim=1)  # (B, H, S, D)
     v = hook.inject("v", value).repeat_interleave(groups, dim=1)
     scores, weights, out = _attend(q, k, v, visible, scaling, hook.inject)
-    found = hook.detect(Tensors(q, k, v, scores, weights, out, visible, scaling))
-    if found and hook.detectors.correct:  # recompute the layer's attention from the clean inputs
+    before = len(hook.detections) if hook.detectors.correct else 0
+    hook.detect(Tensors(q, k, v, scores, weights, out, visible, scaling))
+    if hook.detectors.correct and len(hook.detections) > before:  # recompute from the clean inputs
         clean_k, clean_v = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
         out = _attend(query, clean_k, clean_v, visible, scaling, lambda _, t: t)[2]
         hook.corrected = True

@@ -114,12 +114,17 @@ def monitor(
         "detection": lambda: _armed_logits(model, inputs, None, detectors),
         "injected": lambda: _armed_logits(model, inputs, plan, detectors),
     }
-    times: dict[str, list[float]] = {p: [] for p in phases}
-    for _ in range(repeats):
-        for name, phase in phases.items():
-            start = time.perf_counter()
-            phase()
-            times[name].append(time.perf_counter() - start)
+    from adaplex.adapted import _HANDLES, Adapted
+    from adaplex.bench.measure import interleaved_times
+
+    device = next(model.parameters()).device
+    fresh = model not in _HANDLES
+    handle = Adapted.of(model)  # attached once, so that each phase only sets the layers' hooks
+    try:
+        times = interleaved_times(phases, repeats, device)
+    finally:
+        if fresh:
+            handle.detach()
     medians = {p: statistics.median(t) for p, t in times.items()}
     base = medians["baseline"]
     batch, seq = inputs["input_ids"].shape

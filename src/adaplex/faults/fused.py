@@ -12,11 +12,13 @@ the step-by-step path (eager.py), where they can be injected and located.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from adaplex.faults.detect import Detection, _report
+from adaplex.faults.detect import Finding, _report
 from adaplex.faults.hook import FaultHook
 
 
@@ -41,7 +43,7 @@ def fused_checked_attention(
     eps = torch.finfo(value.dtype).eps
     keys = value.shape[2]
     vmax = value.float().abs().amax()
-    found: list[Detection] = []
+    found: list[Finding] = []
     if hook.detectors.abft:
         tol = 4 * (keys + dim) * eps * dim * vmax
         found += _report(
@@ -51,13 +53,13 @@ def fused_checked_attention(
         tol = 4 * keys * eps
         seen = rowsum.float() > 0.5  # rows with no visible key have P·1 = 0
         excess = torch.where(seen, (rowsum.float() - 1).abs() - tol, torch.zeros_like(rowsum, dtype=torch.float))
-        found += _report(hook.layer, "softmax", excess.transpose(1, 2))
+        found.append(partial(_report, hook.layer, "softmax", excess.transpose(1, 2)))
     if hook.detectors.output_bound:
         groups = query.shape[1] // value.shape[1]
         low = value.float().amin(2).repeat_interleave(groups, 1).unsqueeze(1)  # (B, 1, H, D)
         high = value.float().amax(2).repeat_interleave(groups, 1).unsqueeze(1)
         tol = 4 * keys * eps * vmax
         excess = torch.maximum(low - o.float(), o.float() - high).amax(-1) - tol  # (B, T, H)
-        found += _report(hook.layer, "output_bound", excess.transpose(1, 2))
-    hook.detections.extend(found)
+        found.append(partial(_report, hook.layer, "output_bound", excess.transpose(1, 2)))
+    hook.findings += found
     return o.contiguous()

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from adaplex.faults.bits import flip_bit
-from adaplex.faults.detect import DETECTORS, Detection, Tensors
+from adaplex.faults.detect import DETECTORS, Detection, Finding, Tensors
 
 Location = Literal["q", "k", "v", "scores", "weights", "output"]
 LOCATIONS: tuple[str, ...] = ("q", "k", "v", "scores", "weights", "output")
@@ -55,9 +55,17 @@ class FaultHook:
     layer: int
     plan: FaultPlan | None
     detectors: DetectorConfig
-    detections: list[Detection] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
     injected: list[tuple[int, ...]] = field(default_factory=list)
     corrected: bool = False
+    _resolved: list[Detection] = field(default_factory=list)
+
+    @property
+    def detections(self) -> list[Detection]:
+        """Everything detected so far (resolving the findings syncs with the device once)."""
+        while self.findings:
+            self._resolved.extend(self.findings.pop(0)())
+        return self._resolved
 
     def inject(self, location: str, tensor: torch.Tensor) -> torch.Tensor:
         if self.plan is None or self.plan.location != location:
@@ -70,10 +78,8 @@ class FaultHook:
         self.injected = [tuple(int(i) for i in torch.unravel_index(j, tensor.shape)) for j in index]
         return flip_bit(tensor, index.to(tensor.device), self.plan.bit)
 
-    def detect(self, tensors: Tensors) -> list[Detection]:
-        found = [d for name in self.detectors.enabled() for d in DETECTORS[name](self.layer, tensors)]
-        self.detections.extend(found)
-        return found
+    def detect(self, tensors: Tensors) -> None:
+        self.findings += [f for name in self.detectors.enabled() for f in DETECTORS[name](self.layer, tensors)]
 
 
 def _flat(shape: torch.Size, element: list[int]) -> int:

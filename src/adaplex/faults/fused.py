@@ -46,9 +46,8 @@ def fused_checked_attention(
     found: list[Finding] = []
     if hook.detectors.abft:
         tol = 4 * (keys + dim) * eps * dim * vmax
-        found += _report(
-            hook.layer, "abft_output", ((o.float().sum(-1) - checksum.float()).abs() - tol).transpose(1, 2)
-        )
+        excess = (o.float().sum(-1) - checksum.float()).abs() - tol
+        found.append(partial(_report, hook.layer, "abft_output", excess.transpose(1, 2)))
     if hook.detectors.softmax:
         tol = 4 * keys * eps
         seen = rowsum.float() > 0.5  # rows with no visible key have P·1 = 0

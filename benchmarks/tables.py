@@ -85,7 +85,8 @@ def route(result: dict) -> str:
 def faults(result: dict) -> str:
     over = result["overhead_percent"]
     return (
-        f"`adaplex bench faults` ({result['base']}, batch {result['batch']} x {result['seq']}, CPU): over the "
+        f"`adaplex bench faults` ({result['base']}, {result.get('device', 'cpu')}, batch {result['batch']} x "
+        f"{result['seq']}): over the "
         f"fused baseline, fused-kernel checks +{over['fused_detection']:.1f}%, step-by-step attention without "
         f"checks +{over['stepwise']:.1f}%, with every detector +{over['detection']:.1f}%, injected "
         f"+{over['injected']:.1f}%; attention {result['attention_gflops']:.2f} GFLOP per forward."

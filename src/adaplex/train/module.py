@@ -71,6 +71,13 @@ class AdapterLM(L.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Free the gradients as soon as the optimizer has stepped (Lightning would only clear them
+        in the next step, after its forward, holding them through that forward's activation peak)."""
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            for optimizer in self.trainer.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.log("val_loss", self.loss(batch, "val"), prog_bar=True, sync_dist=True)
 

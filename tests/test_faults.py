@@ -156,43 +156,14 @@ def test_faults_cli_errors_are_one_line(tmp_path):
     import sys
 
     tiny.save_base("llama", tmp_path / "base")
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "adaplex",
-            "faults",
-            "run",
-            "--base",
-            str(tmp_path / "base"),
-            "--location",
-            "scores",
-            "--bit",
-            "40",
-            "--seq",
-            "8",
-        ],
-        capture_output=True,
-        text=True,
-    )
+
+    def faults_run(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "adaplex", "faults", "run", "--base", str(tmp_path / "base"), *args]
+        return subprocess.run(command, capture_output=True, text=True)
+
+    run = faults_run("--location", "scores", "--bit", "40", "--seq", "8")
     assert run.returncode == 2 and run.stderr.strip() == "error: bit 40 is out of range for float32 (0-31)"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "adaplex",
-            "faults",
-            "run",
-            "--base",
-            str(tmp_path / "base"),
-            "--location",
-            "keys",
-            "--bit",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    run = faults_run("--location", "keys", "--bit", "3")
     assert run.returncode == 2 and "location" in run.stderr and len(run.stderr.strip().splitlines()) == 1
 
 

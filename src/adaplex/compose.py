@@ -3,7 +3,7 @@
 A ``Stack`` is shared by every adapted layer of one model. Layers read ``stack.active``
 (name -> weight, in the order the adapters were added) and compute
 y = base(x) + Σ_{i in active} w_i · Δ_i(x). Routing only changes the weights: an expert bank's
-weight becomes a ``Route`` (each sample's expert index), and with ``none="base"`` the other
+weight becomes a ``Route`` (each sample's expert index), and with ``unrouted_base`` the other
 adapters' weights become per-sample tensors (B, 1, 1) that are 0 for unrouted samples.
 State changes made by the context managers are undone on exit, even when the body raises.
 """

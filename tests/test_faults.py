@@ -198,3 +198,16 @@ def test_fused_checks_catch_a_fault_inside_the_kernel(monkeypatch):
         logits_of(model, {"input_ids": tiny.tokens(batch=1, length=6)})
     found = {d.detector for h in hooks for d in h.detections}
     assert "abft_output" in found
+
+
+def test_flips_reach_the_prefix_path():
+    """k and v are flipped after the prefix is prepended: key index 0 is a prefix key."""
+    model, ids = tiny.llama(), tiny.tokens(batch=1, length=6)
+    handle = adaplex.attach(model, "prefix", PrefixConfig(length=2))
+    randomize(handle, "prefix", std=0.5)
+    plan = FaultPlan(location="v", bit=30, elements=[[0, 0, 0, 0]], layers=[0])
+    hit = run_once(model, {"input_ids": ids}, plan, DetectorConfig())
+    assert hit.significant  # every query sees the prefix, so the flipped prefix value moves the output
+    with handle.disable("prefix"):
+        plain = run_once(model, {"input_ids": ids}, plan, DetectorConfig())
+    assert plain.max_logit_diff != hit.max_logit_diff  # without the prefix, index 0 is the first token

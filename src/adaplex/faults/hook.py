@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,7 +19,7 @@ from adaplex.faults.bits import flip_bit
 from adaplex.faults.detect import DETECTORS, Detection, Finding, Tensors
 
 Location = Literal["q", "k", "v", "scores", "weights", "output"]
-LOCATIONS: tuple[str, ...] = ("q", "k", "v", "scores", "weights", "output")
+LOCATIONS: tuple[str, ...] = get_args(Location)
 
 
 class FaultPlan(BaseModel):

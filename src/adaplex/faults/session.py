@@ -21,8 +21,11 @@ def attention_layers(model: nn.Module) -> list[str]:
 
 @contextmanager
 def armed(model: nn.Module, plan: FaultPlan | None, detectors: DetectorConfig) -> Iterator[list[FaultHook]]:
-    """Inside the block every attention layer runs step by step with detectors on; the plan's layers
-    also get its bit flips. Yields one hook per layer (their detections fill in as the model runs)."""
+    """Inside the block every attention layer runs through its fault hook: step by step with the
+    detectors (the plan's layers also get its bit flips), or, with ``detectors.fused`` and no plan,
+    the fused kernel with its checksum columns. Yields one hook per layer; ``hook.detections`` holds
+    what was found. k and v are flipped after prefix keys/values are prepended, so an element whose
+    key index is below the prefix length hits the prefix path; q, k and v include any LoRA deltas."""
     layers = attention_layers(model)
     targets = set(plan_layers(plan, len(layers))) if plan else set()
     if plan is not None:

@@ -211,3 +211,22 @@ def test_flips_reach_the_prefix_path():
     with handle.disable("prefix"):
         plain = run_once(model, {"input_ids": ids}, plan, DetectorConfig())
     assert plain.max_logit_diff != hit.max_logit_diff  # without the prefix, index 0 is the first token
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen2"])
+@pytest.mark.parametrize("location", ["q", "k", "v"])
+@pytest.mark.parametrize("bit", [30, 25, 22])
+def test_qkv_flips_are_caught_by_projection_checksums(family, location, bit):
+    model, ids = tiny.FAMILIES[family](), tiny.tokens(batch=2, length=8)
+    handle = adaplex.attach(model, "lora", LoRAConfig(r=2))  # q, k, v include the LoRA deltas
+    randomize(handle, "lora")
+    element = [1, 1, 4, 2]  # (batch, head, token, feature); head 1 exists for every family's k and v
+    result = run_once(
+        model,
+        {"input_ids": ids},
+        FaultPlan(location=location, bit=bit, elements=[element], layers=[1]),
+        DetectorConfig(),
+    )
+    assert result.detected["qkv"]
+    hit = next(d for d in result.detections if d["detector"] == f"qkv_{location}")
+    assert (hit["layer"], hit["head"], hit["location"]) == (1, 1, (1, 4))

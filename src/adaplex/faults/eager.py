@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from adaplex.faults import qkv
 from adaplex.faults.detect import Tensors
 from adaplex.faults.hook import FaultHook
 
@@ -40,9 +41,10 @@ def checked_attention(
     groups = query.shape[1] // key.shape[1]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     visible = _visible(mask, query.shape[2], key.shape[2], is_causal, query.device)
-    q = hook.inject("q", query)
-    k = hook.inject("k", key).repeat_interleave(groups, dim=1)  # (B, H, S, D)
-    v = hook.inject("v", value).repeat_interleave(groups, dim=1)
+    q, k, v = hook.inject("q", query), hook.inject("k", key), hook.inject("v", value)
+    if hook.detectors.qkv:
+        hook.findings += qkv.check(hook, {"q": q, "k": k, "v": v})
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, D)
     scores, weights, out = _attend(q, k, v, visible, scaling, hook.inject)
     before = len(hook.detections) if hook.detectors.correct else 0
     hook.detect(Tensors(q, k, v, scores, weights, out, visible, scaling))

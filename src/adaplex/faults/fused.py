@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from adaplex.faults import qkv
 from adaplex.faults.detect import Finding, _report
 from adaplex.faults.hook import FaultHook
 
@@ -43,7 +44,7 @@ def fused_checked_attention(
     eps = torch.finfo(value.dtype).eps
     keys = value.shape[2]
     vmax = value.float().abs().amax()
-    found: list[Finding] = []
+    found: list[Finding] = qkv.check(hook, {"q": query, "k": key, "v": value}) if hook.detectors.qkv else []
     if hook.detectors.abft:
         tol = 4 * (keys + dim) * eps * dim * vmax
         excess = (o.float().sum(-1) - checksum.float()).abs() - tol

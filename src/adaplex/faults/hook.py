@@ -41,11 +41,12 @@ class DetectorConfig(BaseModel):
     score_bound: bool = True
     abft: bool = True
     kv_tied: bool = False
+    qkv: bool = Field(True, description="checksums carrying q, k, v from their projections into attention")
     correct: bool = False
     fused: bool = Field(False, description="check the fused kernel (no injection): abft_output, softmax, output_bound")
 
     def enabled(self) -> list[str]:
-        return [name for name in DETECTORS if getattr(self, name)]
+        return [name for name in (*DETECTORS, "qkv") if getattr(self, name)]
 
 
 @dataclass
@@ -58,6 +59,7 @@ class FaultHook:
     findings: list[Finding] = field(default_factory=list)
     injected: list[tuple[int, ...]] = field(default_factory=list)
     corrected: bool = False
+    reference: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # q/k/v stats from projections
     _resolved: list[Detection] = field(default_factory=list)
 
     @property
@@ -79,7 +81,9 @@ class FaultHook:
         return flip_bit(tensor, index.to(tensor.device), self.plan.bit)
 
     def detect(self, tensors: Tensors) -> None:
-        self.findings += [f for name in self.detectors.enabled() for f in DETECTORS[name](self.layer, tensors)]
+        self.findings += [
+            f for name in self.detectors.enabled() if name in DETECTORS for f in DETECTORS[name](self.layer, tensors)
+        ]
 
 
 def _flat(shape: torch.Size, element: list[int]) -> int:

@@ -8,7 +8,8 @@ from contextlib import contextmanager
 from torch import nn
 
 from adaplex import attention
-from adaplex.adapted import _HANDLES, Adapted
+from adaplex.adapted import _HANDLES, Adapted, prefix_shape
+from adaplex.faults import qkv
 from adaplex.faults.bits import check_bit
 from adaplex.faults.hook import DetectorConfig, FaultHook, FaultPlan, plan_layers
 from adaplex.inject import family_of, select_attention
@@ -34,11 +35,19 @@ def armed(model: nn.Module, plan: FaultPlan | None, detectors: DetectorConfig) -
     handle = Adapted.of(model)
     hooks = [FaultHook(i, plan if i in targets else None, detectors) for i in range(len(layers))]
     children = [attention.attention_child(model.get_submodule(path), handle.stack) for path in layers]
+    recorders = []
     try:
-        for child, hook in zip(children, hooks, strict=True):
+        for path, child, hook in zip(layers, children, hooks, strict=True):
             child.fault_hook = hook
+            if detectors.qkv:
+                recorders += [
+                    module.register_forward_hook(qkv.recorder(hook, location, part, prefix_shape(model)[1]))
+                    for location, (module, part) in qkv.sources(model.get_submodule(path)).items()
+                ]
         yield hooks
     finally:
+        for recorder in recorders:
+            recorder.remove()
         for child in children:
             child.fault_hook = None
         if fresh:

@@ -537,6 +537,7 @@ def faults_run(
 def faults_sweep(
     config: Annotated[Path, typer.Argument(help="sweep config (YAML)")],
     out: Annotated[Path, typer.Option(help="results JSONL (appended; a rerun resumes)")],
+    as_json: JsonOption = False,
 ) -> None:
     """Run bits x locations x layers x seeds (and clean runs); a killed sweep resumes where it stopped."""
     from rich.progress import Progress
@@ -551,6 +552,8 @@ def faults_sweep(
         task = progress.add_task("sweep", total=total, completed=len(done_ids(out)))
         added = sweep(model, batches, cfg, out, progress=lambda: progress.advance(task))
     console.print(f"{added} runs added to {out}")
+    if as_json:
+        _emit_json({"added": added, "total": total, "results": str(out)}, None)
 
 
 @faults_app.command("report")

@@ -230,3 +230,14 @@ def test_qkv_flips_are_caught_by_projection_checksums(family, location, bit):
     assert result.detected["qkv"]
     hit = next(d for d in result.detections if d["detector"] == f"qkv_{location}")
     assert (hit["layer"], hit["head"], hit["location"]) == (1, 1, (1, 4))
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen2"])
+@pytest.mark.parametrize("location", ["q", "k", "v"])
+def test_sign_flips_in_qkv_are_caught_by_the_rotated_sums(family, location):
+    model, ids = tiny.FAMILIES[family](), tiny.tokens(batch=2, length=8)
+    plan = FaultPlan(location=location, bit=31, elements=[[0, 1, 3, 5]], layers=[0])
+    result = run_once(model, {"input_ids": ids}, plan, DetectorConfig())
+    assert result.detected["qkv"]
+    hit = next(d for d in result.detections if d["detector"] == f"qkv_{location}")
+    assert (hit["layer"], hit["head"], hit["location"]) == (0, 1, (0, 3))

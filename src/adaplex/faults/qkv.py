@@ -2,9 +2,10 @@
 
 A flip in q, k or v happens before the attention products, so the products' own checksums agree
 with it. Instead, forward hooks on the projections record, per (batch, head, token), the squared
-norm of each head's vector (unchanged by the rotary embedding, which rotates pairs of features)
-and, for v, also its sum; the attention function compares them with the q, k, v it receives.
-Cost: O(T·H·D) per tensor. A flip of a sign bit in q or k keeps the norm and is not caught.
+norm and the sum of each head's vector; the attention function compares them with the q, k, v it
+receives. The rotary embedding keeps norms but not sums, so for q and k of rotary models the sum is
+taken of the projection output rotated with the model's own (cos, sin) (captured from its rotary
+module by another hook): x·cos + rotate_half(x)·sin. Cost: O(T·H·D) per tensor.
 """
 
 from __future__ import annotations
@@ -21,13 +22,20 @@ from adaplex.faults.hook import FaultHook
 Stats = dict[str, torch.Tensor]  # "norm" (and for v "sum"), each (B, H, T)
 
 
-def stats(heads: torch.Tensor, with_sum: bool) -> Stats:
-    """Per-head statistics of a (B, H, T, D) tensor, in float32."""
+def stats(heads: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> Stats:
+    """Per-head squared norm and sum of a (B, H, T, D) tensor, in float32; with ``rotary`` (cos, sin)
+    of shape (B, T, D), the sum is of the rotated tensor."""
     x = heads.float()
-    out = {"norm": x.pow(2).sum(-1)}
-    if with_sum:
-        out["sum"] = x.sum(-1)
-    return out
+    if rotary is not None:
+        cos, sin = (t.float().unsqueeze(1) for t in rotary)  # (B, 1, T, D)
+        half = x.shape[-1] // 2
+        x = x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+    return {"norm": x.pow(2).sum(-1), "sum": x.sum(-1)}
+
+
+def rotary_module(model: nn.Module) -> nn.Module | None:
+    """The model's shared rotary-embedding module, if it has one (Llama-style families)."""
+    return next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
 
 
 def sources(attention: nn.Module) -> dict[str, tuple[nn.Module, int | None]]:
@@ -42,14 +50,27 @@ def sources(attention: nn.Module) -> dict[str, tuple[nn.Module, int | None]]:
     return {"q": (q_src, None), "k": (k_src, None), "v": (children["v_proj"], None)}
 
 
-def recorder(hook: FaultHook, location: str, part: int | None, head_dim: int) -> Callable:
-    """A forward hook storing the stats of ``location`` computed by a projection into ``hook``."""
+def recorder(
+    hook: FaultHook, location: str, part: int | None, head_dim: int, rotary: dict[str, tuple] | None
+) -> Callable:
+    """A forward hook storing the stats of ``location`` computed by a projection into ``hook``.
+
+    ``rotary`` is None for models without a rotary embedding, else a dict whose "cos_sin" holds the
+    current forward's (cos, sin); the sum of q or k is kept only when it can be compared after rotation.
+    """
 
     def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         out = output if part is None else output.chunk(3, dim=-1)[part]
         batch, tokens = out.shape[0], out.shape[1]
         heads = out.reshape(batch, tokens, -1, head_dim).transpose(1, 2)  # (B, H, T, D)
-        hook.reference[location] = stats(heads, location == "v")
+        if location == "v" or rotary is None:
+            hook.reference[location] = stats(heads)
+            return
+        cos_sin = rotary.get("cos_sin")
+        if cos_sin is not None and cos_sin[0].shape[-1] == head_dim:
+            hook.reference[location] = stats(heads, cos_sin)
+        else:  # partial rotary or no (cos, sin) seen: the norm alone
+            hook.reference[location] = {"norm": stats(heads)["norm"]}
 
     return record
 
@@ -62,7 +83,7 @@ def check(hook: FaultHook, received: dict[str, torch.Tensor]) -> list[Finding]:
         if reference is None:
             continue
         tokens = reference["norm"].shape[-1]
-        got = stats(tensor[:, :, -tokens:], location == "v")  # cached or prefix positions come first
+        got = stats(tensor[:, :, -tokens:])  # cached or prefix positions come first
         eps = torch.finfo(tensor.dtype).eps
         scale = 8 * tensor.shape[-1] * eps
         excess = (got["norm"] - reference["norm"]).abs() - scale * reference["norm"] - 1e-30

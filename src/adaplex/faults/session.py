@@ -36,12 +36,17 @@ def armed(model: nn.Module, plan: FaultPlan | None, detectors: DetectorConfig) -
     hooks = [FaultHook(i, plan if i in targets else None, detectors) for i in range(len(layers))]
     children = [attention.attention_child(model.get_submodule(path), handle.stack) for path in layers]
     recorders = []
+    rotary_module = qkv.rotary_module(model) if detectors.qkv else None
+    rotary: dict[str, tuple] | None = None
+    if rotary_module is not None:
+        rotary = {}
+        recorders.append(rotary_module.register_forward_hook(lambda m, i, out: rotary.update(cos_sin=out)))
     try:
         for path, child, hook in zip(layers, children, hooks, strict=True):
             child.fault_hook = hook
             if detectors.qkv:
                 recorders += [
-                    module.register_forward_hook(qkv.recorder(hook, location, part, prefix_shape(model)[1]))
+                    module.register_forward_hook(qkv.recorder(hook, location, part, prefix_shape(model)[1], rotary))
                     for location, (module, part) in qkv.sources(model.get_submodule(path)).items()
                 ]
         yield hooks

@@ -66,7 +66,7 @@ def test_flips_are_detected_and_located(family, location, bit, detector):
         assert hit["location"] == (1, 5, 3)  # row and column checksums locate the element
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen3"])
 def test_no_false_positives_on_clean_runs(family):
     model = tiny.FAMILIES[family]()
     for seed in range(25):
@@ -213,7 +213,7 @@ def test_flips_reach_the_prefix_path():
     assert plain.max_logit_diff != hit.max_logit_diff  # without the prefix, index 0 is the first token
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, "qwen2"])
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen2", "qwen3"])
 @pytest.mark.parametrize("location", ["q", "k", "v"])
 @pytest.mark.parametrize("bit", [30, 25, 22])
 def test_qkv_flips_are_caught_by_projection_checksums(family, location, bit):
@@ -232,7 +232,7 @@ def test_qkv_flips_are_caught_by_projection_checksums(family, location, bit):
     assert (hit["layer"], hit["head"], hit["location"]) == (1, 1, (1, 4))
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, "qwen2"])
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen2", "qwen3"])
 @pytest.mark.parametrize("location", ["q", "k", "v"])
 def test_sign_flips_in_qkv_are_caught_by_the_rotated_sums(family, location):
     model, ids = tiny.FAMILIES[family](), tiny.tokens(batch=2, length=8)

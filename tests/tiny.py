@@ -12,6 +12,8 @@ from transformers import (
     LlamaForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 VOCAB = 96
@@ -47,6 +49,22 @@ def qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(cfg).eval()
 
 
+def qwen3(seed: int = 0) -> Qwen3ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
+    return Qwen3ForCausalLM(cfg).eval()
+
+
 def gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     cfg = GPT2Config(
@@ -75,7 +93,7 @@ def bert(seed: int = 0) -> BertModel:
     return BertModel(cfg, add_pooling_layer=False).eval()
 
 
-FAMILIES = {"llama": llama, "qwen2": qwen2, "gpt2": gpt2, "bert": bert}
+FAMILIES = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3, "gpt2": gpt2, "bert": bert}
 
 
 def tokens(batch: int = 2, length: int = 10, seed: int = 1) -> torch.Tensor:

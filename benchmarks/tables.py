@@ -84,12 +84,14 @@ def route(result: dict) -> str:
 
 def faults(result: dict) -> str:
     over = result["overhead_percent"]
+    without_qkv = over.get("fused_without_qkv")
     return (
         f"`adaplex bench faults` ({result['base']}, {result.get('device', 'cpu')}, batch {result['batch']} x "
-        f"{result['seq']}): over the "
-        f"fused baseline, fused-kernel checks +{over['fused_detection']:.1f}%, step-by-step attention without "
-        f"checks +{over['stepwise']:.1f}%, with every detector +{over['detection']:.1f}%, injected "
-        f"+{over['injected']:.1f}%; attention {result['attention_gflops']:.2f} GFLOP per forward."
+        f"{result['seq']}): over the fused baseline, fused-kernel checks +{over['fused_detection']:.1f}%"
+        + (f" (+{without_qkv:.1f}% without the q/k/v checksums)" if without_qkv is not None else "")
+        + f", step-by-step attention without checks +{over['stepwise']:.1f}%, with every detector "
+        f"+{over['detection']:.1f}%, injected +{over['injected']:.1f}%; attention "
+        f"{result['attention_gflops']:.2f} GFLOP per forward."
     )
 
 

@@ -110,6 +110,7 @@ def monitor(
     phases = {
         "baseline": lambda: logits_of(model, inputs),
         "fused_detection": lambda: _armed_logits(model, inputs, None, fused),
+        "fused_without_qkv": lambda: _armed_logits(model, inputs, None, fused.model_copy(update={"qkv": False})),
         "stepwise": lambda: _armed_logits(model, inputs, None, off),
         "detection": lambda: _armed_logits(model, inputs, None, detectors),
         "injected": lambda: _armed_logits(model, inputs, plan, detectors),

@@ -4,8 +4,9 @@ A flip in q, k or v happens before the attention products, so the products' own 
 with it. Instead, forward hooks on the projections record, per (batch, head, token), the squared
 norm and the sum of each head's vector; the attention function compares them with the q, k, v it
 receives. The rotary embedding keeps norms but not sums, so for q and k of rotary models the sum is
-taken of the projection output rotated with the model's own (cos, sin) (captured from its rotary
-module by another hook): x·cos + rotate_half(x)·sin. Cost: O(T·H·D) per tensor.
+the one the rotated vector x·cos + rotate_half(x)·sin will have, a weighted sum of x whose weights
+come from the model's own (cos, sin), captured from its rotary module by another hook. Cost: two
+reductions over O(T·H·D) per tensor.
 """
 
 from __future__ import annotations
@@ -22,15 +23,20 @@ from adaplex.faults.hook import FaultHook
 Stats = dict[str, torch.Tensor]  # "norm" (and for v "sum"), each (B, H, T)
 
 
-def stats(heads: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> Stats:
-    """Per-head squared norm and sum of a (B, H, T, D) tensor, in float32; with ``rotary`` (cos, sin)
-    of shape (B, T, D), the sum is of the rotated tensor."""
+def stats(heads: torch.Tensor, weights: torch.Tensor | None = None) -> Stats:
+    """Per-head squared norm and sum of a (B, H, T, D) tensor, in float32. With ``weights`` (B, T, D),
+    the sum is the weighted one, Σ_d w_td x_d: the sum the tensor will have after the rotary embedding."""
     x = heads.float()
-    if rotary is not None:
-        cos, sin = (t.float().unsqueeze(1) for t in rotary)  # (B, 1, T, D)
-        half = x.shape[-1] // 2
-        x = x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
-    return {"norm": x.pow(2).sum(-1), "sum": x.sum(-1)}
+    total = x.sum(-1) if weights is None else torch.einsum("bhtd,btd->bht", x, weights)
+    return {"norm": x.pow(2).sum(-1), "sum": total}
+
+
+def rotated_sum_weights(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """w with Σ_d (x·cos + rotate_half(x)·sin)_d = Σ_d w_d x_d, where rotate_half(x) = [-x₂, x₁]:
+    w = cos + [sin₂, -sin₁] (halves of the feature dimension). Shape (B, T, D), float32."""
+    cos, sin = cos.float(), sin.float()
+    half = sin.shape[-1] // 2
+    return cos + torch.cat([sin[..., half:], -sin[..., :half]], dim=-1)
 
 
 def rotary_module(model: nn.Module) -> nn.Module | None:
@@ -51,12 +57,12 @@ def sources(attention: nn.Module) -> dict[str, tuple[nn.Module, int | None]]:
 
 
 def recorder(
-    hook: FaultHook, location: str, part: int | None, head_dim: int, rotary: dict[str, tuple] | None
+    hook: FaultHook, location: str, part: int | None, head_dim: int, rotary: dict[str, torch.Tensor] | None
 ) -> Callable:
     """A forward hook storing the stats of ``location`` computed by a projection into ``hook``.
 
-    ``rotary`` is None for models without a rotary embedding, else a dict whose "cos_sin" holds the
-    current forward's (cos, sin); the sum of q or k is kept only when it can be compared after rotation.
+    ``rotary`` is None for models without a rotary embedding, else a dict whose "weights" holds the
+    current forward's rotated-sum weights; the sum of q or k is kept only when it can be compared.
     """
 
     def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -66,9 +72,9 @@ def recorder(
         if location == "v" or rotary is None:
             hook.reference[location] = stats(heads)
             return
-        cos_sin = rotary.get("cos_sin")
-        if cos_sin is not None and cos_sin[0].shape[-1] == head_dim:
-            hook.reference[location] = stats(heads, cos_sin)
+        weights = rotary.get("weights")
+        if weights is not None and weights.shape[-1] == head_dim:
+            hook.reference[location] = stats(heads, weights)
         else:  # partial rotary or no (cos, sin) seen: the norm alone
             hook.reference[location] = {"norm": stats(heads)["norm"]}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from adaplex import attention
@@ -37,10 +38,12 @@ def armed(model: nn.Module, plan: FaultPlan | None, detectors: DetectorConfig) -
     children = [attention.attention_child(model.get_submodule(path), handle.stack) for path in layers]
     recorders = []
     rotary_module = qkv.rotary_module(model) if detectors.qkv else None
-    rotary: dict[str, tuple] | None = None
+    rotary: dict[str, torch.Tensor] | None = None
     if rotary_module is not None:
         rotary = {}
-        recorders.append(rotary_module.register_forward_hook(lambda m, i, out: rotary.update(cos_sin=out)))
+        recorders.append(
+            rotary_module.register_forward_hook(lambda m, i, out: rotary.update(weights=qkv.rotated_sum_weights(*out)))
+        )
     try:
         for path, child, hook in zip(layers, children, hooks, strict=True):
             child.fault_hook = hook

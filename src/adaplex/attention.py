@@ -57,11 +57,7 @@ class AttentionAdapters(nn.Module):
         pk, pv = zip(*(p(w) for p, w in prefixes), strict=True)  # each (H_kv, L, D)
         pk = torch.cat(pk, dim=1).to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1)  # (B, H_kv, P, D)
         pv = torch.cat(pv, dim=1).to(value.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
-        if mask is None:
-            mask = real_token_mask(q_len, kv_len, is_causal, key.device)
-        elif mask.dtype != torch.bool:
-            mask = mask == 0  # additive float mask: 0 = attend
-        mask = mask.expand(batch, 1, q_len, kv_len)
+        mask = visible_mask(mask, q_len, kv_len, is_causal, key.device).expand(batch, 1, q_len, kv_len)
         visible = mask.new_ones(batch, 1, q_len, pk.shape[2])
         return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), torch.cat([visible, mask], dim=-1)
 
@@ -72,6 +68,16 @@ def real_token_mask(q_len: int, kv_len: int, is_causal: bool, device: torch.devi
         return torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
     rows = torch.arange(q_len, device=device).unsqueeze(1) + (kv_len - q_len)
     return (torch.arange(kv_len, device=device).unsqueeze(0) <= rows).view(1, 1, q_len, kv_len)
+
+
+def visible_mask(
+    mask: torch.Tensor | None, q_len: int, kv_len: int, is_causal: bool, device: torch.device
+) -> torch.Tensor:
+    """Boolean visibility (True = attend) from transformers' mask: boolean as is, an additive float
+    mask where it is 0, and None as the plain causal (or full) pattern."""
+    if mask is None:
+        return real_token_mask(q_len, kv_len, is_causal, device)
+    return mask if mask.dtype == torch.bool else mask == 0
 
 
 def adaplex_attention(

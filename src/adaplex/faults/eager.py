@@ -13,14 +13,6 @@ from adaplex.faults.detect import Tensors
 from adaplex.faults.hook import FaultHook
 
 
-def _visible(mask: torch.Tensor | None, q_len: int, kv_len: int, is_causal: bool, device: torch.device) -> torch.Tensor:
-    from adaplex.attention import real_token_mask
-
-    if mask is None:
-        return real_token_mask(q_len, kv_len, is_causal, device)
-    return mask if mask.dtype == torch.bool else mask == 0
-
-
 def _attend(q, k, v, visible, scaling, inject) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     scores = inject("scores", (q @ k.transpose(-1, -2)) * scaling)  # (B, H, T, S), before the mask
     masked = scores.float().masked_fill(~visible, float("-inf"))
@@ -40,7 +32,9 @@ def checked_attention(
     """Attention output (B, T, H, D) with the hook's faults injected and its detectors run."""
     groups = query.shape[1] // key.shape[1]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    visible = _visible(mask, query.shape[2], key.shape[2], is_causal, query.device)
+    from adaplex.attention import visible_mask  # attention imports this module
+
+    visible = visible_mask(mask, query.shape[2], key.shape[2], is_causal, query.device)
     q, k, v = hook.inject("q", query), hook.inject("k", key), hook.inject("v", value)
     if hook.detectors.qkv:
         hook.findings += qkv.check(hook, {"q": q, "k": k, "v": v})

@@ -19,7 +19,7 @@ from torch import nn
 
 from adaplex import attention
 from adaplex.compose import Stack
-from adaplex.errors import AdapterNameError, StorageError
+from adaplex.errors import AdaplexError, AdapterNameError, StorageError
 from adaplex.inject import (
     attention_adapters,
     family_of,
@@ -113,6 +113,17 @@ class Adapted:
         self.configs[name] = config
         self.stack.add(name, weight)
         self.set_trainable(name, trainable)
+
+    def add_loaded(
+        self, name: str, config: MethodConfig, tensors: dict[str, torch.Tensor], source: str, trainable: bool = False
+    ) -> None:
+        """Add adapter ``name`` filled from ``tensors``; if they do not fit, it is removed again."""
+        self.add(name, config, trainable=trainable)
+        try:
+            self.load_state_dict(name, tensors, source)
+        except AdaplexError:
+            self.remove(name)
+            raise
 
     def _build(self, config: MethodConfig) -> list[tuple[nn.ModuleDict, Adapter]]:
         if isinstance(config, PrefixConfig):

@@ -116,15 +116,9 @@ def import_into(model: nn.Module, directory: Path, name: str | None, trainable: 
             m: _peft_alpha(config, m) for m in modules if _peft_alpha(config, m) != config.get("lora_alpha", 8)
         },
     )
-    handle = Adapted.of(model)
     adapter_name = name or re.sub(r"[^A-Za-z0-9_-]", "-", directory.resolve().name) or "peft"
-    handle.add(adapter_name, ours, trainable=trainable)
     state = {f"{m}.{ab}": t for m, pair in modules.items() for ab, t in pair.items()}
-    try:
-        handle.load_state_dict(adapter_name, state, str(directory / PEFT_WEIGHTS))
-    except StorageError:
-        handle.remove(adapter_name)
-        raise
+    Adapted.of(model).add_loaded(adapter_name, ours, state, str(directory / PEFT_WEIGHTS), trainable)
     return adapter_name, directory
 
 

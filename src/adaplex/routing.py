@@ -129,9 +129,8 @@ def expert_as_adapter(handle: Adapted, bank_name: str, key: str) -> Iterator[str
     if bank is None or key not in bank.keys:
         raise AdapterNameError(f"no expert {key!r} in bank {bank_name!r}")
     name = f"{bank_name}-{key}"
-    handle.add(name, expert_config(bank, key), trainable=False)
+    handle.add_loaded(name, expert_config(bank, key), expert_state(handle, bank_name, key), f"{bank_name}/{key}")
     try:
-        handle.load_state_dict(name, expert_state(handle, bank_name, key), f"{bank_name}/{key}")
         yield name
     finally:
         handle.remove(name)

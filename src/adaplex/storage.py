@@ -30,7 +30,7 @@ from torch import nn
 import adaplex
 from adaplex.adapted import _HANDLES, Adapted
 from adaplex.atomic import atomic_directory
-from adaplex.errors import AdaplexError, StorageError
+from adaplex.errors import StorageError
 from adaplex.methods import MethodConfig, method_config
 from adaplex.models import fingerprint
 
@@ -319,14 +319,8 @@ def _attach_verified(
     check_base(model, record, directory, force)
     config = method_config(record.config, source=str(directory / CONFIG_FILE))
     tensors = read_tensors(directory, record)
-    handle = Adapted.of(model)
     adapter_name = name or record.name
-    handle.add(adapter_name, config, trainable=trainable)
-    try:
-        handle.load_state_dict(adapter_name, tensors, str(directory / WEIGHTS_FILE))
-    except AdaplexError:
-        handle.remove(adapter_name)
-        raise
+    Adapted.of(model).add_loaded(adapter_name, config, tensors, str(directory / WEIGHTS_FILE), trainable)
     return [(adapter_name, directory)]
 
 
@@ -352,29 +346,34 @@ def load(
     return Adapted.of(model)
 
 
+def read_record(directory: Path) -> Record | None:
+    """The verified record of a bundle or adapter directory; None when it holds neither file."""
+    for file, kind in ((BUNDLE_FILE, BundleRecord), (CONFIG_FILE, AdapterRecord)):
+        if (directory / file).is_file():
+            return _read_record(directory / file, kind)
+    return None
+
+
 def recorded_base(path: Path) -> tuple[str | None, Path]:
     """The base recorded in an adapter, bundle or PEFT directory, and the directory it is relative to."""
     from adaplex import peft_io
 
     if peft_io.is_peft_dir(path):
         return peft_io.recorded_base(path), path
-    for file, kind in ((BUNDLE_FILE, BundleRecord), (CONFIG_FILE, AdapterRecord)):
-        if (path / file).is_file():
-            return _read_record(path / file, kind).base, path
-    raise StorageError(f"{path} is not an adapter, bundle or PEFT LoRA directory")
+    record = read_record(path)
+    if record is None:
+        raise StorageError(f"{path} is not an adapter, bundle or PEFT LoRA directory")
+    return record.base, path
 
 
 def lineage(directory: Path) -> list[str]:
     """Version chain ending at ``directory``: its version, then its parent's, found among its siblings."""
 
     def record_of(d: Path) -> Record | None:
-        for file, kind in ((BUNDLE_FILE, BundleRecord), (CONFIG_FILE, AdapterRecord)):
-            if (d / file).is_file():
-                try:
-                    return _read_record(d / file, kind)
-                except StorageError:
-                    return None
-        return None
+        try:
+            return read_record(d)
+        except StorageError:
+            return None  # a damaged sibling does not break the chain of the others
 
     record = record_of(directory)
     if record is None or record.version is None:

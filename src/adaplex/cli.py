@@ -180,7 +180,7 @@ def import_(
         raise StorageError(f"{peft_dir} is not a PEFT directory (no adapter_config.json with a peft_type)")
     refuse_existing(out, overwrite)
     model, _ = _base_for([peft_dir], base)
-    adapter_name, _ = import_into(model, peft_dir, name, trainable=False)
+    adapter_name = import_into(model, peft_dir, name, trainable=False)
     from adaplex.adapted import Adapted
 
     save_adapter(Adapted.of(model), adapter_name, out, overwrite=overwrite)

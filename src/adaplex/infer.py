@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from adaplex.adapted import Adapted
 from adaplex.errors import ConfigError
 from adaplex.models import choose_base, load_base
-from adaplex.storage import load, recorded_base
+from adaplex.storage import attach, recorded_base
 from adaplex.train.config import DataConfig
 from adaplex.train.data import build_examples, perplexity, read_lines
 
@@ -34,9 +34,7 @@ def load_stack(specs: list[str], base: str | None) -> tuple[Adapted, PreTrainedT
     handle = Adapted.of(model)
     names: list[str] = []
     for path, weight in parsed:
-        before = set(handle.configs)
-        load(model, path)
-        added = [n for n in handle.configs if n not in before]
+        added = attach(model, path)
         for name in added:
             handle.stack.set_weight(name, weight)
         names += added

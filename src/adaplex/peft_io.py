@@ -89,8 +89,9 @@ def _peft_alpha(config: dict[str, Any], module: str) -> float:
     return float(config.get("lora_alpha", 8))
 
 
-def import_into(model: nn.Module, directory: Path, name: str | None, trainable: bool) -> tuple[str, Path]:
-    """Attach a PEFT LoRA directory as an adaplex LoRA adapter (exact: same A, B and scale per module)."""
+def import_into(model: nn.Module, directory: Path, name: str | None, trainable: bool) -> str:
+    """Attach a PEFT LoRA directory as an adaplex LoRA adapter (exact: same A, B and scale per module);
+    returns its name."""
     config = read_peft_config(directory)
     tensors = _peft_tensors(directory)
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -119,7 +120,7 @@ def import_into(model: nn.Module, directory: Path, name: str | None, trainable: 
     adapter_name = name or re.sub(r"[^A-Za-z0-9_-]", "-", directory.resolve().name) or "peft"
     state = {f"{m}.{ab}": t for m, pair in modules.items() for ab, t in pair.items()}
     Adapted.of(model).add_loaded(adapter_name, ours, state, str(directory / PEFT_WEIGHTS), trainable)
-    return adapter_name, directory
+    return adapter_name
 
 
 def _pieces(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -289,10 +289,8 @@ def check_base(model: nn.Module, record: Record, source: Path, force: bool) -> N
     log.warning("%s; loading anyway (--force)", message)
 
 
-def _attach_verified(
-    model: nn.Module, directory: Path, name: str | None, force: bool, trainable: bool
-) -> list[tuple[str, Path]]:
-    """Read, verify and attach every adapter under ``directory``; returns (name, source) pairs."""
+def _attach_verified(model: nn.Module, directory: Path, name: str | None, force: bool, trainable: bool) -> list[str]:
+    """Read, verify and attach every adapter under ``directory``; returns the names attached."""
     from adaplex import peft_io
 
     if peft_io.is_peft_dir(directory):
@@ -313,7 +311,7 @@ def _attach_verified(
             from adaplex.routing import add_bank_from_experts
 
             add_bank_from_experts(Adapted.of(model), "experts", experts, str(directory), trainable)
-            loaded.append(("experts", directory))
+            loaded.append("experts")
         return loaded
     record = read_adapter_record(directory)
     check_base(model, record, directory, force)
@@ -321,20 +319,21 @@ def _attach_verified(
     tensors = read_tensors(directory, record)
     adapter_name = name or record.name
     Adapted.of(model).add_loaded(adapter_name, config, tensors, str(directory / WEIGHTS_FILE), trainable)
-    return [(adapter_name, directory)]
+    return [adapter_name]
 
 
-def load(
+def attach(
     model: nn.Module, path: str | Path, *, name: str | None = None, force: bool = False, trainable: bool = False
-) -> Adapted:
-    """Attach an adapter directory, a bundle (all members) or a PEFT LoRA directory, all or nothing."""
+) -> list[str]:
+    """Attach an adapter directory, a bundle (all members) or a PEFT LoRA directory, all or nothing;
+    returns the names of the adapters it added."""
     path = Path(path)
     if not path.is_dir():
         raise StorageError(f"{path} is not a directory; give an adapter, bundle or PEFT LoRA directory")
     fresh = model not in _HANDLES
     before = list(_HANDLES[model].configs) if not fresh else []
     try:
-        _attach_verified(model, path, name, force, trainable)
+        return _attach_verified(model, path, name, force, trainable)
     except BaseException:
         if model in _HANDLES:
             handle = _HANDLES[model]
@@ -343,6 +342,13 @@ def load(
             if fresh:
                 handle.detach()
         raise
+
+
+def load(
+    model: nn.Module, path: str | Path, *, name: str | None = None, force: bool = False, trainable: bool = False
+) -> Adapted:
+    """``attach`` and return the model's handle."""
+    attach(model, path, name=name, force=force, trainable=trainable)
     return Adapted.of(model)
 
 

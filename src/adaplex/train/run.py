@@ -23,7 +23,7 @@ from adaplex.adapted import Adapted
 from adaplex.errors import StorageError
 from adaplex.methods import method_config
 from adaplex.models import choose_base, load_base
-from adaplex.storage import load, recorded_base, save_adapter, save_bundle
+from adaplex.storage import attach, recorded_base, save_adapter, save_bundle
 from adaplex.train.config import TrainConfig
 from adaplex.train.data import CausalLMData, build_examples
 from adaplex.train.module import AdapterLM
@@ -41,12 +41,11 @@ def build_model(config: TrainConfig, source: str) -> tuple[Adapted, object, dict
     handle = Adapted.of(model)
     produced: dict[str, list[str]] = {}
     for spec in config.adapters:
-        before = list(handle.configs)
         if spec.path is not None:
-            load(model, spec.path, name=spec.name, trainable=spec.train)
+            produced[spec.name] = attach(model, spec.path, name=spec.name, trainable=spec.train)
         else:
             handle.add(spec.name, method_config(spec.config, f"{source}: adapters.{spec.name}.config"), spec.train)
-        produced[spec.name] = [n for n in handle.configs if n not in before]
+            produced[spec.name] = [spec.name]
         for name in produced[spec.name]:
             handle.stack.set_weight(name, spec.weight)
     return handle, tokenizer, produced

@@ -275,21 +275,23 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise StorageError(f"{path} is truncated or corrupt ({err}); restore it") from None
 
 
-def check_base(model: nn.Module, record: Record, source: Path, force: bool) -> None:
+def check_base(model: nn.Module, own_fingerprint: str, record: Record, source: Path, force: bool) -> None:
     """A different base than the one the adapter was made for is an error unless ``force``."""
-    if record.base_fingerprint == fingerprint(model):
+    if record.base_fingerprint == own_fingerprint:
         return
     current = model.config.name_or_path or model.config.model_type
     message = (
         f"{source} was made for base {record.base!r} (fingerprint {record.base_fingerprint}), "
-        f"not for {current!r} (fingerprint {fingerprint(model)})"
+        f"not for {current!r} (fingerprint {own_fingerprint})"
     )
     if not force:
         raise StorageError(message + "; pass --base with the right model, or --force to load anyway")
     log.warning("%s; loading anyway (--force)", message)
 
 
-def _attach_verified(model: nn.Module, directory: Path, name: str | None, force: bool, trainable: bool) -> list[str]:
+def _attach_verified(
+    model: nn.Module, own_fingerprint: str, directory: Path, name: str | None, force: bool, trainable: bool
+) -> list[str]:
     """Read, verify and attach every adapter under ``directory``; returns the names attached."""
     from adaplex import peft_io
 
@@ -297,16 +299,16 @@ def _attach_verified(model: nn.Module, directory: Path, name: str | None, force:
         return [peft_io.import_into(model, directory, name=name, trainable=trainable)]
     if (directory / BUNDLE_FILE).is_file():
         bundle = read_bundle_record(directory)
-        check_base(model, bundle, directory, force)
+        check_base(model, own_fingerprint, bundle, directory, force)
         loaded = []
         experts = {}
         for member, role in bundle.members.items():
             if role == "expert":
                 record = read_adapter_record(directory / member)
-                check_base(model, record, directory / member, force)
+                check_base(model, own_fingerprint, record, directory / member, force)
                 experts[Path(member).name] = (record.config, read_tensors(directory / member, record))
             else:
-                loaded += _attach_verified(model, directory / member, None, force, trainable)
+                loaded += _attach_verified(model, own_fingerprint, directory / member, None, force, trainable)
         if experts:
             from adaplex.routing import add_bank_from_experts
 
@@ -314,7 +316,7 @@ def _attach_verified(model: nn.Module, directory: Path, name: str | None, force:
             loaded.append("experts")
         return loaded
     record = read_adapter_record(directory)
-    check_base(model, record, directory, force)
+    check_base(model, own_fingerprint, record, directory, force)
     config = method_config(record.config, source=str(directory / CONFIG_FILE))
     tensors = read_tensors(directory, record)
     adapter_name = name or record.name
@@ -333,7 +335,7 @@ def attach(
     fresh = model not in _HANDLES
     before = list(_HANDLES[model].configs) if not fresh else []
     try:
-        return _attach_verified(model, path, name, force, trainable)
+        return _attach_verified(model, fingerprint(model), path, name, force, trainable)
     except BaseException:
         if model in _HANDLES:
             handle = _HANDLES[model]

@@ -464,12 +464,14 @@ def bench_route(
         _emit_json(result, out)
 
 
-def _fault_inputs(base: str | None, batch: int, seq: int, count: int):
+def _fault_inputs(base: str | None, batch: int, seq: int, count: int, bf16: bool = False):
     """The base model and ``count`` batches of real text (Python's reference docs) of (batch, seq) tokens."""
+    import torch
+
     from adaplex.models import choose_base, load_base
     from adaplex.train.data import pydoc_topics, token_blocks
 
-    model, tokenizer = load_base(choose_base(base, None))
+    model, tokenizer = load_base(choose_base(base, None), dtype=torch.bfloat16 if bf16 else torch.float32)
     blocks = token_blocks(list(pydoc_topics().values()), tokenizer, seq)
     if len(blocks) < batch * count:
         raise ConfigError(f"only {len(blocks)} blocks of {seq} tokens of text; ask for fewer or shorter batches")
@@ -598,16 +600,18 @@ def bench_faults(
     seq: int = 128,
     repeats: int = 5,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    bf16: Annotated[bool, typer.Option(help="bfloat16 weights (GPU)")] = False,
     out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Forward time with every detector on against off (fused attention), interleaved in one run."""
     import torch
 
+    from adaplex.faults.bits import top_exponent_bit
     from adaplex.faults.experiment import monitor
     from adaplex.faults.hook import DetectorConfig, FaultPlan
 
-    model, batches = _fault_inputs(base, batch, seq, 1)
+    model, batches = _fault_inputs(base, batch, seq, 1, bf16)
     model.to(device)
     inputs = {"input_ids": batches[0].to(device)}
     name = device if device == "cpu" else torch.cuda.get_device_name(torch.device(device))
@@ -615,9 +619,12 @@ def bench_faults(
         "benchmark": "faults",
         "base": model.config.name_or_path,
         "device": name,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "batch": batch,
         "seq": seq,
-    } | monitor(model, inputs, FaultPlan(location="scores", bit=30), DetectorConfig(), repeats)
+    } | monitor(
+        model, inputs, FaultPlan(location="scores", bit=top_exponent_bit(model.dtype)), DetectorConfig(), repeats
+    )
     _print_mapping("detector overhead (percent over the fused baseline)", result["overhead_percent"])
     if as_json or out:
         _emit_json(result, out)

@@ -83,7 +83,7 @@ class AdaptedLinear(nn.Module):
         for name, adapter in self.adapters.items():
             weight = active.get(name)
             if weight is not None:
-                out = out + adapter(x, base_out, weight)
+                out = adapter.add_to(out, x, base_out, weight)
         return out
 
     @torch.no_grad()

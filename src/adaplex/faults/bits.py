@@ -15,6 +15,11 @@ def bit_width(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits
 
 
+def top_exponent_bit(dtype: torch.dtype) -> int:
+    """The highest exponent bit (30 for float32, 14 for float16/bfloat16): a flip there scales by 2^±large."""
+    return bit_width(dtype) - 2
+
+
 def check_bit(bit: int, dtype: torch.dtype) -> None:
     width = bit_width(dtype)
     if not 0 <= bit < width:

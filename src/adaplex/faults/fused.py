@@ -1,12 +1,13 @@
 """Checks on the fused attention kernel itself, without materialising the attention matrix.
 
-SDPA runs once on V' = [V | V·1 | 1] (two extra value columns), so the kernel computes
-O' = P V' = [O | P(V·1) | P·1]:
+SDPA runs once on V' = [V | V·1 | 1 | 0…] (two extra value columns, zero-padded to a multiple of 8
+so that SDPA keeps its flash / memory-efficient kernels), so the kernel computes
+O' = P V' = [O | P(V·1) | P·1 | 0…]:
 - abft_output: O·1 must equal P(V·1), the kernel's own checksum of the P·V product;
 - softmax:     P·1 must equal 1 for every row that sees a key;
 - output_bound: O must lie within the min/max of V over the sequence's keys (a looser hull than
   over each row's visible keys, but it needs only V and O).
-Each extra column costs about 1/head_dim of the P·V work. Faults in the scores or weights need
+The padded columns cost 8/head_dim of the P·V work. Faults in the scores or weights need
 the step-by-step path (eager.py), where they can be injected and located.
 """
 
@@ -22,6 +23,8 @@ from adaplex.faults import qkv
 from adaplex.faults.detect import Finding, _report
 from adaplex.faults.hook import FaultHook
 
+PAD = 8  # the two checksum columns, padded to keep head_dim + PAD a multiple of 8
+
 
 def fused_checked_attention(
     module: nn.Module,
@@ -36,10 +39,13 @@ def fused_checked_attention(
 ) -> torch.Tensor:
     """SDPA output (B, T, H, D) with the fused checks run; detections go to the hook."""
     dim = value.shape[-1]
-    extra = torch.cat([value.sum(-1, keepdim=True), torch.ones_like(value[..., :1])], dim=-1)  # (B, H_kv, S, 2)
-    out = sdpa_attention_forward(
-        module, query, key, torch.cat([value, extra], dim=-1), mask, scaling=scaling, is_causal=is_causal, **kwargs
-    )[0]  # (B, T, H, D + 2)
+    padded = value.new_zeros(*value.shape[:-1], dim + PAD)  # (B, H_kv, S, D + 8)
+    padded[..., :dim] = value
+    padded[..., dim] = value.sum(-1)
+    padded[..., dim + 1] = 1
+    out = sdpa_attention_forward(module, query, key, padded, mask, scaling=scaling, is_causal=is_causal, **kwargs)[
+        0
+    ]  # (B, T, H, D + 8)
     o, checksum, rowsum = out[..., :dim], out[..., dim], out[..., dim + 1]
     eps = torch.finfo(value.dtype).eps
     keys = value.shape[2]

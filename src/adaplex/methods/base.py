@@ -39,3 +39,7 @@ class SiteAdapter(Adapter):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, weight: object) -> torch.Tensor:
+        """out + forward(x, base_out, weight); methods that can fuse the addition override this."""
+        return out + self(x, base_out, weight)

@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from adaplex.errors import AdapterNameError
+from adaplex.kernels import gathered_lora
 from adaplex.methods.base import MethodConfig, SiteAdapter
 from adaplex.methods.lora import ALL_LINEAR, init_mixer
 
@@ -84,16 +85,26 @@ class ExpertBank(SiteAdapter):
                 init_mixer(m, config.mixer_init)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, weight: Route) -> torch.Tensor:  # type: ignore[override]
+        return self.add_to(torch.zeros_like(base_out), x, base_out, weight)
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, weight: object) -> torch.Tensor:
+        """out + Δ(x): with autograd two batched matmuls (the addition fused into the second); without,
+        the route's cached gathered weights, in one fused kernel where Triton runs (CUDA)."""
         if not isinstance(weight, Route):
             raise AdapterNameError("an expert bank needs per-sample keys: run the batch inside handle.route(keys)")
         if torch.is_grad_enabled():
-            down, up = self.gather(weight)
+            down, up = self.gather(weight, x.dtype)
         else:
-            down, up = weight.gathered.get(id(self)) or weight.gathered.setdefault(id(self), self.gather(weight))
-        return torch.bmm(torch.bmm(x, down.to(x.dtype)), up.to(x.dtype))  # (B, T, r) -> (B, T, out)
+            gathered = weight.gathered.get(id(self))
+            if gathered is None:
+                gathered = weight.gathered[id(self)] = tuple(t.contiguous() for t in self.gather(weight, x.dtype))
+            down, up = gathered
+            if gathered_lora.available(x):
+                return gathered_lora.gathered_lora_add(out, x, down, up)
+        return torch.baddbmm(out, torch.bmm(x, down), up)  # (B, T, r) -> (B, T, out)
 
-    def gather(self, route: Route) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each sample's (A_k^T, (w·s_k·B_k M_k)^T), rank-masked: (B, in, r) and (B, r, out)."""
+    def gather(self, route: Route, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's (A_k^T, (w·s_k·B_k M_k)^T), rank-masked, in ``dtype``: (B, in, r) and (B, r, out)."""
         index = route.index.clamp(min=0)  # (B,)
         mask = self.rank_mask[index]  # (B, r)
         gate = (route.index >= 0).to(self.scale.dtype) * self.scale[index] * route.weight  # (B,)
@@ -101,7 +112,7 @@ class ExpertBank(SiteAdapter):
         up = self.B[index] * mask.unsqueeze(1)  # (B, out, r)
         if self.mixer is not None:
             up = torch.bmm(up, self.mixer[index] * mask.unsqueeze(1) * mask.unsqueeze(-1))  # (B, out, r)
-        return down.transpose(1, 2), (up * gate.view(-1, 1, 1)).transpose(1, 2)
+        return down.transpose(1, 2).to(dtype), (up * gate.view(-1, 1, 1)).transpose(1, 2).to(dtype)
 
     def expert_state(self, k: int, rank: int) -> dict[str, torch.Tensor]:
         """Expert k as a plain LoRA/MoSLoRA state dict of rank ``rank`` (keys A, B, mixer)."""

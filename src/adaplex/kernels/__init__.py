@@ -1,0 +1,1 @@
+"""Triton kernels, used on CUDA when Triton is installed (PyTorch's CUDA wheels ship it)."""

@@ -1,0 +1,112 @@
+"""One fused kernel for per-sample low-rank updates: y_b = base_b + (x_b · D_b) · U_b.
+
+x: (B, T, in), D: (B, in, r), U: (B, r, out), base: (B, T, out), every sample b with its own D_b, U_b
+(the gathered expert weights of a Route). The batched-matmul path needs three kernels per layer
+(shrink, expand, add); in a launch-bound decode step each costs more than its arithmetic. Here one
+program computes a (BLOCK_M tokens × BLOCK_N outputs) tile of one sample: it accumulates the
+shrink h = x·D (BLOCK_M, r) over the input dimension, then y = base + h·U for its tile, all in
+float32 (h is rounded to the weights' dtype before the expand, as the matmul path does). The
+shrink is recomputed for each output tile: r·in multiply-adds per token, negligible beside
+the base layer's in·out.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import torch
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs kernels on CPU tensors
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the kernel can run on ``x``'s device: CUDA (or any device under the interpreter) with
+    Triton installed, as PyTorch's CUDA wheels install it."""
+    return (x.is_cuda or INTERPRETED) and _kernel() is not None
+
+
+@cache
+def _kernel():
+    """The compiled-on-first-use kernel, or None without Triton (imported only here: it is slow to import)."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def _gathered_lora_kernel(
+        x_ptr,
+        down_ptr,
+        up_ptr,
+        base_ptr,
+        out_ptr,
+        tokens,
+        n_out,
+        rank,
+        N_IN: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        RANK: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ranks = tl.arange(0, RANK)
+        row_ok = rows < tokens
+        rank_ok = ranks < rank
+        x_ptr += b * tokens * N_IN
+        down_ptr += b * N_IN * rank
+        h = tl.zeros((BLOCK_M, RANK), dtype=tl.float32)
+        for start in tl.static_range(0, N_IN, BLOCK_K):
+            ks = start + tl.arange(0, BLOCK_K)
+            k_ok = ks < N_IN
+            x = tl.load(x_ptr + rows[:, None] * N_IN + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            d = tl.load(
+                down_ptr + ks[:, None] * rank + ranks[None, :], mask=k_ok[:, None] & rank_ok[None, :], other=0.0
+            )
+            h += tl.dot(x, d, input_precision=PRECISION)  # (BLOCK_M, RANK)
+        col_ok = cols < n_out
+        u = tl.load(
+            up_ptr + b * rank * n_out + ranks[:, None] * n_out + cols[None, :],
+            mask=rank_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        y = tl.dot(h.to(u.dtype), u, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        tile = b * tokens * n_out + rows[:, None] * n_out + cols[None, :]
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        base = tl.load(base_ptr + tile, mask=tile_ok, other=0.0)
+        tl.store(out_ptr + tile, (base.to(tl.float32) + y).to(base.dtype), mask=tile_ok)
+
+    return _gathered_lora_kernel
+
+
+def gathered_lora_add(base: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """base + bmm(bmm(x, down), up) in one kernel; shapes (B, T, out), (B, T, in), (B, in, r), (B, r, out)."""
+    batch, tokens, n_in = x.shape
+    rank, n_out = up.shape[1], up.shape[2]
+    x, down, up, base = x.contiguous(), down.contiguous(), up.contiguous(), base.contiguous()
+    out = torch.empty_like(base)
+    block_m = 16 if tokens <= 16 else 64
+    block_n = 64
+    grid = (batch, -(-tokens // block_m), -(-n_out // block_n))
+    _kernel()[grid](
+        x,
+        down,
+        up,
+        base,
+        out,
+        tokens,
+        n_out,
+        rank,
+        N_IN=n_in,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=64,
+        RANK=max(16, 1 << (rank - 1).bit_length()),  # tl.dot needs a power of two >= 16
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+    )
+    return out

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# GPU checks on the device machine (see README "Benchmarks"). Carried, not committed: .whl (pinned wheels
-# the image lacks) and .devcarry (SmolLM2-135M's config and tokenizer, and the prepared data; the 135M
-# weights exceed what can travel, so the model is SmolLM2-shaped with random weights: timings and memory
-# are those of the real architecture, perplexities are meaningless).
+# GPU checks on the device machine (see README "Benchmarks"):  bash benchmarks/device_run.sh [SECTION...]
+# Sections (default: all): kernel route faults train. Results go to $OUT (default /tmp/out).
+# Carried, not committed: .whl (pinned wheels the image lacks) and .devcarry (SmolLM2-135M's config and
+# tokenizer, and the prepared data; the 135M weights exceed what can travel, so the model is SmolLM2-shaped
+# with random weights: timings and memory are those of the real architecture, perplexities are meaningless).
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
+BASE=/tmp/smollm2-random
+SECTIONS=${*:-kernel route faults train}
 python3 - <<'PY'
 import shutil, torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -17,12 +20,27 @@ for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "gen
     shutil.copy(f".devcarry/smollm2/{f}", "/tmp/smollm2-random/")
 print(torch.cuda.get_device_name(0), torch.__version__)
 PY
-python3 -m adaplex bench train --base /tmp/smollm2-random --device cuda --batch 16 --seq 256 --steps 8 --rounds 3 \
-  --out "$OUT/train-cuda.json" | tail -20
-python3 -m adaplex bench overhead --base /tmp/smollm2-random --device cuda --bf16 --batch 16 --seq 256 --rounds 5 \
-  --out "$OUT/overhead-cuda.json" | tail -20
-cat > /tmp/gpu-stage.yaml <<YAML
-base: /tmp/smollm2-random
+for section in $SECTIONS; do
+  echo "== $section"
+  case $section in
+    kernel)  # the fused routing kernel against batched matmuls, bfloat16 included (CPU tests cover float32/16)
+      python3 benchmarks/kernel_check.py $BASE "$OUT/kernel-check-cuda.json" | tail -30 ;;
+    route)
+      python3 -m adaplex bench route --base $BASE --device cuda --bf16 --mode decode --batch 64 --seq 128 \
+        --adapters 1 --adapters 8 --adapters 16 --adapters 32 --adapters 64 --rounds 7 \
+        --out "$OUT/route-decode-cuda.json" | tail -12 ;;
+    faults)
+      python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 8 --seq 512 --repeats 9 \
+        --out "$OUT/faults-cuda.json" | tail -12
+      python3 -m adaplex bench faults --base $BASE --device cuda --batch 8 --seq 512 --repeats 5 \
+        --out "$OUT/faults-cuda-fp32.json" | tail -12 ;;
+    train)
+      python3 -m adaplex bench train --base $BASE --device cuda --batch 16 --seq 256 --steps 8 --rounds 3 \
+        --out "$OUT/train-cuda.json" | tail -20
+      python3 -m adaplex bench overhead --base $BASE --device cuda --bf16 --batch 16 --seq 256 --rounds 5 \
+        --out "$OUT/overhead-cuda.json" | tail -20
+      cat > /tmp/gpu-stage.yaml <<YAML
+base: $BASE
 output: /tmp/gpu-run
 adapters:
   - {name: style, config: {method: lora, r: 16, alpha: 32}}
@@ -31,10 +49,8 @@ optim: {lr: 1.0e-3, max_steps: 60, warmup_steps: 5}
 eval: {every_n_steps: 30, max_batches: 4}
 trainer: {precision: auto, accelerator: auto, checkpoint_every_n_steps: 30}
 YAML
-python3 -m adaplex train /tmp/gpu-stage.yaml 2>&1 | tail -5
-python3 - <<'PY'
-import csv, json, os
-rows = list(csv.DictReader(open("/tmp/gpu-run/logs/csv/metrics.csv")))
-print(json.dumps({"precision_ok": True, "val_loss": [r["val_loss"] for r in rows if r.get("val_loss")]}))
-PY
-cp /tmp/gpu-run/logs/csv/metrics.csv "$OUT/gpu-train-metrics.csv"
+      python3 -m adaplex train /tmp/gpu-stage.yaml 2>&1 | tail -5
+      cp /tmp/gpu-run/logs/csv/metrics.csv "$OUT/gpu-train-metrics.csv" ;;
+    *) echo "unknown section $section (kernel route faults train)"; exit 2 ;;
+  esac
+done

@@ -11,6 +11,7 @@ from adaplex.errors import ConfigError
 from adaplex.faults.bits import flip_bit
 from adaplex.faults.detect import Tensors, kv_tied
 from adaplex.faults.experiment import logits_of, run_once
+from adaplex.faults.fused import PAD
 from adaplex.faults.hook import DetectorConfig, FaultPlan
 from adaplex.faults.session import armed
 
@@ -100,10 +101,10 @@ def test_kv_tied_detector():
     t = Tensors(
         k, k, v, scores, scores.softmax(-1), scores.softmax(-1) @ v, torch.ones(1, 1, 4, 4, dtype=torch.bool), 1.0
     )
-    assert [d for finding in kv_tied(0, t) for d in finding()] == []
+    assert [d for finding in kv_tied(0, t) for d in finding.resolve()] == []
     v = flip_bit(v, torch.tensor([9]), 20)
     t = Tensors(k, k, v, scores, scores.softmax(-1), scores.softmax(-1) @ v, t.visible, 1.0)
-    assert [(d.head, d.location) for finding in kv_tied(0, t) for d in finding()] == [(0, (0, 1))]
+    assert [(d.head, d.location) for finding in kv_tied(0, t) for d in finding.resolve()] == [(0, (0, 1))]
 
 
 def test_bad_fault_plans_are_errors():
@@ -182,22 +183,26 @@ def test_fused_checks_have_no_false_positives_and_match_sdpa(family):
         torch.testing.assert_close(checked, reference, atol=1e-5, rtol=0)
 
 
-def test_fused_checks_catch_a_fault_inside_the_kernel(monkeypatch):
-    """A bit flipped in the kernel's P·V output (simulated by corrupting what SDPA returns)."""
+@pytest.mark.parametrize(
+    "column, bit, detector",
+    [(1, 27, "abft_output"), (1, 30, "output_bound"), (-PAD + 1, 27, "softmax")],  # -PAD + 1: the P·1 column
+)
+def test_fused_checks_catch_a_fault_inside_the_kernel(monkeypatch, column, bit, detector):
+    """A bit flipped in the kernel's output O' = P V' (simulated by corrupting what SDPA returns)."""
     import adaplex.faults.fused as fused_module
 
     real = fused_module.sdpa_attention_forward
 
     def faulty_kernel(*args, **kwargs):
-        out, weights = real(*args, **kwargs)
-        return flip_bit(out, torch.tensor([3 * out.shape[-1] + 1]), 27).view_as(out), weights
+        out, weights = real(*args, **kwargs)  # (B, T, H, D + PAD)
+        return flip_bit(out, torch.tensor([3 * out.shape[-1] + column % out.shape[-1]]), bit).view_as(out), weights
 
     monkeypatch.setattr(fused_module, "sdpa_attention_forward", faulty_kernel)
     model = tiny.llama()
     with armed(model, None, DetectorConfig(fused=True)) as hooks:
         logits_of(model, {"input_ids": tiny.tokens(batch=1, length=6)})
     found = {d.detector for h in hooks for d in h.detections}
-    assert "abft_output" in found
+    assert detector in found
 
 
 def test_flips_reach_the_prefix_path():

@@ -596,7 +596,7 @@ def faults_report(
 @bench_app.command("faults")
 def bench_faults(
     base: BaseOption = None,
-    batch: int = 1,
+    batch: int = 4,
     seq: int = 128,
     repeats: int = 5,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",

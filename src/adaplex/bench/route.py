@@ -2,14 +2,17 @@
 
 Every sample of the batch uses its own rank-r LoRA adapter (keys cycle through K adapters). adaplex
 routes through one ExpertBank per site (gathered batched matmuls); PEFT runs the same adapters
-with ``adapter_names``. Modes: "prefill" times a full forward of (B, T) tokens; "decode" times one
-next-token step of a batch with a KV cache of T tokens (the cache is cropped back after each step).
+with ``adapter_names``. Where the fused routing kernel runs (CUDA), the routed model is also timed
+without it ("adaplex-routed-bmm": batched matmuls). Modes: "prefill" times a full forward of (B, T)
+tokens; "decode" times one next-token step of a batch with a KV cache of T tokens (the cache is
+cropped back after each step).
 """
 
 from __future__ import annotations
 
 import copy
 import statistics
+from contextlib import nullcontext
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -20,6 +23,7 @@ from transformers import DynamicCache
 from adaplex import Adapted
 from adaplex.bench.measure import interleaved_times, median_ratio
 from adaplex.bench.overhead import peft_targets
+from adaplex.kernels import gathered_lora
 from adaplex.methods import ExpertsConfig
 from adaplex.models import load_base
 from adaplex.routing import route
@@ -54,10 +58,13 @@ def measure(base: nn.Module, ids: torch.Tensor, count: int, rank: int, rounds: i
     routed, peft_model = build(base, keys, rank)
     models = {"base": base, "adaplex-routed": routed.model, "peft-mixed": peft_model}
     kwargs = {"base": {}, "adaplex-routed": {}, "peft-mixed": {"adapter_names": per_sample}}
+    if gathered_lora.available(ids):  # the same routed model without its fused kernel, side by side
+        models["adaplex-routed-bmm"] = routed.model
+        kwargs["adaplex-routed-bmm"] = {}
     caches: dict[str, DynamicCache] = {}
 
     def forward(name: str, **inputs) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), gathered_lora.disabled() if name == "adaplex-routed-bmm" else nullcontext():
             models[name](**inputs, **kwargs[name])
 
     if mode == "decode":
@@ -79,13 +86,14 @@ def measure(base: nn.Module, ids: torch.Tensor, count: int, rank: int, rounds: i
     # As in generate(): the batch's routing is set once and holds for every step.
     with route(routed, per_sample):
         times = interleaved_times({n: step(n) for n in models}, rounds, ids.device, warmup=2)
+    ratios = {"routed_bmm_x_base": ("adaplex-routed-bmm", "base")} if "adaplex-routed-bmm" in times else {}
     return {
         "adapters": count,
         "step_s": {n: statistics.median(t) for n, t in times.items()},
         "routed_x_base": median_ratio(times, "adaplex-routed", "base"),
         "peft_x_base": median_ratio(times, "peft-mixed", "base"),
         "peft_x_routed": median_ratio(times, "peft-mixed", "adaplex-routed"),
-    }
+    } | {name: median_ratio(times, *pair) for name, pair in ratios.items()}
 
 
 def run(

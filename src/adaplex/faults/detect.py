@@ -2,8 +2,8 @@
 
 All take (B, H, T, D) queries, (B, H, S, D) keys/values (heads already repeated for GQA), the
 (B, H, T, S) scores and softmax weights, the (B, H, T, D) output and a boolean visibility mask
-broadcastable to the scores (True = attend). Each returns findings: thunks that turn its on-device
-excess tensors into detections when called after the forward, so the checks never sync the device.
+broadcastable to the scores (True = attend). Each returns findings: on-device excess tensors (> 0 where
+a check fails) that become detections after the forward, so the checks never sync the device.
 
 - softmax:       weights finite, in [0, 1] and each visible row sums to 1
 - output_bound:  every output element lies within the min/max of V over the visible keys (convex hull)
@@ -15,13 +15,10 @@ excess tensors into detections when called after the forward, so the checks neve
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
-
-Finding = Callable[[], "list[Detection]"]  # resolved after the forward, so checks never sync the device
 
 
 @dataclass(frozen=True)
@@ -31,6 +28,28 @@ class Detection:
     detector: str
     location: tuple[int, ...]  # (batch, query row[, key column or feature])
     magnitude: float
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check's excess over its tolerance, (B, H, ...), positive where it fails; abft findings also
+    carry the column checksums' excess, to locate the faulty element."""
+
+    layer: int
+    detector: str
+    excess: torch.Tensor
+    columns: torch.Tensor | None = None
+
+    def resolve(self) -> list[Detection]:
+        if self.columns is None:
+            return _report(self.layer, self.detector, self.excess)
+        return _locate(self.layer, self.detector, self.excess, self.columns)
+
+
+def any_failed(findings: Iterable[Finding]) -> bool:
+    """Whether any finding's excess is positive (or NaN): one reduction each and one device sync."""
+    peaks = [t.amax() for f in findings for t in (f.excess, f.columns) if t is not None and t.numel()]
+    return bool(peaks) and bool(torch.stack(peaks).float().nan_to_num(nan=torch.inf).amax() > 0)
 
 
 @dataclass(frozen=True)
@@ -70,7 +89,7 @@ def softmax(layer: int, t: Tensors) -> list[Finding]:
     out_of_range = torch.maximum(-w, w - 1).amax(-1) - tol  # (B, H, T)
     row_error = (w.sum(-1) - 1).abs() - tol
     excess = torch.where(rows, torch.maximum(out_of_range, row_error), torch.zeros_like(row_error))
-    return [partial(_report, layer, "softmax", excess)]
+    return [Finding(layer, "softmax", excess)]
 
 
 def output_bound(layer: int, t: Tensors) -> list[Finding]:
@@ -82,7 +101,7 @@ def output_bound(layer: int, t: Tensors) -> list[Finding]:
     tol = 4 * t.v.shape[2] * _eps(t.output) * t.v.float().abs().amax(dim=(2, 3), keepdim=True)
     excess = torch.maximum(low - o, o - high) - tol  # (B, H, T, D)
     excess = torch.where(torch.isfinite(low), excess, torch.zeros_like(excess))  # rows with no visible key
-    return [partial(_report, layer, "output_bound", excess.amax(-1))]
+    return [Finding(layer, "output_bound", excess.amax(-1))]
 
 
 def score_bound(layer: int, t: Tensors) -> list[Finding]:
@@ -91,7 +110,7 @@ def score_bound(layer: int, t: Tensors) -> list[Finding]:
     bound = abs(t.scaling) * qn * kn
     tol = 4 * t.q.shape[-1] * _eps(t.scores) * bound + 1e-30
     excess = (t.scores.float().abs() - bound - tol).amax(-1)  # (B, H, T)
-    return [partial(_report, layer, "score_bound", excess)]
+    return [Finding(layer, "score_bound", excess)]
 
 
 def _checksums(
@@ -108,7 +127,7 @@ def _checksums(
     size = n + p.shape[-1] + p.shape[-2]
     row_excess = (p.sum(-1) - row_ref).abs() - 4 * size * eps * row_mag - 1e-30  # (B, H, T)
     col_excess = (p.sum(-2) - col_ref).abs() - 4 * size * eps * col_mag - 1e-30  # (B, H, S)
-    return [partial(_locate, layer, name, row_excess, col_excess)]
+    return [Finding(layer, name, row_excess, col_excess)]
 
 
 def _locate(layer: int, name: str, row_excess: torch.Tensor, col_excess: torch.Tensor) -> list[Detection]:
@@ -132,7 +151,7 @@ def abft(layer: int, t: Tensors) -> list[Finding]:
 
 
 def kv_tied(layer: int, t: Tensors) -> list[Finding]:
-    return [partial(_report, layer, "kv_tied", (t.k.float() - t.v.float()).abs().amax(-1))]
+    return [Finding(layer, "kv_tied", (t.k.float() - t.v.float()).abs().amax(-1))]
 
 
 DETECTORS = {

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from adaplex.faults.hook import DetectorConfig, FaultPlan
+from adaplex.faults.hook import DetectorConfig, FaultPlan, detections_of
 from adaplex.faults.session import armed
 
 
@@ -59,8 +59,8 @@ def run_once(
     start = time.perf_counter()
     with armed(model, plan, detectors) as hooks:
         faulty = logits_of(model, inputs)
+        detections = detections_of(hooks)
     t_run = time.perf_counter() - start
-    detections = [d for h in hooks for d in h.detections]
     diff = (faulty.float() - baseline.float()).abs()
     diff = torch.nan_to_num(diff, nan=float("inf"))
     top1 = int((faulty.argmax(-1) != baseline.argmax(-1)).sum())
@@ -101,9 +101,11 @@ def attention_flops(model: nn.Module, batch: int, seq: int) -> int:
 def monitor(
     model: nn.Module, inputs: dict[str, torch.Tensor], plan: FaultPlan, detectors: DetectorConfig, repeats: int = 3
 ) -> dict:
-    """Interleaved timings: fused baseline, fused kernel with its checks, step-by-step without
-    detectors, step-by-step with every detector, and injected."""
-    from adaplex.bench.measure import peak_memory_mib
+    """Interleaved timings: fused baseline; fused kernel with its checks, without the q/k/v checksums,
+    and with its checksum columns but no checks; step-by-step without detectors, with every detector,
+    and injected."""
+    from adaplex.adapted import _HANDLES, Adapted
+    from adaplex.bench.measure import interleaved_times, median_ratio, peak_memory_mib
 
     off = DetectorConfig(**{name: False for name in DetectorConfig.model_fields})
     fused = detectors.model_copy(update={"fused": True})
@@ -111,13 +113,11 @@ def monitor(
         "baseline": lambda: logits_of(model, inputs),
         "fused_detection": lambda: _armed_logits(model, inputs, None, fused),
         "fused_without_qkv": lambda: _armed_logits(model, inputs, None, fused.model_copy(update={"qkv": False})),
+        "fused_columns_only": lambda: _armed_logits(model, inputs, None, off.model_copy(update={"fused": True})),
         "stepwise": lambda: _armed_logits(model, inputs, None, off),
         "detection": lambda: _armed_logits(model, inputs, None, detectors),
         "injected": lambda: _armed_logits(model, inputs, plan, detectors),
     }
-    from adaplex.adapted import _HANDLES, Adapted
-    from adaplex.bench.measure import interleaved_times
-
     device = next(model.parameters()).device
     fresh = model not in _HANDLES
     handle = Adapted.of(model)  # attached once, so that each phase only sets the layers' hooks
@@ -126,13 +126,11 @@ def monitor(
     finally:
         if fresh:
             handle.detach()
-    medians = {p: statistics.median(t) for p, t in times.items()}
-    base = medians["baseline"]
     batch, seq = inputs["input_ids"].shape
     return {
         "seconds": {p: aggregate(t) for p, t in times.items()},
-        "overhead_percent": {p: 100 * (m / base - 1) for p, m in medians.items() if p != "baseline"},
-        "bounds_and_detection_percent": 100 * (medians["detection"] / medians["stepwise"] - 1),
+        "overhead_percent": {p: 100 * (median_ratio(times, p, "baseline") - 1) for p in phases if p != "baseline"},
+        "bounds_and_detection_percent": 100 * (median_ratio(times, "detection", "stepwise") - 1),
         "peak_memory_mib": {p: peak_memory_mib(phase, torch.device("cpu"))[0] for p, phase in phases.items()}
         if next(model.parameters()).device.type == "cpu"
         else {},
@@ -141,5 +139,8 @@ def monitor(
 
 
 def _armed_logits(model, inputs, plan, detectors) -> torch.Tensor:
-    with armed(model, plan, detectors):
-        return logits_of(model, inputs)
+    """Logits of an armed forward, its detections resolved (their cost is part of the phase)."""
+    with armed(model, plan, detectors) as hooks:
+        logits = logits_of(model, inputs)
+        detections_of(hooks)
+    return logits

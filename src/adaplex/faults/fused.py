@@ -1,7 +1,8 @@
 """Checks on the fused attention kernel itself, without materialising the attention matrix.
 
-SDPA runs once on V' = [V | V·1 | 1 | 0…] (two extra value columns, zero-padded to a multiple of 8
-so that SDPA keeps its flash / memory-efficient kernels), so the kernel computes
+SDPA runs once on V' = [V | V·1 | 1 | 0…] (two extra value columns, zero-padded by 8 so that the
+head dim stays a multiple of 8), with Q and K zero-padded to the same width (their products are
+unchanged) so that SDPA keeps its flash kernels, which need equal head dims. The kernel computes
 O' = P V' = [O | P(V·1) | P·1 | 0…]:
 - abft_output: O·1 must equal P(V·1), the kernel's own checksum of the P·V product;
 - softmax:     P·1 must equal 1 for every row that sees a key;
@@ -13,17 +14,23 @@ the step-by-step path (eager.py), where they can be injected and located.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from adaplex.faults import qkv
-from adaplex.faults.detect import Finding, _report
+from adaplex.faults.detect import Finding
 from adaplex.faults.hook import FaultHook
 
 PAD = 8  # the two checksum columns, padded to keep head_dim + PAD a multiple of 8
+
+
+def _ones_then_zeros(value: torch.Tensor) -> torch.Tensor:
+    """(B, H_kv, S, PAD - 1) columns [1, 0, …, 0] beside V·1 (a broadcast view of one small tensor)."""
+    columns = value.new_zeros(PAD - 1)
+    columns[0] = 1
+    return columns.expand(*value.shape[:-1], PAD - 1)
 
 
 def fused_checked_attention(
@@ -39,33 +46,31 @@ def fused_checked_attention(
 ) -> torch.Tensor:
     """SDPA output (B, T, H, D) with the fused checks run; detections go to the hook."""
     dim = value.shape[-1]
-    padded = value.new_zeros(*value.shape[:-1], dim + PAD)  # (B, H_kv, S, D + 8)
-    padded[..., :dim] = value
-    padded[..., dim] = value.sum(-1)
-    padded[..., dim + 1] = 1
+    padded = torch.cat([value, value.sum(-1, keepdim=True), _ones_then_zeros(value)], dim=-1)  # (B, H_kv, S, D+8)
+    query, key = F.pad(query, (0, PAD)), F.pad(key, (0, PAD))
+    scaling = dim**-0.5 if scaling is None else scaling
     out = sdpa_attention_forward(module, query, key, padded, mask, scaling=scaling, is_causal=is_causal, **kwargs)[
         0
     ]  # (B, T, H, D + 8)
-    o, checksum, rowsum = out[..., :dim], out[..., dim], out[..., dim + 1]
+    o, sums = out[..., :dim], out[..., dim : dim + 2].float()  # sums: (B, T, H, 2) = [P(V·1), P·1]
     eps = torch.finfo(value.dtype).eps
     keys = value.shape[2]
-    vmax = value.float().abs().amax()
-    found: list[Finding] = qkv.check(hook, {"q": query, "k": key, "v": value}) if hook.detectors.qkv else []
+    vmax = value.abs().amax().float()
+    found: list[Finding] = (
+        qkv.check(hook, {"q": query[..., :dim], "k": key[..., :dim], "v": value}) if hook.detectors.qkv else []
+    )
     if hook.detectors.abft:
-        tol = 4 * (keys + dim) * eps * dim * vmax
-        excess = (o.float().sum(-1) - checksum.float()).abs() - tol
-        found.append(partial(_report, hook.layer, "abft_output", excess.transpose(1, 2)))
-    if hook.detectors.softmax:
-        tol = 4 * keys * eps
-        seen = rowsum.float() > 0.5  # rows with no visible key have P·1 = 0
-        excess = torch.where(seen, (rowsum.float() - 1).abs() - tol, torch.zeros_like(rowsum, dtype=torch.float))
-        found.append(partial(_report, hook.layer, "softmax", excess.transpose(1, 2)))
+        excess = (o.sum(-1, dtype=torch.float32) - sums[..., 0]).abs() - 4 * (keys + dim) * eps * dim * vmax
+        found.append(Finding(hook.layer, "abft_output", excess.transpose(1, 2)))
+    if hook.detectors.softmax:  # rows with no visible key have P·1 = 0
+        rowsum = sums[..., 1]
+        excess = torch.minimum((rowsum - 1).abs(), rowsum.abs()) - 4 * keys * eps
+        found.append(Finding(hook.layer, "softmax", excess.transpose(1, 2)))
     if hook.detectors.output_bound:
-        groups = query.shape[1] // value.shape[1]
-        low = value.float().amin(2).repeat_interleave(groups, 1).unsqueeze(1)  # (B, 1, H, D)
-        high = value.float().amax(2).repeat_interleave(groups, 1).unsqueeze(1)
-        tol = 4 * keys * eps * vmax
-        excess = torch.maximum(low - o.float(), o.float() - high).amax(-1) - tol  # (B, T, H)
-        found.append(partial(_report, hook.layer, "output_bound", excess.transpose(1, 2)))
+        batch, tokens, heads, _ = o.shape
+        grouped = o.view(batch, tokens, value.shape[1], heads // value.shape[1], dim)  # (B, T, H_kv, G, D)
+        low, high = value.amin(2)[:, None, :, None], value.amax(2)[:, None, :, None]  # (B, 1, H_kv, 1, D)
+        outside = (grouped - grouped.clamp(low, high)).abs().amax(-1).flatten(2)  # (B, T, H)
+        found.append(Finding(hook.layer, "output_bound", (outside - 4 * keys * eps * vmax).transpose(1, 2)))
     hook.findings += found
     return o.contiguous()

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from adaplex.faults.bits import flip_bit
-from adaplex.faults.detect import DETECTORS, Detection, Finding, Tensors
+from adaplex.faults.detect import DETECTORS, Detection, Finding, Tensors, any_failed
 
 Location = Literal["q", "k", "v", "scores", "weights", "output"]
 LOCATIONS: tuple[str, ...] = get_args(Location)
@@ -66,7 +66,7 @@ class FaultHook:
     def detections(self) -> list[Detection]:
         """Everything detected so far (resolving the findings syncs with the device once)."""
         while self.findings:
-            self._resolved.extend(self.findings.pop(0)())
+            self._resolved.extend(self.findings.pop(0).resolve())
         return self._resolved
 
     def inject(self, location: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -84,6 +84,14 @@ class FaultHook:
         self.findings += [
             f for name in self.detectors.enabled() if name in DETECTORS for f in DETECTORS[name](self.layer, tensors)
         ]
+
+
+def detections_of(hooks: list[FaultHook]) -> list[Detection]:
+    """Everything the hooks detected, layer by layer; a clean forward costs one device sync."""
+    if not any_failed(f for h in hooks for f in h.findings):
+        for hook in hooks:
+            hook.findings.clear()
+    return [d for h in hooks for d in h.detections]
 
 
 def _flat(shape: torch.Size, element: list[int]) -> int:

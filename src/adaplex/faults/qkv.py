@@ -1,7 +1,7 @@
 """Checksums that carry q, k and v from their projections into the attention function.
 
 A flip in q, k or v happens before the attention products, so the products' own checksums agree
-with it. Instead, forward hooks on the projections record, per (batch, head, token), the squared
+with it. Instead, forward hooks on the projections record, per (batch, head, token), the
 norm and the sum of each head's vector; the attention function compares them with the q, k, v it
 receives. The rotary embedding keeps norms but not sums, so for q and k of rotary models the sum is
 the one the rotated vector x·cos + rotate_half(x)·sin will have, a weighted sum of x whose weights
@@ -12,23 +12,22 @@ reductions over O(T·H·D) per tensor.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from functools import cache
 
 import torch
 from torch import nn
 
-from adaplex.faults.detect import Finding, _report
+from adaplex.faults.detect import Finding
 from adaplex.faults.hook import FaultHook
 
-Stats = dict[str, torch.Tensor]  # "norm" (and for v "sum"), each (B, H, T)
 
-
-def stats(heads: torch.Tensor, weights: torch.Tensor | None = None) -> Stats:
-    """Per-head squared norm and sum of a (B, H, T, D) tensor, in float32. With ``weights`` (B, T, D),
-    the sum is the weighted one, Σ_d w_td x_d: the sum the tensor will have after the rotary embedding."""
+def stats(heads: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H, T, 2): per head the norm and the sum of a (B, H, T, D) tensor, in float32. With ``weights``
+    (B, T, D), the sum is the weighted one, Σ_d w_td x_d: the sum the tensor will have after the rotary
+    embedding."""
     x = heads.float()
-    total = x.sum(-1) if weights is None else torch.einsum("bhtd,btd->bht", x, weights)
-    return {"norm": x.pow(2).sum(-1), "sum": total}
+    total = x.sum(-1) if weights is None else (x * weights.unsqueeze(1)).sum(-1)
+    return torch.stack([torch.linalg.vector_norm(x, dim=-1), total], dim=-1)
 
 
 def rotated_sum_weights(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -76,25 +75,30 @@ def recorder(
         if weights is not None and weights.shape[-1] == head_dim:
             hook.reference[location] = stats(heads, weights)
         else:  # partial rotary or no (cos, sin) seen: the norm alone
-            hook.reference[location] = {"norm": stats(heads)["norm"]}
+            hook.reference[location] = stats(heads)[..., :1]
 
     return record
 
 
 def check(hook: FaultHook, received: dict[str, torch.Tensor]) -> list[Finding]:
-    """Compare the stats of the received q, k, v (their newest T tokens) with the recorded ones."""
+    """Compare the stats of the received q, k, v (their newest T tokens) with the recorded ones.
+
+    Tolerance: 8·D·eps of the dtype times the norm for the norm, times √D · norm (≥ Σ|x_d|) for the sum.
+    """
     findings = []
     for location, tensor in received.items():
         reference = hook.reference.pop(location, None)
         if reference is None:
             continue
-        tokens = reference["norm"].shape[-1]
-        got = stats(tensor[:, :, -tokens:])  # cached or prefix positions come first
-        eps = torch.finfo(tensor.dtype).eps
-        scale = 8 * tensor.shape[-1] * eps
-        excess = (got["norm"] - reference["norm"]).abs() - scale * reference["norm"] - 1e-30
-        if "sum" in reference:
-            magnitude = reference["norm"].sqrt() * tensor.shape[-1] ** 0.5
-            excess = torch.maximum(excess, (got["sum"] - reference["sum"]).abs() - scale * magnitude - 1e-30)
-        findings.append(partial(_report, hook.layer, f"qkv_{location}", excess))
+        count, tokens = reference.shape[-1], reference.shape[-2]
+        got = stats(tensor[:, :, -tokens:])[..., :count]  # cached or prefix positions come first
+        slack = _slack(tensor.shape[-1], tensor.dtype, reference.device)[:count]
+        excess = torch.addcmul((got - reference).abs(), reference[..., :1], slack, value=-1).amax(-1)  # (B, H, T)
+        findings.append(Finding(hook.layer, f"qkv_{location}", excess))
     return findings
+
+
+@cache
+def _slack(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allowed |got - recorded| per unit of norm, for [norm, sum]: 8·D·eps · [1, √D]."""
+    return 8 * dim * torch.finfo(dtype).eps * torch.tensor([1.0, dim**0.5], device=device)

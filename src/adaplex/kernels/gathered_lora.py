@@ -13,17 +13,31 @@ the base layer's in·out.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
 import torch
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs kernels on CPU tensors
+_enabled = True
 
 
 def available(x: torch.Tensor) -> bool:
     """Whether the kernel can run on ``x``'s device: CUDA (or any device under the interpreter) with
     Triton installed, as PyTorch's CUDA wheels install it."""
-    return (x.is_cuda or INTERPRETED) and _kernel() is not None
+    return _enabled and (x.is_cuda or INTERPRETED) and _kernel() is not None
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Inside the block routed layers use the batched-matmul path (to compare, or to rule the kernel out)."""
+    global _enabled
+    saved, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = saved
 
 
 @cache

@@ -5,20 +5,22 @@ routes through one ExpertBank per site (gathered batched matmuls); PEFT runs the
 with ``adapter_names``. Where the fused routing kernel runs (CUDA), the routed model is also timed
 without it ("adaplex-routed-bmm": batched matmuls). Modes: "prefill" times a full forward of (B, T)
 tokens; "decode" times one next-token step of a batch with a KV cache of T tokens (the cache is
-cropped back after each step).
+cropped back after each step), and on CUDA also that step captured as a CUDA graph over a static
+cache, as serving engines run decode (base and routed; PEFT's mixed batches cannot be captured).
 """
 
 from __future__ import annotations
 
 import copy
 import statistics
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from adaplex import Adapted
 from adaplex.bench.measure import interleaved_times, median_ratio
@@ -85,8 +87,16 @@ def measure(base: nn.Module, ids: torch.Tensor, count: int, rank: int, rounds: i
 
     # As in generate(): the batch's routing is set once and holds for every step.
     with route(routed, per_sample):
-        times = interleaved_times({n: step(n) for n in models}, rounds, ids.device, warmup=2)
-    ratios = {"routed_bmm_x_base": ("adaplex-routed-bmm", "base")} if "adaplex-routed-bmm" in times else {}
+        steps = {n: step(n) for n in models}
+        if mode == "decode" and ids.is_cuda:  # as serving engines run decode: one CUDA graph per step
+            steps |= {f"{n}-graph": graphed_decode(models[n], ids) for n in ("base", "adaplex-routed")}
+        times = interleaved_times(steps, rounds, ids.device, warmup=2)
+    ratios = {
+        "routed_bmm_x_base": ("adaplex-routed-bmm", "base"),
+        "graph_routed_x_base": ("adaplex-routed-graph", "base-graph"),
+        "graph_base_x_base": ("base-graph", "base"),
+    }
+    ratios = {name: pair for name, pair in ratios.items() if pair[0] in times}
     return {
         "adapters": count,
         "step_s": {n: statistics.median(t) for n, t in times.items()},
@@ -94,6 +104,35 @@ def measure(base: nn.Module, ids: torch.Tensor, count: int, rank: int, rounds: i
         "peft_x_base": median_ratio(times, "peft-mixed", "base"),
         "peft_x_routed": median_ratio(times, "peft-mixed", "adaplex-routed"),
     } | {name: median_ratio(times, *pair) for name, pair in ratios.items()}
+
+
+def graphed_decode(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    """One decode step after ``ids`` (a static KV cache of their T tokens), captured as a CUDA graph;
+    returns its replay. Routing must already be set: the graph keeps the gathered expert weights.
+    Every replay first resets the cache's write positions (device counters it advances), so each
+    step sees the same T cached tokens."""
+    seq = ids.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=seq + 1)
+    last, position = ids[:, -1:].clone(), torch.tensor([seq], device=ids.device)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(seq, device=ids.device))
+    counters = [layer.cumulative_length for layer in cache.layers]
+    start = [counter.clone() for counter in counters]
+
+    def step() -> None:
+        torch._foreach_copy_(counters, start)
+        model(input_ids=last, past_key_values=cache, cache_position=position)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):  # warm-up (and the gathered weights) off the capture
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def run(

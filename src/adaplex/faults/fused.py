@@ -33,6 +33,38 @@ def _ones_then_zeros(value: torch.Tensor) -> torch.Tensor:
     return columns.expand(*value.shape[:-1], PAD - 1)
 
 
+def padded_inputs(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q and K zero-padded by PAD columns; V' = [V | V·1 | 1 | 0…]: (B, H, T|S, D + PAD) each."""
+    padded = torch.cat([value, value.sum(-1, keepdim=True), _ones_then_zeros(value)], dim=-1)
+    return F.pad(query, (0, PAD)), F.pad(key, (0, PAD)), padded
+
+
+def column_excess(
+    out: torch.Tensor, value: torch.Tensor, abft: bool, softmax: bool, output_bound: bool
+) -> dict[str, torch.Tensor]:
+    """Each chosen check's excess over its tolerance, (B, T, H), from O' = P V' (B, T, H, D + PAD) and V."""
+    dim, keys = value.shape[-1], value.shape[2]
+    o, sums = out[..., :dim], out[..., dim : dim + 2].float()  # sums: (B, T, H, 2) = [P(V·1), P·1]
+    eps = torch.finfo(value.dtype).eps
+    vmax = value.abs().amax().float()
+    excess = {}
+    if abft:
+        checksum_error = (o.sum(-1, dtype=torch.float32) - sums[..., 0]).abs()
+        excess["abft_output"] = checksum_error - 4 * (keys + dim) * eps * dim * vmax
+    if softmax:  # rows with no visible key have P·1 = 0
+        rowsum = sums[..., 1]
+        excess["softmax"] = torch.minimum((rowsum - 1).abs(), rowsum.abs()) - 4 * keys * eps
+    if output_bound:
+        batch, tokens, heads, _ = o.shape
+        grouped = o.view(batch, tokens, value.shape[1], heads // value.shape[1], dim)  # (B, T, H_kv, G, D)
+        low, high = value.amin(2)[:, None, :, None], value.amax(2)[:, None, :, None]  # (B, 1, H_kv, 1, D)
+        outside = (grouped - grouped.clamp(low, high)).abs().amax(-1).flatten(2)  # (B, T, H)
+        excess["output_bound"] = outside - 4 * keys * eps * vmax
+    return excess
+
+
 def fused_checked_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -46,31 +78,18 @@ def fused_checked_attention(
 ) -> torch.Tensor:
     """SDPA output (B, T, H, D) with the fused checks run; detections go to the hook."""
     dim = value.shape[-1]
-    padded = torch.cat([value, value.sum(-1, keepdim=True), _ones_then_zeros(value)], dim=-1)  # (B, H_kv, S, D+8)
-    query, key = F.pad(query, (0, PAD)), F.pad(key, (0, PAD))
+    query, key, padded = padded_inputs(query, key, value)
     scaling = dim**-0.5 if scaling is None else scaling
     out = sdpa_attention_forward(module, query, key, padded, mask, scaling=scaling, is_causal=is_causal, **kwargs)[
         0
     ]  # (B, T, H, D + 8)
-    o, sums = out[..., :dim], out[..., dim : dim + 2].float()  # sums: (B, T, H, 2) = [P(V·1), P·1]
-    eps = torch.finfo(value.dtype).eps
-    keys = value.shape[2]
-    vmax = value.abs().amax().float()
+    o = out[..., :dim]
     found: list[Finding] = (
         qkv.check(hook, {"q": query[..., :dim], "k": key[..., :dim], "v": value}) if hook.detectors.qkv else []
     )
-    if hook.detectors.abft:
-        excess = (o.sum(-1, dtype=torch.float32) - sums[..., 0]).abs() - 4 * (keys + dim) * eps * dim * vmax
-        found.append(Finding(hook.layer, "abft_output", excess.transpose(1, 2)))
-    if hook.detectors.softmax:  # rows with no visible key have P·1 = 0
-        rowsum = sums[..., 1]
-        excess = torch.minimum((rowsum - 1).abs(), rowsum.abs()) - 4 * keys * eps
-        found.append(Finding(hook.layer, "softmax", excess.transpose(1, 2)))
-    if hook.detectors.output_bound:
-        batch, tokens, heads, _ = o.shape
-        grouped = o.view(batch, tokens, value.shape[1], heads // value.shape[1], dim)  # (B, T, H_kv, G, D)
-        low, high = value.amin(2)[:, None, :, None], value.amax(2)[:, None, :, None]  # (B, 1, H_kv, 1, D)
-        outside = (grouped - grouped.clamp(low, high)).abs().amax(-1).flatten(2)  # (B, T, H)
-        found.append(Finding(hook.layer, "output_bound", (outside - 4 * keys * eps * vmax).transpose(1, 2)))
+    checks = (hook.detectors.abft, hook.detectors.softmax, hook.detectors.output_bound)
+    if any(checks):
+        excess = column_excess(out, value, *checks)
+        found += [Finding(hook.layer, name, e.transpose(1, 2)) for name, e in excess.items()]
     hook.findings += found
     return o.contiguous()

@@ -90,12 +90,17 @@ def check(hook: FaultHook, received: dict[str, torch.Tensor]) -> list[Finding]:
         reference = hook.reference.pop(location, None)
         if reference is None:
             continue
-        count, tokens = reference.shape[-1], reference.shape[-2]
-        got = stats(tensor[:, :, -tokens:])[..., :count]  # cached or prefix positions come first
-        slack = _slack(tensor.shape[-1], tensor.dtype, reference.device)[:count]
-        excess = torch.addcmul((got - reference).abs(), reference[..., :1], slack, value=-1).amax(-1)  # (B, H, T)
-        findings.append(Finding(hook.layer, f"qkv_{location}", excess))
+        newest = tensor[:, :, -reference.shape[-2] :]  # cached or prefix positions come first
+        slack = _slack(tensor.shape[-1], tensor.dtype, reference.device)[: reference.shape[-1]]
+        findings.append(Finding(hook.layer, f"qkv_{location}", excess_over(newest, reference, slack)))
     return findings
+
+
+def excess_over(received: torch.Tensor, reference: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
+    """(B, H, T): how far the stats of ``received`` (B, H, T, D) stray from ``reference`` beyond
+    ``slack`` times the recorded norm."""
+    got = stats(received)[..., : reference.shape[-1]]
+    return torch.addcmul((got - reference).abs(), reference[..., :1], slack, value=-1).amax(-1)
 
 
 @cache

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import copy
 import statistics
-from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -106,7 +106,18 @@ def measure(base: nn.Module, ids: torch.Tensor, count: int, rank: int, rounds: i
     } | {name: median_ratio(times, *pair) for name, pair in ratios.items()}
 
 
-def graphed_decode(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+@dataclass(frozen=True)
+class GraphedStep:
+    """A captured CUDA graph and what it reads and writes by address, kept alive as long as it is."""
+
+    graph: torch.cuda.CUDAGraph
+    buffers: tuple
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
+def graphed_decode(model: nn.Module, ids: torch.Tensor) -> GraphedStep:
     """One decode step after ``ids`` (a static KV cache of their T tokens), captured as a CUDA graph;
     returns its replay. Routing must already be set: the graph keeps the gathered expert weights.
     Every replay first resets the cache's write positions (device counters it advances), so each
@@ -132,7 +143,7 @@ def graphed_decode(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(graph):
         step()
-    return graph.replay
+    return GraphedStep(graph, (cache, last, position, start))
 
 
 def run(

@@ -7,8 +7,7 @@ program computes a (BLOCK_M tokens × BLOCK_N outputs) tile of one sample: it ac
 shrink h = x·D (BLOCK_M, r) over the input dimension, then y = base + h·U for its tile, all in
 float32 (h is rounded to the weights' dtype before the expand, as the matmul path does). The
 shrink is recomputed for each output tile: r·in multiply-adds per token, negligible beside
-the base layer's in·out. Tile sizes are autotuned per layer shape on first use (Triton's autotune);
-a decode step (T <= 16) fills one 16-row tile.
+the base layer's in·out.
 """
 
 from __future__ import annotations
@@ -41,16 +40,9 @@ def disabled() -> Iterator[None]:
         _enabled = saved
 
 
-# (BLOCK_N, BLOCK_K, warps) tried per layer shape on first use; wide output tiles suit decode (fewer
-# programs redo the shrink), narrow ones long prefills
-TILE_CANDIDATES = [(64, 64, 4), (128, 128, 4), (256, 128, 4), (256, 256, 8), (512, 128, 8)]
-FIXED_TILES = {"BLOCK_N": 64, "BLOCK_K": 64}
-
-
 @cache
 def _kernel():
-    """(grid -> launcher, fixed tile arguments) of the kernel, autotuned over TILE_CANDIDATES on a GPU;
-    None without Triton (imported only here: it is slow to import)."""
+    """The compiled-on-first-use kernel, or None without Triton (imported only here: it is slow to import)."""
     try:
         import triton
         import triton.language as tl
@@ -103,10 +95,7 @@ def _kernel():
         base = tl.load(base_ptr + tile, mask=tile_ok, other=0.0)
         tl.store(out_ptr + tile, (base.to(tl.float32) + y).to(base.dtype), mask=tile_ok)
 
-    if INTERPRETED:  # no timing to tune on: one fixed tile shape
-        return _gathered_lora_kernel.__getitem__, FIXED_TILES
-    tiles = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in TILE_CANDIDATES]
-    return triton.autotune(configs=tiles, key=["N_IN", "n_out", "BLOCK_M"])(_gathered_lora_kernel).__getitem__, {}
+    return _gathered_lora_kernel
 
 
 def gathered_lora_add(base: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -115,9 +104,10 @@ def gathered_lora_add(base: torch.Tensor, x: torch.Tensor, down: torch.Tensor, u
     rank, n_out = up.shape[1], up.shape[2]
     x, down, up, base = x.contiguous(), down.contiguous(), up.contiguous(), base.contiguous()
     out = torch.empty_like(base)
-    block_m = 16 if tokens <= 16 else 64  # tl.dot's smallest tile is 16: a decode step fills one
-    launch, tiles = _kernel()
-    launch(lambda meta: (batch, -(-tokens // block_m), -(-n_out // meta["BLOCK_N"])))(
+    block_m = 16 if tokens <= 16 else 64
+    block_n = 64
+    grid = (batch, -(-tokens // block_m), -(-n_out // block_n))
+    _kernel()[grid](
         x,
         down,
         up,
@@ -128,8 +118,9 @@ def gathered_lora_add(base: torch.Tensor, x: torch.Tensor, down: torch.Tensor, u
         rank,
         N_IN=n_in,
         BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=64,
         RANK=max(16, 1 << (rank - 1).bit_length()),  # tl.dot needs a power of two >= 16
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        **tiles,
     )
     return out

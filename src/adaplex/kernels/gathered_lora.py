@@ -7,7 +7,9 @@ program computes a (BLOCK_M tokens × BLOCK_N outputs) tile of one sample: it ac
 shrink h = x·D (BLOCK_M, r) over the input dimension, then y = base + h·U for its tile, all in
 float32 (h is rounded to the weights' dtype before the expand, as the matmul path does). The
 shrink is recomputed for each output tile: r·in multiply-adds per token, negligible beside
-the base layer's in·out.
+the base layer's in·out. A decode step (T <= 16 per sample) fills one 16-row tile and uses wide
+output tiles (256), so that few programs redo the shrink; longer inputs use 64 x 64 tiles. (Triton's
+autotune picked per shape but its launch wrapper doubled the per-call host cost of a decode step.)
 """
 
 from __future__ import annotations
@@ -104,8 +106,8 @@ def gathered_lora_add(base: torch.Tensor, x: torch.Tensor, down: torch.Tensor, u
     rank, n_out = up.shape[1], up.shape[2]
     x, down, up, base = x.contiguous(), down.contiguous(), up.contiguous(), base.contiguous()
     out = torch.empty_like(base)
-    block_m = 16 if tokens <= 16 else 64
-    block_n = 64
+    decode = tokens <= 16  # few tokens per sample: wide output tiles, so fewer programs redo the shrink
+    block_m, block_n, block_k = (16, 256, 128) if decode else (64, 64, 64)
     grid = (batch, -(-tokens // block_m), -(-n_out // block_n))
     _kernel()[grid](
         x,
@@ -119,7 +121,7 @@ def gathered_lora_add(base: torch.Tensor, x: torch.Tensor, down: torch.Tensor, u
         N_IN=n_in,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_K=64,
+        BLOCK_K=block_k,
         RANK=max(16, 1 << (rank - 1).bit_length()),  # tl.dot needs a power of two >= 16
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )

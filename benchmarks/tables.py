@@ -66,33 +66,52 @@ def train(result: dict) -> str:
 
 
 def route(result: dict) -> str:
+    graphs = "graph_routed_x_base" in result["results"][0]
     lines = [
         f"**{result['device']}**, {result['dtype']}, {result['mode']}, batch {result['batch']}, "
         f"{'cache' if result['mode'] == 'decode' else 'sequence'} {result['seq']}, rank {result['rank']} "
         "(`adaplex bench route`):",
         "",
-        "| distinct adapters | base step s | adaplex routed x base | PEFT mixed x base | PEFT / adaplex |",
-        "|---:|---:|---:|---:|---:|",
+        "| distinct adapters | base step s | adaplex routed x base | PEFT mixed x base | PEFT / adaplex |"
+        + (" routed without kernel x base | CUDA graph: base step s | CUDA graph: routed x base |" if graphs else ""),
+        "|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if graphs else ""),
     ]
     for r in result["results"]:
-        lines.append(
+        row = (
             f"| {r['adapters']} | {r['step_s']['base']:.4f} | {r['routed_x_base']:.2f} | "
             f"{r['peft_x_base']:.2f} | {r['peft_x_routed']:.2f} |"
         )
+        if graphs:
+            row += f" {r['routed_bmm_x_base']:.2f} | {r['step_s']['base-graph']:.4f} | {r['graph_routed_x_base']:.2f} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
-def faults(result: dict) -> str:
-    over = result["overhead_percent"]
-    without_qkv = over.get("fused_without_qkv")
-    return (
-        f"`adaplex bench faults` ({result['base']}, {result.get('device', 'cpu')}, batch {result['batch']} x "
-        f"{result['seq']}): over the fused baseline, fused-kernel checks +{over['fused_detection']:.1f}%"
-        + (f" (+{without_qkv:.1f}% without the q/k/v checksums)" if without_qkv is not None else "")
-        + f", step-by-step attention without checks +{over['stepwise']:.1f}%, with every detector "
-        f"+{over['detection']:.1f}%, injected +{over['injected']:.1f}%; attention "
-        f"{result['attention_gflops']:.2f} GFLOP per forward."
-    )
+def faults(results: list[dict]) -> str:
+    """One table over every `adaplex bench faults` result: overhead of each fused phase."""
+    lines = [
+        "| device | dtype | batch x seq | baseline s | fused checks | without q/k/v checksums | "
+        "checksum columns only | step-by-step, every detector |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        over = r["overhead_percent"]
+        lines.append(
+            f"| {r['device']} | {r.get('dtype', 'float32')} | {r['batch']} x {r['seq']} | "
+            f"{r['seconds']['baseline']['median']:.3f} | +{over['fused_detection']:.1f}% | "
+            f"+{over['fused_without_qkv']:.1f}% | +{over['fused_columns_only']:.1f}% | +{over['detection']:.0f}% |"
+        )
+    compiled = load("faults-compiled-cuda-large.json")
+    if compiled is not None:
+        over = compiled["overhead_percent"]
+        lines += [
+            "",
+            f"Experiment (`benchmarks/faults_compiled.py`, H100, {compiled['dtype']}, batch "
+            f"{' x '.join(map(str, compiled['batch']))}): the same checks with their tensor math compiled by "
+            f"torch.compile: +{over['compiled_checks']:.1f}% (+{over['compiled_without_qkv']:.1f}% without the "
+            f"q/k/v checksums) against +{over['eager_checks']:.1f}% eager.",
+        ]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -103,13 +122,13 @@ def main() -> None:
         ("train-cuda.json", train),
         ("route-prefill-cpu.json", route),
         ("route-decode-cuda.json", route),
-        ("faults-cpu.json", faults),
-        ("faults-cuda.json", faults),
     ]
     for name, render in sections:
         result = load(name)
         if result is not None:
             print(render(result) + "\n")
+    names = ("faults-cpu.json", "faults-cpu-batch1.json", "faults-cuda.json", "faults-cuda-large.json")
+    print(faults([r for r in map(load, names) if r is not None]))
 
 
 if __name__ == "__main__":

@@ -90,6 +90,9 @@ def route(result: dict) -> str:
 def faults(results: list[dict]) -> str:
     """One table over every `adaplex bench faults` result: overhead of each fused phase."""
     lines = [
+        "`adaplex bench faults`: forward time over the fused SDPA baseline, embedded model on CPU, the "
+        "SmolLM2-shaped model on GPU; q/k/v checksums, abft_output, softmax and output_bound on:",
+        "",
         "| device | dtype | batch x seq | baseline s | fused checks | without q/k/v checksums | "
         "checksum columns only | step-by-step, every detector |",
         "|---|---|---|---:|---:|---:|---:|---:|",

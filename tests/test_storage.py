@@ -195,6 +195,19 @@ while True:
 """
 
 
+def test_a_write_removes_staging_left_by_dead_writers_only(tmp_path):
+    model, target = tiny.llama(), tmp_path / "adapter"
+    handle = adaplex.attach(model, "a", LoRAConfig(r=2))
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".adapter.tmp-{int(exited.stdout)}-x1"
+    live = tmp_path / f".adapter.tmp-{os.getpid()}-x2"  # e.g. a concurrent save in progress
+    for staging in (dead, live):
+        staging.mkdir()
+        (staging / "adapter.safetensors").write_bytes(b"partial")
+    save_adapter(handle, "a", target)
+    assert not dead.exists() and live.exists() and target.is_dir()
+
+
 def test_sigkill_while_saving_leaves_old_or_new_version_complete(tmp_path):
     target = tmp_path / "adapter"
     script = SAVER.format(tests=str(Path(__file__).parent), target=str(target))
@@ -217,3 +230,6 @@ def test_sigkill_while_saving_leaves_old_or_new_version_complete(tmp_path):
         for name in leftovers:
             assert name.startswith(".adapter.tmp-")  # staging dirs only, never the target
     assert len(versions) >= 2  # the kills landed at different moments
+    handle = load(tiny.llama(), target)
+    save_adapter(handle, "a", target, overwrite=True)  # the next write clears what the killed ones left
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]

@@ -2,7 +2,9 @@
 
 An existing directory is replaced only with ``overwrite=True``, by an atomic exchange
 (Linux renameat2 RENAME_EXCHANGE), so a reader or a crash sees the complete old version or
-the complete new one, never a mix and never nothing.
+the complete new one, never a mix and never nothing. Staging directories are named after the
+writing process (``.NAME.tmp-PID-…``); one left by a process that no longer runs (killed mid-save)
+is removed by the next write to the same target.
 """
 
 from __future__ import annotations
@@ -50,13 +52,32 @@ def refuse_existing(target: Path, overwrite: bool) -> None:
         raise StorageError(f"{target} exists and is not a directory; choose another path")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_staging(target: Path) -> None:
+    """Delete staging siblings of ``target`` whose writing process has exited."""
+    for path in target.parent.glob(f".{target.name}.tmp-*-*"):
+        pid = path.name.removeprefix(f".{target.name}.tmp-").split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @contextmanager
 def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory; on success it becomes ``target`` in one atomic step."""
     target = Path(target)
     refuse_existing(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    remove_stale_staging(target)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-{os.getpid()}-"))
     try:
         yield staging
         _fsync_tree(staging)

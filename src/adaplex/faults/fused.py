@@ -14,6 +14,8 @@ the step-by-step path (eager.py), where they can be injected and located.
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,9 +30,14 @@ PAD = 8  # the two checksum columns, padded to keep head_dim + PAD a multiple of
 
 def _ones_then_zeros(value: torch.Tensor) -> torch.Tensor:
     """(B, H_kv, S, PAD - 1) columns [1, 0, …, 0] beside V·1 (a broadcast view of one small tensor)."""
-    columns = value.new_zeros(PAD - 1)
-    columns[0] = 1
-    return columns.expand(*value.shape[:-1], PAD - 1)
+    return _unit_row(value.dtype, value.device).expand(*value.shape[:-1], PAD - 1)
+
+
+@cache
+def _unit_row(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    row = torch.zeros(PAD - 1, dtype=dtype, device=device)
+    row[0] = 1
+    return row
 
 
 def padded_inputs(

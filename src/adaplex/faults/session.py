@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -15,10 +16,15 @@ from adaplex.faults.bits import check_bit
 from adaplex.faults.hook import DetectorConfig, FaultHook, FaultPlan, plan_layers
 from adaplex.inject import family_of, select_attention
 
+_LAYERS: WeakKeyDictionary[nn.Module, list[str]] = WeakKeyDictionary()
+
 
 def attention_layers(model: nn.Module) -> list[str]:
-    """Paths of the model's attention layers, in layer order."""
-    return select_attention(model, family_of(model), ("attention",))
+    """Paths of the model's attention layers, in layer order (found once per model: adapters wrap
+    linear layers and add children, never move attention layers)."""
+    if model not in _LAYERS:
+        _LAYERS[model] = select_attention(model, family_of(model), ("attention",))
+    return _LAYERS[model]
 
 
 @contextmanager
@@ -44,12 +50,13 @@ def armed(model: nn.Module, plan: FaultPlan | None, detectors: DetectorConfig) -
         recorders.append(
             rotary_module.register_forward_hook(lambda m, i, out: rotary.update(weights=qkv.rotated_sum_weights(*out)))
         )
+    head_dim = prefix_shape(model)[1]
     try:
         for path, child, hook in zip(layers, children, hooks, strict=True):
             child.fault_hook = hook
             if detectors.qkv:
                 recorders += [
-                    module.register_forward_hook(qkv.recorder(hook, location, part, prefix_shape(model)[1], rotary))
+                    module.register_forward_hook(qkv.recorder(hook, location, part, head_dim, rotary))
                     for location, (module, part) in qkv.sources(model.get_submodule(path)).items()
                 ]
         yield hooks

@@ -8,7 +8,7 @@ O' = P V' = [O | P(V·1) | P·1 | 0…]:
 - softmax:     P·1 must equal 1 for every row that sees a key;
 - output_bound: O must lie within the min/max of V over the sequence's keys (a looser hull than
   over each row's visible keys, but it needs only V and O).
-The padded columns cost 8/head_dim of the P·V work. Faults in the scores or weights need
+The padding costs 8/head_dim of the attention work. Faults in the scores or weights need
 the step-by-step path (eager.py), where they can be injected and located.
 """
 

@@ -68,7 +68,7 @@ def _kernel():
         RANK: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # sample offsets b·T·in can pass 2^31 on large models
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
         ranks = tl.arange(0, RANK)

@@ -92,7 +92,7 @@ def run(out: Path, steps: int = 30, console: Console | None = None) -> list[dict
         chat=True,
         max_new_tokens=48,
     )
-    from adaplex.cli import print_comparison
+    from adaplex.cli.run import print_comparison
 
     print_comparison(rows, list(PROMPTS))
 

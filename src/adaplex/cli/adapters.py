@@ -1,0 +1,197 @@
+"""`adaplex info|export|import|merge|convert`: adapter directories and bundles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from adaplex.cli.common import (
+    BaseOption,
+    ForceOption,
+    JsonOption,
+    OverwriteOption,
+    app,
+    console,
+    emit_json,
+    print_mapping,
+)
+from adaplex.errors import ConfigError, StorageError
+
+
+def base_for(paths: list[Path], base: str | None):
+    """Load the base by the one rule: --base, else the base recorded in the first path, else the default."""
+    from adaplex.models import choose_base, load_base
+    from adaplex.storage import recorded_base
+
+    recorded, relative_to = recorded_base(paths[0]) if paths else (None, None)
+    return load_base(choose_base(base, recorded), relative_to=relative_to)
+
+
+def load_all(model, paths: list[Path], force: bool):
+    from adaplex.storage import load
+
+    handle = None
+    for path in paths:
+        handle = load(model, path, force=force)
+    return handle
+
+
+@app.command()
+def info(
+    path: Annotated[Path | None, typer.Argument(help="adapter, bundle or PEFT LoRA directory")] = None,
+    base: BaseOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show an adapter, bundle or PEFT directory (members, sizes, base, versions), or a base model."""
+    if path is not None:
+        from adaplex.storage import describe
+
+        result = describe(path)
+        if as_json:
+            emit_json(result, None)
+            return
+        members = result.pop("members", [])
+        print_mapping(f"{result['kind']} {path}", {k: v for k, v in result.items() if k != "config"})
+        if members:
+            table = Table(title="members")
+            for column in ("member", "name", "method", "role", "parameters", "bytes"):
+                table.add_column(column)
+            for m in members:
+                table.add_row(
+                    m["member"],
+                    m.get("name", ""),
+                    str(m.get("method", "")),
+                    m.get("role", ""),
+                    f"{m['parameters']:,}",
+                    f"{m['bytes']:,}",
+                )
+            console.print(table)
+        return
+    from adaplex.inject import all_sites, family_of, names_hint
+
+    model, _ = base_for([], base)
+    family = family_of(model)
+    result = {
+        "base": model.config.name_or_path,
+        "family": family.name,
+        "class": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "layers": model.config.num_hidden_layers,
+        "target_aliases": sorted(family.aliases),
+        "linear_sites": names_hint([s.name for s in all_sites(model, family)], limit=50),
+    }
+    if as_json:
+        emit_json(result, None)
+    else:
+        print_mapping(f"base model {result['base']}", result)
+
+
+@app.command("export")
+def export(
+    path: Annotated[Path, typer.Argument(help="adapter or bundle directory")],
+    out: Annotated[Path, typer.Argument(help="output directory")],
+    to: Annotated[str, typer.Option(help="target format")] = "peft",
+    combined: Annotated[bool, typer.Option(help="a stack as one adapter (rank concatenation)")] = False,
+    key: Annotated[list[str], typer.Option(help="routed bundle: export only this key, repeatable")] = [],  # noqa: B006
+    base: BaseOption = None,
+    force: ForceOption = False,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Export to PEFT LoRA: one directory per adapter (OUT/<name>), or one combined adapter."""
+    from adaplex.atomic import atomic_directory, refuse_existing
+    from adaplex.peft_io import export_peft
+
+    if to != "peft":
+        raise ConfigError(f"unknown export format {to!r}; the only one is 'peft'")
+    refuse_existing(out, overwrite)
+    model, _ = base_for([path], base)
+    handle = load_all(model, [path], force)
+    from adaplex.routing import banks, export_key
+
+    if banks(handle):  # a routed bundle: one PEFT adapter per key, shared ⊕ expert
+        keys = key or [k for bank in banks(handle).values() for k in bank.keys]
+        with atomic_directory(out, overwrite) as staging:
+            for k in keys:
+                export_key(handle, k, staging / k)
+        console.print(f"wrote {len(keys)} PEFT LoRA adapters (shared + expert) under {out}: {', '.join(keys)}")
+        return
+    names = list(handle.configs)
+    if combined or len(names) == 1:
+        export_peft(handle, names, out, weights=handle.stack.weights, overwrite=overwrite)
+        console.print(f"wrote PEFT LoRA {out} ({', '.join(names)})")
+        return
+    with atomic_directory(out, overwrite) as staging:
+        for name in names:
+            export_peft(handle, [name], staging / name)
+    console.print(f"wrote {len(names)} PEFT LoRA adapters under {out}: {', '.join(names)}")
+
+
+@app.command("import")
+def import_(
+    peft_dir: Annotated[Path, typer.Argument(help="PEFT LoRA directory (e.g. a trainer's checkpoint-531/)")],
+    out: Annotated[Path, typer.Argument(help="adaplex adapter directory to write")],
+    name: Annotated[str | None, typer.Option(help="adapter name (default: the directory's name)")] = None,
+    base: BaseOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Import a PEFT LoRA directory as an adaplex adapter directory (safetensors)."""
+    from adaplex.atomic import refuse_existing
+    from adaplex.peft_io import import_into, is_peft_dir
+    from adaplex.storage import save_adapter
+
+    if not is_peft_dir(peft_dir):
+        raise StorageError(f"{peft_dir} is not a PEFT directory (no adapter_config.json with a peft_type)")
+    refuse_existing(out, overwrite)
+    model, _ = base_for([peft_dir], base)
+    adapter_name = import_into(model, peft_dir, name, trainable=False)
+    from adaplex.adapted import Adapted
+
+    save_adapter(Adapted.of(model), adapter_name, out, overwrite=overwrite)
+    console.print(f"imported {peft_dir} as adapter {adapter_name!r} into {out}")
+
+
+@app.command()
+def merge(
+    paths: Annotated[list[Path], typer.Argument(help="adapter, bundle or PEFT directories to merge")],
+    out: Annotated[Path, typer.Option("--out", help="plain transformers model directory to write")],
+    base: BaseOption = None,
+    force: ForceOption = False,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Merge adapters into the base: a plain transformers model directory (safetensors)."""
+    from adaplex.atomic import atomic_directory, refuse_existing
+
+    refuse_existing(out, overwrite)
+    model, tokenizer = base_for(paths, base)
+    handle = load_all(model, paths, force)
+    merged = handle.merged_model()
+    with atomic_directory(out, overwrite) as staging:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    console.print(f"wrote merged model {out} ({', '.join(handle.configs)} into {model.config.name_or_path})")
+
+
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Argument(help="legacy PyTorch .bin weights file")],
+    out: Annotated[Path, typer.Argument(help="safetensors file to write")],
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Convert a legacy .bin tensor file (read with weights_only=True) to safetensors, keys unchanged."""
+    from safetensors.torch import save_file
+
+    from adaplex.storage import read_legacy
+
+    if not source.is_file():
+        raise StorageError(f"{source} is not a file")
+    if out.exists() and not overwrite:
+        raise StorageError(f"{out} already exists; choose another path or pass --overwrite")
+    tensors = read_legacy(source)
+    staging = out.with_name(f".{out.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, staging)
+    staging.replace(out)
+    console.print(f"wrote {out}: {len(tensors)} tensors")

@@ -1,0 +1,157 @@
+"""`adaplex bench overhead|train|route|faults`: benchmarks measured side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from adaplex.cli.common import (
+    BaseOption,
+    JsonOption,
+    bench_app,
+    console,
+    emit_json,
+    print_mapping,
+)
+from adaplex.cli.faults import fault_inputs
+
+
+@bench_app.command("overhead")
+def bench_overhead(
+    base: BaseOption = None,
+    batch: int = 4,
+    seq: int = 128,
+    rank: int = 16,
+    rounds: Annotated[int, typer.Option(help="interleaved timing rounds")] = 3,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    bf16: Annotated[bool, typer.Option(help="bfloat16 weights (GPU)")] = False,
+    out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Forward and train-step cost of each method against the base and against PEFT LoRA."""
+    import torch
+
+    from adaplex.bench import overhead
+    from adaplex.models import choose_base
+
+    result = overhead.run(
+        choose_base(base, None), batch, seq, rank, rounds, device, torch.bfloat16 if bf16 else torch.float32
+    )
+    table = Table(title=f"overhead on {result['base']} ({result['device']}, batch {batch}x{seq}, rank {rank})")
+    for column in ("variant", "forward x base", "train step x base", "trainable", "peak train MiB"):
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+        table.add_row(
+            row["variant"],
+            f"{row['forward_x_base']:.3f}",
+            f"{row['train_step_x_base']:.3f}",
+            f"{row['trainable_params']:,}",
+            f"{row['peak_train_mib']:.0f}",
+        )
+    console.print(table)
+    console.print({k: round(v, 3) for k, v in result["lora_vs_peft"].items()})
+    if as_json or out:
+        emit_json(result, out)
+
+
+@bench_app.command("train")
+def bench_train(
+    base: BaseOption = None,
+    batch: int = 4,
+    seq: int = 128,
+    rank: int = 16,
+    steps: Annotated[int, typer.Option(help="steps per timed chunk")] = 4,
+    rounds: Annotated[int, typer.Option(help="interleaved rounds")] = 3,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Training step time and peak memory: adaplex (Lightning) against PEFT in a plain loop."""
+    from adaplex.bench import train as train_bench
+    from adaplex.models import choose_base
+
+    result = train_bench.run(choose_base(base, None), batch, seq, rank, steps, rounds, device)
+    table = Table(title=f"training step on {result['base']} ({result['device']}, {result['precision']})")
+    for column in ("variant", "step s", "tokens/s", "peak MiB"):
+        table.add_column(column, justify="right")
+    for name, step in result["step_s"].items():
+        table.add_row(name, f"{step:.3f}", f"{result['tokens_per_s'][name]:.0f}", f"{result['peak_mib'][name]:.0f}")
+    console.print(table)
+    console.print(result["adaplex_vs_peft"], {"moslora_vs_lora_step_time_x": result["moslora_vs_lora_step_time_x"]})
+    if as_json or out:
+        emit_json(result, out)
+
+
+@bench_app.command("route")
+def bench_route(
+    base: BaseOption = None,
+    adapters: Annotated[list[int], typer.Option("--adapters", help="distinct adapters in the batch, repeatable")] = [8],  # noqa: B006
+    batch: int = 8,
+    seq: int = 128,
+    rank: int = 16,
+    rounds: int = 3,
+    mode: Annotated[str, typer.Option(help="prefill (full forward) or decode (one cached step)")] = "prefill",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    bf16: Annotated[bool, typer.Option(help="bfloat16 weights (GPU)")] = False,
+    out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Mixed-key batches: adaplex routed experts against PEFT mixed-adapter batches and the base."""
+    from adaplex.bench import route as route_bench
+    from adaplex.models import choose_base
+
+    result = route_bench.run(choose_base(base, None), tuple(adapters), batch, seq, rank, rounds, device, mode, bf16)
+    table = Table(title=f"{mode} on {result['base']} ({result['device']}, batch {batch}, seq {seq}, rank {rank})")
+    for column in ("adapters", "base s", "routed x base", "PEFT x base", "PEFT / routed"):
+        table.add_column(column, justify="right")
+    for r in result["results"]:
+        table.add_row(
+            str(r["adapters"]),
+            f"{r['step_s']['base']:.4f}",
+            f"{r['routed_x_base']:.2f}",
+            f"{r['peft_x_base']:.2f}",
+            f"{r['peft_x_routed']:.2f}",
+        )
+    console.print(table)
+    if as_json or out:
+        emit_json(result, out)
+
+
+@bench_app.command("faults")
+def bench_faults(
+    base: BaseOption = None,
+    batch: int = 4,
+    seq: int = 128,
+    repeats: int = 5,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    bf16: Annotated[bool, typer.Option(help="bfloat16 weights (GPU)")] = False,
+    out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Forward time with every detector on against off (fused attention), interleaved in one run."""
+    import torch
+
+    from adaplex.faults.bits import top_exponent_bit
+    from adaplex.faults.experiment import monitor
+    from adaplex.faults.hook import DetectorConfig, FaultPlan
+
+    model, batches = fault_inputs(base, batch, seq, 1, bf16)
+    model.to(device)
+    inputs = {"input_ids": batches[0].to(device)}
+    name = device if device == "cpu" else torch.cuda.get_device_name(torch.device(device))
+    result = {
+        "benchmark": "faults",
+        "base": model.config.name_or_path,
+        "device": name,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "batch": batch,
+        "seq": seq,
+    } | monitor(
+        model, inputs, FaultPlan(location="scores", bit=top_exponent_bit(model.dtype)), DetectorConfig(), repeats
+    )
+    print_mapping("detector overhead (percent over the fused baseline)", result["overhead_percent"])
+    if as_json or out:
+        emit_json(result, out)

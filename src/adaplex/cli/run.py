@@ -1,0 +1,146 @@
+"""`adaplex train|generate|infer|compare|demo|data prepare`: training and inference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from adaplex.cli.common import (
+    AdapterOption,
+    BaseOption,
+    ChatOption,
+    JsonOption,
+    OverwriteOption,
+    PromptOption,
+    app,
+    console,
+    data_app,
+    emit_json,
+)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="training config (YAML)")],
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the output's last checkpoint")] = False,
+) -> None:
+    """Train adapters on PyTorch Lightning as the YAML config describes (see configs/)."""
+    from adaplex.train.config import TrainConfig
+    from adaplex.train.run import train as run_training
+    from adaplex.yamlconfig import load_yaml
+
+    result = run_training(load_yaml(config, TrainConfig), source=str(config), resume=resume)
+    console.print(f"trained adapter saved to {result}")
+
+
+@app.command()
+def generate(
+    prompt: PromptOption,
+    adapter: AdapterOption = [],  # noqa: B006 - typer reads the default, never mutates it
+    disable: Annotated[list[str], typer.Option(help="adapter name to switch off, repeatable")] = [],  # noqa: B006
+    base: BaseOption = None,
+    chat: ChatOption = False,
+    max_new_tokens: int = 40,
+    as_json: JsonOption = False,
+) -> None:
+    """Complete prompts with the base model plus the given adapters (none: the base alone)."""
+    from adaplex.infer import generate as complete
+    from adaplex.infer import load_stack
+
+    handle, tokenizer, names = load_stack(adapter, base)
+    with handle.disable(*disable):
+        results = [{"prompt": p, "completion": complete(handle, tokenizer, p, chat, max_new_tokens)} for p in prompt]
+    if as_json:
+        emit_json({"adapters": handle.stack.weights, "results": results}, None)
+        return
+    for r in results:
+        console.print(f"[bold]{r['prompt']}[/] {r['completion']}")
+
+
+@app.command()
+def infer(
+    input_path: Annotated[Path, typer.Argument(help="JSONL of {key or target, prompt}")],
+    output: Annotated[Path, typer.Argument(help="JSONL of completions, in input order")],
+    bundle: Annotated[Path, typer.Option(help="routed bundle (shared + experts)")],
+    registry: Annotated[Path | None, typer.Option(help="key registry for 'target' fields")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="an unknown target is an error")] = False,
+    workers: Annotated[int, typer.Option(help="worker processes")] = 1,
+    batch_size: int = 8,
+    max_new_tokens: int = 40,
+    chat: ChatOption = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    base: BaseOption = None,
+    overwrite: OverwriteOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Generate for every record with its key's expert, in mixed-key batches, across worker processes."""
+    from adaplex.batch_infer import Job, run
+
+    job = Job(bundle, base, batch_size, max_new_tokens, chat, device)
+    summary = run(input_path, output, job, workers, registry, strict, overwrite)
+    for failure in summary["failed_shards"]:
+        console.print(
+            f"[red]worker {failure['worker']} crashed (exit code {failure['exit_code']}); records "
+            f"{failure['records'][0]}-{failure['records'][1]} have no completion[/]"
+        )
+    console.print(f"wrote {summary['records']} results to {output} with {summary['workers']} workers")
+    if as_json:
+        emit_json(summary, None)
+    if summary["failed_shards"]:
+        raise typer.Exit(3)
+
+
+@app.command()
+def compare(
+    prompt: PromptOption,
+    adapter: AdapterOption,
+    eval_file: Annotated[list[Path], typer.Option("--eval", help="held-out .txt or .jsonl, repeatable")] = [],  # noqa: B006
+    base: BaseOption = None,
+    chat: ChatOption = False,
+    max_new_tokens: int = 40,
+    as_json: JsonOption = False,
+) -> None:
+    """Base, stage 1, stage 1+2, ... side by side: completions and held-out perplexities."""
+    from adaplex.infer import compare as run_compare
+    from adaplex.infer import load_stack
+
+    handle, tokenizer, names = load_stack(adapter, base)
+    rows = run_compare(handle, tokenizer, names, prompt, eval_file, chat, max_new_tokens)
+    print_comparison(rows, prompt)
+    if as_json:
+        emit_json({"rows": rows}, None)
+
+
+def print_comparison(rows: list[dict], prompts: list[str]) -> None:
+    table = Table(title="stages side by side", show_lines=True)
+    table.add_column("stage")
+    for name in rows[0]["perplexity"]:
+        table.add_column(f"ppl {Path(name).parent.name}/{Path(name).name}", justify="right")
+    for p in prompts:
+        table.add_column(p)
+    for row in rows:
+        table.add_row(row["stage"], *[f"{v:.2f}" for v in row["perplexity"].values()], *row["completions"])
+    console.print(table)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="scratch directory for data, runs and the merged model")] = Path("demo-out"),
+    steps: Annotated[int, typer.Option(help="training steps per stage")] = 30,
+) -> None:
+    """Stage-wise style + instruct training on the embedded model with real text, compared side by side."""
+    from adaplex import demo as demo_job
+
+    demo_job.run(out, steps=steps, console=console)
+
+
+@data_app.command("prepare")
+def data_prepare(out: Annotated[Path, typer.Argument(help="directory to write the data into")]) -> None:
+    """Prepare real-text training files (fortunes, Python reference Q&A) under OUT."""
+    from adaplex.realdata import prepare
+
+    for name, count in prepare(out).items():
+        console.print(f"{out / name}: {count}")

@@ -85,15 +85,13 @@ def fused_checked_attention(
 ) -> torch.Tensor:
     """SDPA output (B, T, H, D) with the fused checks run; detections go to the hook."""
     dim = value.shape[-1]
-    query, key, padded = padded_inputs(query, key, value)
+    padded_q, padded_k, padded_v = padded_inputs(query, key, value)
     scaling = dim**-0.5 if scaling is None else scaling
-    out = sdpa_attention_forward(module, query, key, padded, mask, scaling=scaling, is_causal=is_causal, **kwargs)[
-        0
-    ]  # (B, T, H, D + 8)
+    out = sdpa_attention_forward(
+        module, padded_q, padded_k, padded_v, mask, scaling=scaling, is_causal=is_causal, **kwargs
+    )[0]  # (B, T, H, D + 8)
     o = out[..., :dim]
-    found: list[Finding] = (
-        qkv.check(hook, {"q": query[..., :dim], "k": key[..., :dim], "v": value}) if hook.detectors.qkv else []
-    )
+    found: list[Finding] = qkv.check(hook, {"q": query, "k": key, "v": value}) if hook.detectors.qkv else []
     checks = (hook.detectors.abft, hook.detectors.softmax, hook.detectors.output_bound)
     if any(checks):
         excess = column_excess(out, value, *checks)

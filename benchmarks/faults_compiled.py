@@ -14,7 +14,7 @@ import torch
 from adaplex.adapted import Adapted
 from adaplex.bench.measure import interleaved_times, median_ratio
 from adaplex.faults import fused, qkv
-from adaplex.faults.experiment import _armed_logits, logits_of
+from adaplex.faults.experiment import armed_logits, logits_of
 from adaplex.faults.hook import DetectorConfig
 from adaplex.models import load_base
 
@@ -27,17 +27,15 @@ def main() -> None:
     model.cuda()
     Adapted.of(model)
     inputs = {"input_ids": torch.randint(0, model.config.vocab_size, tuple(sizes), device="cuda")}
-    eager = {
-        name: getattr(mod, name)
-        for mod, name in [(qkv, "stats"), (qkv, "excess_over"), (fused, "column_excess"), (fused, "padded_inputs")]
-    }
-    compiled = {name: torch.compile(fn, dynamic=False) for name, fn in eager.items()}
+    places = [(qkv, "stats"), (qkv, "excess_over"), (fused, "column_excess"), (fused, "padded_inputs")]
+    eager = {place: getattr(*place) for place in places}
+    compiled = {place: torch.compile(fn, dynamic=False) for place, fn in eager.items()}
 
     def checked(functions: dict, detectors: DetectorConfig):
         def call():
-            for name, fn in functions.items():
-                setattr(qkv if hasattr(qkv, name) else fused, name, fn)
-            return _armed_logits(model, inputs, None, detectors)
+            for (module, name), fn in functions.items():
+                setattr(module, name, fn)
+            return armed_logits(model, inputs, None, detectors)
 
         return call
 

@@ -111,12 +111,12 @@ def monitor(
     fused = detectors.model_copy(update={"fused": True})
     phases = {
         "baseline": lambda: logits_of(model, inputs),
-        "fused_detection": lambda: _armed_logits(model, inputs, None, fused),
-        "fused_without_qkv": lambda: _armed_logits(model, inputs, None, fused.model_copy(update={"qkv": False})),
-        "fused_columns_only": lambda: _armed_logits(model, inputs, None, off.model_copy(update={"fused": True})),
-        "stepwise": lambda: _armed_logits(model, inputs, None, off),
-        "detection": lambda: _armed_logits(model, inputs, None, detectors),
-        "injected": lambda: _armed_logits(model, inputs, plan, detectors),
+        "fused_detection": lambda: armed_logits(model, inputs, None, fused),
+        "fused_without_qkv": lambda: armed_logits(model, inputs, None, fused.model_copy(update={"qkv": False})),
+        "fused_columns_only": lambda: armed_logits(model, inputs, None, off.model_copy(update={"fused": True})),
+        "stepwise": lambda: armed_logits(model, inputs, None, off),
+        "detection": lambda: armed_logits(model, inputs, None, detectors),
+        "injected": lambda: armed_logits(model, inputs, plan, detectors),
     }
     device = next(model.parameters()).device
     fresh = model not in _HANDLES
@@ -138,7 +138,7 @@ def monitor(
     }
 
 
-def _armed_logits(model, inputs, plan, detectors) -> torch.Tensor:
+def armed_logits(model, inputs, plan, detectors) -> torch.Tensor:
     """Logits of an armed forward, its detections resolved (their cost is part of the phase)."""
     with armed(model, plan, detectors) as hooks:
         logits = logits_of(model, inputs)

@@ -44,27 +44,109 @@ def kernel_cases(device: torch.device) -> list[dict]:
     return cases
 
 
-def kernel_times(device: torch.device, rounds: int = 200) -> dict:
-    """Microseconds per call for a decode-shaped site: the kernel against bmm + baddbmm."""
-    x = torch.randn(64, 1, 576, device=device, dtype=torch.bfloat16)
-    down = torch.randn(64, 576, 16, device=device, dtype=torch.bfloat16)
-    up = torch.randn(64, 16, 1536, device=device, dtype=torch.bfloat16)
-    base = torch.randn(64, 1, 1536, device=device, dtype=torch.bfloat16)
+def grouped_cases(device: torch.device) -> list[dict]:
+    """q/k/v-shaped parts in one launch against each part computed with matmuls in float32."""
+    cases = []
+    for tokens in (1, 40):
+        for dtype in TOLERANCE:
+            gen = torch.Generator(device=device).manual_seed(tokens)
+            x = torch.randn(8, tokens, 576, generator=gen, device=device).to(dtype)
+            parts = [
+                tuple((torch.randn(s, generator=gen, device=device) * 0.05).to(dtype) for s in shapes)
+                for shapes in [[(8, tokens, n), (8, 576, 16), (8, 16, n)] for n in (576, 192, 192)]
+            ]
+            got = gathered_lora.grouped_lora_add(x, parts)
+            worst = 0.0
+            for out, (base, down, up) in zip(got, parts, strict=True):
+                ref = torch.baddbmm(base.float(), torch.bmm(x.float(), down.float()), up.float())
+                worst = max(worst, (out.float() - ref).abs().max().item() / ref.abs().max().item())
+            cases.append(
+                {
+                    "tokens": tokens,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "error": worst,
+                    "ok": worst <= TOLERANCE[dtype],
+                }
+            )
+    return cases
+
+
+def _host_us(call, rounds: int = 200) -> float:
+    """Microseconds per eager call (host launch cost included)."""
+    for _ in range(20):
+        call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        call()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / rounds * 1e6
+
+
+def _graph_us(call, launches: int = 50, replays: int = 20) -> float:
+    """GPU microseconds per call: ``launches`` calls captured in one CUDA graph, replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * launches)
+
+
+def _decode_site(device: torch.device, n_in: int, n_out: int) -> tuple[torch.Tensor, ...]:
+    """(base, down, up) of one decode-step site: batch 64, one token, rank 16, bfloat16."""
+    shapes = [(64, 1, n_out), (64, n_in, 16), (64, 16, n_out)]
+    return tuple(torch.randn(s, device=device, dtype=torch.bfloat16) * 0.05 for s in shapes)
+
+
+# SmolLM2-135M's sites in a decode step: q/k/v and gate/up read one input each
+SITES = {"q": (576, 576), "kv": (576, 192), "up": (576, 1536), "down": (1536, 576)}
+GROUPS = {"qkv": ("q", "kv", "kv"), "gate_up": ("up", "up")}
+TILES = [(16, n, k, 4) for n in (64, 128, 256) for k in (64, 128, 256)] + [(16, 256, 128, 2), (16, 128, 128, 2)]
+
+
+def kernel_times(device: torch.device) -> dict:
+    """Decode-shaped sites, microseconds per call: eager (host cost included) and GPU time under
+    CUDA graphs; the kernel against bmm + baddbmm, q/k/v and gate/up grouped against one launch
+    each, and the GPU time of every tile choice (the built-in one is marked)."""
+    sites = {name: _decode_site(device, *shape) for name, shape in SITES.items()}
+    xs = {n_in: torch.randn(64, 1, n_in, device=device, dtype=torch.bfloat16) for n_in, _ in SITES.values()}
+    x_of = {name: xs[shape[0]] for name, shape in SITES.items()}
+    base, down, up = sites["up"]
     calls = {
-        "kernel": lambda: gathered_lora.gathered_lora_add(base, x, down, up),
-        "bmm_baddbmm": lambda: torch.baddbmm(base, torch.bmm(x, down), up),
+        "kernel": lambda: gathered_lora.gathered_lora_add(base, x_of["up"], down, up),
+        "bmm_baddbmm": lambda: torch.baddbmm(base, torch.bmm(x_of["up"], down), up),
     }
-    times = {}
-    for name, call in calls.items():
-        for _ in range(20):
-            call()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(rounds):
-            call()
-        torch.cuda.synchronize()
-        times[name] = (time.perf_counter() - start) / rounds * 1e6
-    return times
+    for group, members in GROUPS.items():
+        parts = [sites[m] for m in members]
+        x = x_of[members[0]]
+        calls[f"{group}_grouped"] = lambda x=x, parts=parts: gathered_lora.grouped_lora_add(x, parts)
+        calls[f"{group}_separate"] = lambda x=x, parts=parts: [
+            gathered_lora.gathered_lora_add(b, x, d, u) for b, d, u in parts
+        ]
+    times = {name: {"eager_us": _host_us(call), "graph_us": _graph_us(call)} for name, call in calls.items()}
+    tiles = {}
+    for name, members in {**{s: (s,) for s in SITES}, **GROUPS}.items():
+        parts, x = [sites[m] for m in members], x_of[members[0]]
+        tiles[name] = {
+            "x".join(map(str, t)): _graph_us(
+                lambda t=t, x=x, parts=parts: gathered_lora.grouped_lora_add(x, parts, tiles=t)
+            )
+            for t in TILES
+        }
+    return {"calls": times, "tiles_graph_us": tiles, "built_in_tiles": "16x256x128x2"}
 
 
 def routed_logits(base_dir: str, device: torch.device) -> dict:
@@ -91,10 +173,11 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "cases": kernel_cases(device),
+        "grouped_cases": grouped_cases(device),
         "decode_site_us": kernel_times(device),
         "routed_model_bf16": routed_logits(base_dir, device),
     }
-    result["ok"] = all(c["ok"] for c in result["cases"]) and result["routed_model_bf16"]["ok"]
+    result["ok"] = all(c["ok"] for c in result["cases"] + result["grouped_cases"]) and result["routed_model_bf16"]["ok"]
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result, indent=1))

@@ -54,6 +54,45 @@ with torch.no_grad(), route(handle, keys), kernel.disabled():
 print(json.dumps({{"max_diff": (fused - plain).abs().max().item(), "scale": plain.abs().max().item()}}))
 """
 
+GROUPED_CHECK = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+import adaplex
+import adaplex.kernels.gathered_lora as kernel
+from adaplex import LoRAConfig
+from adaplex.methods import ExpertsConfig
+from adaplex.routing import route
+from helpers import randomize
+import tiny
+model = tiny.llama()
+handle = adaplex.attach(model, "shared", LoRAConfig(r=2, alpha=16, targets=("all-linear",)))
+handle.add("experts", ExpertsConfig(keys=("a", "b", "c"), r=4, alpha=32, targets=("all-linear",)))
+randomize(handle, "shared", seed=1)
+randomize(handle, "experts", seed=2)
+keys = ["a", "c", None, "b"]
+ids = tiny.tokens(batch=len(keys))
+launches = []
+launch = kernel.grouped_lora_add
+kernel.grouped_lora_add = lambda x, parts: launches.append(len(parts)) or launch(x, parts)
+with torch.no_grad(), route(handle, keys):
+    grouped = model(input_ids=ids).logits
+forward_launches = list(launches)
+with torch.no_grad(), route(handle, keys), kernel.disabled():
+    plain = model(input_ids=ids).logits
+attention = model.model.layers[0].self_attn
+other = torch.randn(2, 5, 32)  # k_proj on another input than q_proj's: k leaves the group, computes alone
+with torch.no_grad(), route(handle, ["a", "b"]):
+    attention.q_proj(torch.randn(2, 5, 32))
+    k_in_group = attention.k_proj(other)
+with torch.no_grad(), route(handle, ["a", "b"]), kernel.disabled():
+    k_alone = attention.k_proj(other)
+print(json.dumps({{
+    "max_diff": (grouped - plain).abs().max().item(), "scale": plain.abs().max().item(), "launches": forward_launches,
+    "k_diff": (k_in_group - k_alone).abs().max().item(),
+    "members": [len(layer.self_attn.q_proj.group.members) for layer in model.model.layers],
+}}))
+"""
+
 
 def _interpreted(code: str) -> object:
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -71,3 +110,12 @@ def test_routed_model_with_the_kernel_equals_the_matmul_path():
     result = _interpreted(ROUTED_CHECK.format(tests=str(TESTS)))
     assert result["scale"] > 0.1
     assert result["max_diff"] < 1e-5
+
+
+def test_siblings_on_one_input_share_one_launch_and_equal_the_matmul_path():
+    result = _interpreted(GROUPED_CHECK.format(tests=str(TESTS)))
+    assert result["scale"] > 0.1
+    assert result["max_diff"] < 1e-5
+    assert result["launches"] == [3, 1, 2, 1] * 2  # per layer: q/k/v, o, gate/up, down
+    assert result["k_diff"] < 1e-6
+    assert result["members"] == [2, 3]  # layer 0's k_proj left its group; layer 1's group is whole

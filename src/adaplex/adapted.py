@@ -24,6 +24,7 @@ from adaplex.inject import (
     attention_adapters,
     family_of,
     fused_parts,
+    link_shared_inputs,
     select_attention,
     select_sites,
     site_shape,
@@ -146,7 +147,9 @@ class Adapted:
                 out = site_shape(self.model, self.family, sites[0])[1]
                 adapter = FusedParts(dict.fromkeys(fused_parts(self.family, module), out), adapters)
             built.append((module, adapter))
-        return [(wrap(self.model, module, self.stack).adapters, adapter) for module, adapter in built]
+        placements = [(wrap(self.model, module, self.stack).adapters, adapter) for module, adapter in built]
+        link_shared_inputs(self.model, self.family)
+        return placements
 
     def remove(self, name: str) -> None:
         self.stack.remove(name)
@@ -155,6 +158,7 @@ class Adapted:
         for path, wrapper in wrappers(self.model).items():
             if not len(wrapper.adapters):
                 unwrap(self.model, path)
+        link_shared_inputs(self.model, self.family)
         del self.configs[name]
 
     def detach(self) -> nn.Module:

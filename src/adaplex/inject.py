@@ -19,6 +19,7 @@ from adaplex.errors import TargetError
 from adaplex.layers import LINEAR_TYPES, AdaptedLinear, linear_shape
 from adaplex.methods.base import Adapter
 from adaplex.names import name_matches
+from adaplex.shared_input import SharedInputGroup
 
 LINEAR_ALIASES = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -32,6 +33,7 @@ class Family:
     aliases: dict[str, str]
     attention: str
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    shared_input: tuple[tuple[str, ...], ...] = ()  # aliases the model calls in this order on one input
 
     def alias_patterns(self, target: str) -> list[str] | None:
         if target == "all-linear":
@@ -48,7 +50,13 @@ def _llama_like() -> dict[str, str]:
 
 
 FAMILIES = (
-    Family("llama", ("llama", "qwen2", "qwen3", "mistral"), _llama_like(), r".*\.layers\.\d+\.self_attn"),
+    Family(
+        "llama",
+        ("llama", "qwen2", "qwen3", "mistral"),
+        _llama_like(),
+        r".*\.layers\.\d+\.self_attn",
+        shared_input=(("q", "k", "v"), ("gate", "up")),
+    ),
     Family(
         "gpt2",
         ("gpt2",),
@@ -75,6 +83,7 @@ FAMILIES = (
             "ffn-out": r".*\.layer\.\d+\.output\.dense",
         },
         r".*\.attention\.self",
+        shared_input=(("q", "k", "v"),),
     ),
 )
 
@@ -198,6 +207,24 @@ def unwrap(model: nn.Module, path: str) -> None:
     wrapper = model.get_submodule(path)
     parent, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent), child, wrapper.base)
+
+
+def link_shared_inputs(model: nn.Module, family: Family) -> None:
+    """Give the wrappers that one module calls on one input (``family.shared_input``) a common group."""
+    found = wrappers(model)
+    for wrapper in found.values():
+        wrapper.group = None
+    for aliases in family.shared_input:
+        siblings: dict[str, list[AdaptedLinear]] = {}
+        for alias in aliases:
+            for path, wrapper in found.items():
+                if re.fullmatch(family.aliases[alias], path):
+                    siblings.setdefault(path.rpartition(".")[0], []).append(wrapper)
+        for members in siblings.values():
+            if len(members) > 1:
+                group = SharedInputGroup(members)
+                for wrapper in members:
+                    wrapper.group = group
 
 
 def wrappers(model: nn.Module) -> dict[str, AdaptedLinear]:

@@ -9,12 +9,17 @@ restores the exact original tensor.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from adaplex.compose import Stack
 from adaplex.methods.base import SiteAdapter
+
+if TYPE_CHECKING:
+    from adaplex.shared_input import SharedInputGroup
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
@@ -66,6 +71,7 @@ class AdaptedLinear(nn.Module):
         self.base = base
         self.adapters = nn.ModuleDict()
         self.stack = stack
+        self.group: SharedInputGroup | None = None  # siblings fed the same input (set by inject.link_shared_inputs)
         self._original_weight: torch.Tensor | None = None
 
     @property
@@ -77,12 +83,16 @@ class AdaptedLinear(nn.Module):
         return linear_shape(self.base)[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base_out = self.base(x)
-        out = base_out
         active = self.stack.active
+        grouped = self.group.take(self, x, active) if self.group is not None else None
+        if grouped is None:
+            base_out = out = self.base(x)
+            applied: tuple[str, ...] = ()
+        else:
+            base_out, out, applied = grouped
         for name, adapter in self.adapters.items():
             weight = active.get(name)
-            if weight is not None:
+            if weight is not None and name not in applied:
                 out = adapter.add_to(out, x, base_out, weight)
         return out
 

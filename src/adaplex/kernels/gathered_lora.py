@@ -10,19 +10,25 @@ shrink is recomputed for each output tile: r·in multiply-adds per token, neglig
 the base layer's in·out. A decode step (T <= 16 per sample) fills one 16-row tile and uses wide
 output tiles (256), so that few programs redo the shrink; longer inputs use 64 x 64 tiles. (Triton's
 autotune picked per shape but its launch wrapper doubled the per-call host cost of a decode step.)
+
+One launch can also serve up to three such updates that read the same x (q/k/v, or gate/up, of a
+layer: ``grouped_lora_add``); the grid's last axis then runs over the output tiles of every part.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
 
 import torch
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs kernels on CPU tensors
+MAX_PARTS = 3
 _enabled = True
+
+Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (base (B, T, out), down (B, in, r), up (B, r, out))
 
 
 def available(x: torch.Tensor) -> bool:
@@ -54,12 +60,24 @@ def _kernel():
     @triton.jit
     def _gathered_lora_kernel(
         x_ptr,
-        down_ptr,
-        up_ptr,
-        base_ptr,
-        out_ptr,
+        down0,
+        up0,
+        base0,
+        out0,
+        n_out0,
+        down1,
+        up1,
+        base1,
+        out1,
+        n_out1,
+        down2,
+        up2,
+        base2,
+        out2,
+        n_out2,
+        tiles0,
+        tiles01,
         tokens,
-        n_out,
         rank,
         N_IN: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -69,8 +87,16 @@ def _kernel():
         PRECISION: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)  # sample offsets b·T·in can pass 2^31 on large models
+        tile_n = tl.program_id(2)
+        down_ptr, up_ptr, base_ptr, out_ptr, n_out = down0, up0, base0, out0, n_out0
+        if tile_n >= tiles01:  # the tile belongs to part 2
+            down_ptr, up_ptr, base_ptr, out_ptr, n_out = down2, up2, base2, out2, n_out2
+            tile_n -= tiles01
+        elif tile_n >= tiles0:  # part 1
+            down_ptr, up_ptr, base_ptr, out_ptr, n_out = down1, up1, base1, out1, n_out1
+            tile_n -= tiles0
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ranks = tl.arange(0, RANK)
         row_ok = rows < tokens
         rank_ok = ranks < rank
@@ -102,21 +128,37 @@ def _kernel():
 
 def gathered_lora_add(base: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """base + bmm(bmm(x, down), up) in one kernel; shapes (B, T, out), (B, T, in), (B, in, r), (B, r, out)."""
+    return grouped_lora_add(x, [(base, down, up)])[0]
+
+
+def grouped_lora_add(
+    x: torch.Tensor, parts: Sequence[Part], tiles: tuple[int, int, int, int] | None = None
+) -> list[torch.Tensor]:
+    """[base_p + bmm(bmm(x, down_p), up_p) for each part] in one launch: up to three parts of one rank
+    that read the same x (B, T, in); each part's out size may differ. ``tiles`` (BLOCK_M, BLOCK_N,
+    BLOCK_K, warps) overrides the built-in choice, for tuning."""
+    if not 1 <= len(parts) <= MAX_PARTS or len({down.shape[2] for _, down, _ in parts}) != 1:
+        raise ValueError(f"grouped_lora_add takes 1 to {MAX_PARTS} parts of one rank")
     batch, tokens, n_in = x.shape
-    rank, n_out = up.shape[1], up.shape[2]
-    x, down, up, base = x.contiguous(), down.contiguous(), up.contiguous(), base.contiguous()
-    out = torch.empty_like(base)
+    rank = parts[0][1].shape[2]
     decode = tokens <= 16  # few tokens per sample: wide output tiles, so fewer programs redo the shrink
-    block_m, block_n, block_k = (16, 256, 128) if decode else (64, 64, 64)
-    grid = (batch, -(-tokens // block_m), -(-n_out // block_n))
+    block_m, block_n, block_k, warps = tiles or ((16, 256, 128, 2) if decode else (64, 64, 64, 4))
+    slots, outs, tiles = [], [], []
+    for base, down, up in parts:
+        base = base.contiguous()
+        out = torch.empty_like(base)
+        slots += [down.contiguous(), up.contiguous(), base, out, up.shape[2]]
+        outs.append(out)
+        tiles.append(-(-up.shape[2] // block_n))
+    slots += slots[:5] * (MAX_PARTS - len(parts))  # unused slots: no tile reaches them
+    tiles += [0] * (MAX_PARTS - len(parts))
+    grid = (batch, -(-tokens // block_m), sum(tiles))
     _kernel()[grid](
-        x,
-        down,
-        up,
-        base,
-        out,
+        x.contiguous(),
+        *slots,
+        tiles[0],
+        tiles[0] + tiles[1],
         tokens,
-        n_out,
         rank,
         N_IN=n_in,
         BLOCK_M=block_m,
@@ -124,5 +166,6 @@ def gathered_lora_add(base: torch.Tensor, x: torch.Tensor, down: torch.Tensor, u
         BLOCK_K=block_k,
         RANK=max(16, 1 << (rank - 1).bit_length()),  # tl.dot needs a power of two >= 16
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=warps,
     )
-    return out
+    return outs

@@ -95,13 +95,18 @@ class ExpertBank(SiteAdapter):
         if torch.is_grad_enabled():
             down, up = self.gather(weight, x.dtype)
         else:
-            gathered = weight.gathered.get(id(self))
-            if gathered is None:
-                gathered = weight.gathered[id(self)] = tuple(t.contiguous() for t in self.gather(weight, x.dtype))
-            down, up = gathered
+            down, up = self.gathered(weight, x.dtype)
             if gathered_lora.available(x):
                 return gathered_lora.gathered_lora_add(out, x, down, up)
         return torch.baddbmm(out, torch.bmm(x, down), up)  # (B, T, r) -> (B, T, out)
+
+    def gathered(self, route: Route, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``gather`` made contiguous, computed once per route (for use without autograd)."""
+        cached = route.gathered.get(id(self))
+        if cached is None:
+            down, up = self.gather(route, dtype)
+            cached = route.gathered[id(self)] = (down.contiguous(), up.contiguous())
+        return cached
 
     def gather(self, route: Route, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample's (A_k^T, (w·s_k·B_k M_k)^T), rank-masked, in ``dtype``: (B, in, r) and (B, r, out)."""

@@ -29,7 +29,8 @@ for section in $SECTIONS; do
       python3 -m adaplex bench route --base $BASE --device cuda --bf16 --mode decode --batch 64 --seq 128 \
         --adapters 1 --adapters 8 --adapters 16 --adapters 32 --adapters 64 --rounds 9 \
         --out "$OUT/route-decode-cuda.json" | tail -12 ;;
-    faults)
+    faults)  # the checked-attention kernel against SDPA, then the overhead of the fused checks
+      python3 benchmarks/faults_kernel_check.py $BASE "$OUT/faults-kernel-check-cuda.json" | tail -40
       python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 8 --seq 512 --repeats 9 \
         --out "$OUT/faults-cuda.json" | tail -12
       # a shape where the H100, not the host's kernel launches, sets the pace of the 135M model

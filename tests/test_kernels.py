@@ -93,6 +93,65 @@ print(json.dumps({{
 }}))
 """
 
+CHECKED_ATTENTION = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+import adaplex.kernels.checked_attention as checked
+from adaplex.faults.bits import flip_bit
+from adaplex.faults.experiment import logits_of
+from adaplex.faults.hook import DetectorConfig
+from adaplex.faults.session import armed
+import tiny
+from adaplex.faults import qkv
+x = torch.randn(3, 7, 4 * 24)[..., :64]  # (B, T, H·D) with rows strided as a chunk of a fused projection
+weights = torch.randn(1, 7, 16)  # broadcast over the batch, as a rotary embedding's may be
+stats_diff = max(
+    (checked.head_stats(x, 16, w) - qkv.stats(x.reshape(3, 7, 4, 16).transpose(1, 2), w)).abs().max().item()
+    for w in (None, weights)
+)
+result = {{}}
+calls = []
+launch = checked.checked_attention
+checked.checked_attention = lambda *a, **k: calls.append(1) or launch(*a, **k)
+for family in ("llama", "gpt2", "bert"):
+    model = tiny.FAMILIES[family]()
+    worst, found = 0.0, []
+    for seed in range(3):
+        inputs = {{"input_ids": tiny.tokens(batch=2, length=12, seed=seed)}}
+        plain = logits_of(model, inputs)
+        with armed(model, None, DetectorConfig(fused=True)) as hooks:
+            checked_logits = logits_of(model, inputs)
+        worst = max(worst, (checked_logits - plain).abs().max().item())
+        found += [d.detector for h in hooks for d in h.detections]
+    result[family] = {{"max_diff": worst, "false_positives": found}}
+kernel_calls = len(calls)
+model = tiny.llama()  # q, k or v corrupted between its projection and the attention kernel
+for location, index, bit in [("q", 0, 30), ("k", 1, 30), ("v", 2, 29)]:
+    def faulty(query, key, value, *args, location=location, index=index, bit=bit):
+        tensors = dict(q=query, k=key, v=value)
+        if not faulty.done:  # layer 0 only: sample 0, head index % heads, token 3, feature 2
+            t = tensors[location]
+            flat = torch.arange(t.numel()).view(t.shape)[0, index % t.shape[1], 3, 2].reshape(1)
+            tensors[location] = flip_bit(t, flat, bit).view_as(t)
+            faulty.done = True
+        return launch(tensors["q"], tensors["k"], tensors["v"], *args)
+    faulty.done = False
+    checked.checked_attention = faulty
+    with armed(model, None, DetectorConfig(fused=True)) as hooks:
+        logits_of(model, {{"input_ids": tiny.tokens(batch=1, length=6)}})
+    result[location] = [[d.layer, d.head, d.detector, list(d.location)] for h in hooks for d in h.detections]
+checked.checked_attention = launch
+summary = checked.value_summary
+for name, corrupt in {{"abft_output": lambda s, h: (s + 4.0, h), "output_bound": lambda s, h: (s, h * 0.25)}}.items():
+    checked.value_summary = lambda v, corrupt=corrupt: corrupt(*summary(v))  # a fault in the checksum inputs
+    with armed(model, None, DetectorConfig(fused=True)) as hooks:
+        logits_of(model, {{"input_ids": tiny.tokens(batch=1, length=6)}})
+    result[name] = sorted({{d.detector for h in hooks for d in h.detections}})
+checked.value_summary = summary
+flips = {{k: result.pop(k) for k in ("q", "k", "v", "abft_output", "output_bound")}}
+print(json.dumps({{"families": result, "kernel_calls": kernel_calls, "stats_diff": stats_diff, **flips}}))
+"""
+
 
 def _interpreted(code: str) -> object:
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -119,3 +178,17 @@ def test_siblings_on_one_input_share_one_launch_and_equal_the_matmul_path():
     assert result["launches"] == [3, 1, 2, 1] * 2  # per layer: q/k/v, o, gate/up, down
     assert result["k_diff"] < 1e-6
     assert result["members"] == [2, 3]  # layer 0's k_proj left its group; layer 1's group is whole
+
+
+def test_checked_attention_kernel_matches_sdpa_and_catches_corrupted_qkv():
+    result = _interpreted(CHECKED_ATTENTION.format(tests=str(TESTS)))
+    assert result["stats_diff"] < 1e-5  # the projection stats kernel equals qkv.stats
+    assert result["kernel_calls"] == 3 * 3 * 2  # families x seeds x layers: every checked call ran the kernel
+    for family, found in result["families"].items():
+        assert found["max_diff"] < 1e-5, family
+        assert found["false_positives"] == [], family
+    assert [0, 0, "qkv_q", [0, 3]] in result["q"]
+    assert [0, 1, "qkv_k", [0, 3]] in result["k"]
+    assert [0, 0, "qkv_v", [0, 3]] in result["v"]
+    assert result["abft_output"] == ["abft_output"]  # checksums that disagree with V·1
+    assert result["output_bound"] == ["output_bound"]  # a hull that does not hold the output

@@ -33,12 +33,14 @@ class Detection:
 @dataclass(frozen=True)
 class Finding:
     """One check's excess over its tolerance, (B, H, ...), positive where it fails; abft findings also
-    carry the column checksums' excess, to locate the faulty element."""
+    carry the column checksums' excess, to locate the faulty element. ``peak`` (1,), where given, is the
+    largest excess of every finding that shares it (computed by the kernel that computed them)."""
 
     layer: int
     detector: str
     excess: torch.Tensor
     columns: torch.Tensor | None = None
+    peak: torch.Tensor | None = None
 
     def resolve(self) -> list[Detection]:
         if self.columns is None:
@@ -47,9 +49,15 @@ class Finding:
 
 
 def any_failed(findings: Iterable[Finding]) -> bool:
-    """Whether any finding's excess is positive (or NaN): one reduction each and one device sync."""
-    peaks = [t.amax() for f in findings for t in (f.excess, f.columns) if t is not None and t.numel()]
-    return bool(peaks) and bool(torch.stack(peaks).float().nan_to_num(nan=torch.inf).amax() > 0)
+    """Whether any finding's excess is positive (or NaN): one reduction per finding (or per shared
+    peak) and one device sync."""
+    peaks: dict[int, torch.Tensor] = {}
+    for f in findings:
+        if f.peak is not None:
+            peaks[id(f.peak)] = f.peak
+        else:
+            peaks.update((id(t), t.amax().reshape(1)) for t in (f.excess, f.columns) if t is not None and t.numel())
+    return bool(peaks) and bool(torch.cat(list(peaks.values())).float().nan_to_num(nan=torch.inf).amax() > 0)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ O' = P V' = [O | P(V·1) | P·1 | 0…]:
 - softmax:     P·1 must equal 1 for every row that sees a key;
 - output_bound: O must lie within the min/max of V over the sequence's keys (a looser hull than
   over each row's visible keys, but it needs only V and O).
-The padding costs 8/head_dim of the attention work. Faults in the scores or weights need
-the step-by-step path (eager.py), where they can be injected and located.
+The padding costs 8/head_dim of the attention work. Where Triton runs (CUDA) and the mask is causal
+or absent, one kernel computes the same checks in registers instead, without padding, and the q/k/v
+checksums too (kernels/checked_attention.py). Faults in the scores or weights need the step-by-step
+path (eager.py), where they can be injected and located.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from adaplex.faults import qkv
 from adaplex.faults.detect import Finding
 from adaplex.faults.hook import FaultHook
+from adaplex.kernels import checked_attention as checked_kernel
 
 PAD = 8  # the two checksum columns, padded to keep head_dim + PAD a multiple of 8
 
@@ -85,14 +88,21 @@ def fused_checked_attention(
 ) -> torch.Tensor:
     """SDPA output (B, T, H, D) with the fused checks run; detections go to the hook."""
     dim = value.shape[-1]
-    padded_q, padded_k, padded_v = padded_inputs(query, key, value)
     scaling = dim**-0.5 if scaling is None else scaling
+    checks = (hook.detectors.abft, hook.detectors.softmax, hook.detectors.output_bound)
+    if mask is None and checked_kernel.available(query):
+        references = {loc: hook.reference.pop(loc, None) for loc in "qkv"} if hook.detectors.qkv else {}
+        out, excess, peak = checked_kernel.checked_attention(
+            query, key, value, scaling, is_causal and query.shape[2] > 1, checks, references
+        )
+        hook.findings += [Finding(hook.layer, name, e, peak=peak) for name, e in excess.items()]
+        return out
+    padded_q, padded_k, padded_v = padded_inputs(query, key, value)
     out = sdpa_attention_forward(
         module, padded_q, padded_k, padded_v, mask, scaling=scaling, is_causal=is_causal, **kwargs
     )[0]  # (B, T, H, D + 8)
     o = out[..., :dim]
     found: list[Finding] = qkv.check(hook, {"q": query, "k": key, "v": value}) if hook.detectors.qkv else []
-    checks = (hook.detectors.abft, hook.detectors.softmax, hook.detectors.output_bound)
     if any(checks):
         excess = column_excess(out, value, *checks)
         found += [Finding(hook.layer, name, e.transpose(1, 2)) for name, e in excess.items()]

@@ -19,6 +19,7 @@ from torch import nn
 
 from adaplex.faults.detect import Finding
 from adaplex.faults.hook import FaultHook
+from adaplex.kernels import checked_attention as checked_kernel
 
 
 def stats(heads: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,6 +56,14 @@ def sources(attention: nn.Module) -> dict[str, tuple[nn.Module, int | None]]:
     return {"q": (q_src, None), "k": (k_src, None), "v": (children["v_proj"], None)}
 
 
+def projection_stats(out: torch.Tensor, head_dim: int, weights: torch.Tensor | None) -> torch.Tensor:
+    """``stats`` of a projection's output (B, T, H·D) split into heads: one kernel where Triton runs."""
+    if checked_kernel.available(out) and out.stride(-1) == 1:
+        return checked_kernel.head_stats(out, head_dim, weights)
+    batch, tokens = out.shape[0], out.shape[1]
+    return stats(out.reshape(batch, tokens, -1, head_dim).transpose(1, 2), weights)
+
+
 def recorder(
     hook: FaultHook, location: str, part: int | None, head_dim: int, rotary: dict[str, torch.Tensor] | None
 ) -> Callable:
@@ -65,17 +74,14 @@ def recorder(
     """
 
     def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        out = output if part is None else output.chunk(3, dim=-1)[part]
-        batch, tokens = out.shape[0], out.shape[1]
-        heads = out.reshape(batch, tokens, -1, head_dim).transpose(1, 2)  # (B, H, T, D)
-        if location == "v" or rotary is None:
-            hook.reference[location] = stats(heads)
-            return
-        weights = rotary.get("weights")
-        if weights is not None and weights.shape[-1] == head_dim:
-            hook.reference[location] = stats(heads, weights)
-        else:  # partial rotary or no (cos, sin) seen: the norm alone
-            hook.reference[location] = stats(heads)[..., :1]
+        out = output if part is None else output.chunk(3, dim=-1)[part]  # (B, T, H·D)
+        weights, norm_only = None, False
+        if location != "v" and rotary is not None:
+            weights = rotary.get("weights")
+            if weights is None or weights.shape[-1] != head_dim:  # partial rotary or no (cos, sin) seen
+                weights, norm_only = None, True
+        found = projection_stats(out, head_dim, weights)
+        hook.reference[location] = found[..., :1] if norm_only else found
 
     return record
 

@@ -1,0 +1,170 @@
+"""CUDA check of the checked-attention kernel (kernels/checked_attention.py): its output against SDPA
+(bfloat16, float16, float32; causal with and without cached keys, GQA, no mask), a SmolLM2-shaped
+model's logits with the fused checks against the plain model, no detections over clean batches, and
+a flipped q, k or v element detected. Writes JSON; exits 1 on a failure.
+
+    python benchmarks/faults_kernel_check.py BASE_DIR OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import adaplex.kernels.checked_attention as checked
+from adaplex.faults.bits import flip_bit
+from adaplex.faults.experiment import logits_of
+from adaplex.faults.hook import DetectorConfig
+from adaplex.faults.session import armed
+from adaplex.models import load_base
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to the output's max
+FUSED = DetectorConfig(fused=True)
+
+
+def kernel_cases(device: torch.device) -> list[dict]:
+    cases = []
+    for batch, heads, kv_heads, tokens, keys, causal in [
+        (8, 9, 3, 512, 512, True),
+        (2, 9, 3, 100, 300, True),  # 200 cached keys before the 100 new ones
+        (4, 12, 12, 200, 200, False),
+    ]:
+        for dtype in TOLERANCE:
+            gen = torch.Generator(device=device).manual_seed(tokens)
+            q = torch.randn(batch, heads, tokens, 64, generator=gen, device=device).to(dtype)
+            k, v = (torch.randn(batch, kv_heads, keys, 64, generator=gen, device=device).to(dtype) for _ in "kv")
+            out, excess, peak = checked.checked_attention(q, k, v, 0.125, causal, (True, True, True), {})
+            mask = torch.ones(tokens, keys, dtype=torch.bool, device=device).tril(keys - tokens) if causal else None
+            group = heads // kv_heads
+            ref = F.scaled_dot_product_attention(
+                q.float(),
+                k.float().repeat_interleave(group, 1),
+                v.float().repeat_interleave(group, 1),
+                mask,
+                scale=0.125,
+            ).transpose(1, 2)
+            error = (out.float() - ref).abs().max().item() / ref.abs().max().item()
+            cases.append(
+                {
+                    "shape": [batch, heads, kv_heads, tokens, keys, int(causal)],
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "error": error,
+                    "peak_excess": peak.item(),
+                    "ok": error <= TOLERANCE[dtype] and peak.item() <= 0,
+                }
+            )
+    return cases
+
+
+def _gpu_us(call, rounds: int = 20) -> float:
+    for _ in range(3):
+        call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(rounds):
+        call()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / rounds
+
+
+TILES = [(m, n, w, s) for m, n in ((64, 64), (128, 64), (128, 32), (64, 32)) for w in (4, 8) for s in (2, 3)]
+
+
+def kernel_times(device: torch.device) -> dict:
+    """Microseconds per call (GPU time, back to back) of SDPA and of the kernel with every check and
+    q/k/v references, for each tile choice, at the benchmark's attention shapes (SmolLM2: 9 heads, 3 K/V heads)."""
+    times = {}
+    for batch, tokens in ((8, 512), (32, 1024)):
+        q = torch.randn(batch, 9, tokens, 64, device=device, dtype=torch.bfloat16)
+        k, v = (torch.randn(batch, 3, tokens, 64, device=device, dtype=torch.bfloat16) for _ in "kv")
+        refs = {"q": torch.randn(batch, 9, tokens, 2, device=device)}
+        refs.update({loc: torch.randn(batch, 3, tokens, 2, device=device) for loc in "kv"})
+        shape = f"{batch}x{tokens}"
+        times[shape] = {
+            "sdpa": _gpu_us(
+                lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            )
+        }
+        for tiles in TILES:
+            name = "x".join(map(str, tiles))
+            times[shape][name] = _gpu_us(
+                lambda q=q, k=k, v=v, refs=refs, tiles=tiles: checked.checked_attention(
+                    q, k, v, 0.125, True, (True, True, True), refs, tiles=tiles
+                )
+            )
+    return times
+
+
+def model_checks(base_dir: str, device: torch.device) -> dict:
+    model, _ = load_base(base_dir, dtype=torch.bfloat16)
+    model.to(device).requires_grad_(False)
+    gen = torch.Generator(device=device).manual_seed(0)
+    false_positives, worst, agree = 0, 0.0, []
+    for _ in range(20):
+        inputs = {"input_ids": torch.randint(0, model.config.vocab_size, (4, 256), generator=gen, device=device)}
+        plain = logits_of(model, inputs).float()
+        with armed(model, None, FUSED) as hooks:
+            fused = logits_of(model, inputs).float()
+        false_positives += sum(len(h.detections) for h in hooks)
+        worst = max(worst, (fused - plain).abs().max().item() / plain.abs().max().item())
+        agree.append((fused.argmax(-1) == plain.argmax(-1)).float().mean().item())
+    flips = {}
+    launch = checked.checked_attention
+    inputs = {"input_ids": torch.randint(0, model.config.vocab_size, (2, 128), generator=gen, device=device)}
+    for location in "qkv":
+        done = []
+
+        def faulty(query, key, value, *args, location=location, done=done):
+            tensors = {"q": query, "k": key, "v": value}
+            if not done:  # the first layer: sample 1, head 1, token 100, feature 5, exponent bit 14
+                t = tensors[location]
+                flat = torch.arange(t.numel(), device=t.device).view(t.shape)[1, 1, 100, 5].reshape(1)
+                tensors[location] = flip_bit(t, flat, 14).view_as(t)
+                done.append(True)
+            return launch(tensors["q"], tensors["k"], tensors["v"], *args)
+
+        checked.checked_attention = faulty
+        try:
+            with armed(model, None, FUSED) as hooks:
+                logits_of(model, inputs)
+        finally:
+            checked.checked_attention = launch
+        flips[location] = [[d.layer, d.head, d.detector, list(d.location)] for h in hooks for d in h.detections]
+    start = time.perf_counter()
+    for _ in range(20):
+        with armed(model, None, FUSED):
+            pass
+    arming_ms = (time.perf_counter() - start) / 20 * 1e3
+    caught = all([0, 1, f"qkv_{loc}", [1, 100]] in found for loc, found in flips.items())
+    return {
+        "relative_error": worst,
+        "top1_agreement": min(agree),
+        "false_positives_in_20_batches": false_positives,
+        "flips": flips,
+        "arming_ms": arming_ms,  # host time to arm and disarm the model (hooks on every layer)
+        "ok": worst <= 0.05 and false_positives == 0 and caught,
+    }
+
+
+def main() -> None:
+    base_dir, out = sys.argv[1], sys.argv[2]
+    device = torch.device("cuda")
+    assert checked.available(torch.empty(1, device=device)), "Triton is not available"
+    result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "cases": kernel_cases(device)}
+    result["model_bf16"] = model_checks(base_dir, device)
+    result["kernel_us"] = kernel_times(device)
+    result["built_in_tiles"] = "x".join(map(str, checked.TILES))
+    result["ok"] = all(c["ok"] for c in result["cases"]) and result["model_bf16"]["ok"]
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
+    sys.exit(0 if result["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -225,3 +225,18 @@ def test_infer_with_workers_keeps_order_and_reports_a_crashed_shard(tmp_path):
     partial = [json.loads(line) for line in (tmp_path / "crash.jsonl").read_text().splitlines()]
     assert [r.get("completion") for r in partial[:2]] == [r["completion"] for r in out[:2]]
     assert all("crashed" in r["error"] for r in partial[2:])
+
+
+def test_static_generation_equals_generate_for_a_routed_batch():
+    """The static-cache decode loop that adaplex.graphs captures as CUDA graphs (run eagerly here;
+    the captured replay is checked against it on CUDA by benchmarks/kernel_check.py)."""
+    from adaplex.graphs import static_generate
+
+    model, handle = routed("llama")
+    ids = tiny.tokens(batch=3, length=7)
+    with torch.no_grad(), route(handle, ["i7", None, "v100"]):
+        ours = static_generate(model, ids, 6, graphed=False)
+        reference = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)[:, ids.shape[1] :]
+    assert torch.equal(ours, reference)
+    with torch.no_grad(), route(handle, ["a100", "a100", None]):  # another routing gives other tokens
+        assert not torch.equal(static_generate(model, ids, 6, graphed=False), ours)

@@ -14,17 +14,17 @@ from __future__ import annotations
 import copy
 import statistics
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import nn
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache
 
 from adaplex import Adapted
 from adaplex.bench.measure import interleaved_times, median_ratio
 from adaplex.bench.overhead import peft_targets
+from adaplex.graphs import graphed_decode
 from adaplex.kernels import gathered_lora
 from adaplex.methods import ExpertsConfig
 from adaplex.models import load_base
@@ -104,46 +104,6 @@ def measure(base: nn.Module, ids: torch.Tensor, count: int, rank: int, rounds: i
         "peft_x_base": median_ratio(times, "peft-mixed", "base"),
         "peft_x_routed": median_ratio(times, "peft-mixed", "adaplex-routed"),
     } | {name: median_ratio(times, *pair) for name, pair in ratios.items()}
-
-
-@dataclass(frozen=True)
-class GraphedStep:
-    """A captured CUDA graph and what it reads and writes by address, kept alive as long as it is."""
-
-    graph: torch.cuda.CUDAGraph
-    buffers: tuple
-
-    def __call__(self) -> None:
-        self.graph.replay()
-
-
-def graphed_decode(model: nn.Module, ids: torch.Tensor) -> GraphedStep:
-    """One decode step after ``ids`` (a static KV cache of their T tokens), captured as a CUDA graph;
-    returns its replay. Routing must already be set: the graph keeps the gathered expert weights.
-    Every replay first resets the cache's write positions (device counters it advances), so each
-    step sees the same T cached tokens."""
-    seq = ids.shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=seq + 1)
-    last, position = ids[:, -1:].clone(), torch.tensor([seq], device=ids.device)
-    with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(seq, device=ids.device))
-    counters = [layer.cumulative_length for layer in cache.layers]
-    start = [counter.clone() for counter in counters]
-
-    def step() -> None:
-        torch._foreach_copy_(counters, start)
-        model(input_ids=last, past_key_values=cache, cache_position=position)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad(), torch.cuda.stream(side):  # warm-up (and the gathered weights) off the capture
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        step()
-    return GraphedStep(graph, (cache, last, position, start))
 
 
 def run(

@@ -8,12 +8,12 @@ a flipped q, k or v element detected. Writes JSON; exits 1 on a failure.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from check_output import report
 
 import adaplex.kernels.checked_attention as checked
 from adaplex.faults.bits import flip_bit
@@ -160,10 +160,7 @@ def main() -> None:
     result["kernel_us"] = kernel_times(device)
     result["built_in_tiles"] = "x".join(map(str, checked.TILES))
     result["ok"] = all(c["ok"] for c in result["cases"]) and result["model_bf16"]["ok"]
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
-    sys.exit(0 if result["ok"] else 1)
+    report(result, out)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ and of a routed SmolLM2-shaped model's logits with and without it. Writes JSON; 
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 import torch
+from check_output import report
 
 from adaplex.bench.route import build
 from adaplex.graphs import static_generate
@@ -214,10 +214,7 @@ def main() -> None:
         and result["routed_model_bf16"]["ok"]
         and result["routed_graphed_generation"]["ok"]
     )
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
-    sys.exit(0 if result["ok"] else 1)
+    report(result, out)
 
 
 if __name__ == "__main__":

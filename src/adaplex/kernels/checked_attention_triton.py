@@ -140,56 +140,16 @@ def checked_attention_kernel(
     else:
         end = keys
         lo = keys // BLOCK_N * BLOCK_N
-    for start in tl.range(0, lo, BLOCK_N):
-        acc, sums, m_i, l_i = _attend_block(
-            acc,
-            sums,
-            m_i,
-            l_i,
-            q,
-            k_base,
-            v_base,
-            value_sums,
-            start,
-            rows,
-            dims,
-            dim_ok,
-            keys,
-            offset,
-            stride_ks,
-            stride_vs,
-            scale2,
-            BLOCK_N,
-            False,
-            CAUSAL,
-            ENABLED,
-            PRECISION,
-        )
-    for start in tl.range(lo, end, BLOCK_N):
-        acc, sums, m_i, l_i = _attend_block(
-            acc,
-            sums,
-            m_i,
-            l_i,
-            q,
-            k_base,
-            v_base,
-            value_sums,
-            start,
-            rows,
-            dims,
-            dim_ok,
-            keys,
-            offset,
-            stride_ks,
-            stride_vs,
-            scale2,
-            BLOCK_N,
-            True,
-            CAUSAL,
-            ENABLED,
-            PRECISION,
-        )
+    for phase in tl.static_range(2):  # keys below lo first, without a mask; then lo to end, masked
+        if phase == 0:
+            begin, stop = 0, lo
+        else:
+            begin, stop = lo, end
+        for start in tl.range(begin, stop, BLOCK_N):
+            acc, sums, m_i, l_i = _attend_block(
+                acc, sums, m_i, l_i, q, k_base, v_base, value_sums, start, rows, dims, dim_ok, keys, offset,
+                stride_ks, stride_vs, scale2, BLOCK_N, phase == 1, CAUSAL, ENABLED, PRECISION,
+            )  # fmt: skip
 
     out = (acc / l_i[:, None]).to(o_ptr.dtype.element_ty)
     o_offsets = ((b.to(tl.int64) * tokens + rows[:, None]) * HEADS + h) * D + dims[None, :]

@@ -12,7 +12,7 @@ from adaplex.faults.bits import flip_bit
 from adaplex.faults.detect import Tensors, kv_tied
 from adaplex.faults.experiment import logits_of, run_once
 from adaplex.faults.fused import PAD
-from adaplex.faults.hook import DetectorConfig, FaultPlan
+from adaplex.faults.hook import DetectorConfig, FaultPlan, detections_of
 from adaplex.faults.session import armed
 
 import tiny
@@ -246,3 +246,31 @@ def test_sign_flips_in_qkv_are_caught_by_the_rotated_sums(family, location):
     assert result.detected["qkv"]
     hit = next(d for d in result.detections if d["detector"] == f"qkv_{location}")
     assert (hit["layer"], hit["head"], hit["location"]) == (0, 1, (0, 3))
+
+
+def test_a_model_armed_once_reports_each_forwards_detections_once(monkeypatch):
+    """detections_of takes what one forward found, so a monitored model is armed once for many."""
+    import adaplex.faults.fused as fused_module
+
+    real = fused_module.sdpa_attention_forward
+    faulty_calls = []
+
+    def kernel(*args, **kwargs):
+        out, weights = real(*args, **kwargs)  # (B, T, H, D + PAD)
+        if faulty_calls:
+            out = flip_bit(out, torch.tensor([3 * out.shape[-1] + 1]), 27).view_as(out)
+        return out, weights
+
+    monkeypatch.setattr(fused_module, "sdpa_attention_forward", kernel)
+    model, inputs = tiny.llama(), {"input_ids": tiny.tokens(batch=1, length=6)}
+    with armed(model, None, DetectorConfig(fused=True)) as hooks:
+        logits_of(model, inputs)
+        clean = detections_of(hooks)
+        faulty_calls.append(True)
+        logits_of(model, inputs)
+        faulty = detections_of(hooks)
+        faulty_calls.clear()
+        logits_of(model, inputs)
+        after = detections_of(hooks)
+    assert clean == [] and after == []
+    assert {d.detector for d in faulty} >= {"abft_output"}

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import ExitStack
+from copy import deepcopy
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
-from adaplex.faults.hook import DetectorConfig, FaultPlan, detections_of
+from adaplex.faults.hook import DetectorConfig, FaultHook, FaultPlan, detections_of
 from adaplex.faults.session import armed
 
 
@@ -101,28 +104,39 @@ def attention_flops(model: nn.Module, batch: int, seq: int) -> int:
 def monitor(
     model: nn.Module, inputs: dict[str, torch.Tensor], plan: FaultPlan, detectors: DetectorConfig, repeats: int = 3
 ) -> dict:
-    """Interleaved timings: fused baseline; fused kernel with its checks, without the q/k/v checksums,
-    and with its checksum columns but no checks; step-by-step without detectors, with every detector,
-    and injected."""
+    """Interleaved timings of one forward and its detections' resolution: the fused baseline; fused
+    kernel with its checks, without the q/k/v checksums, and with no checks; step-by-step without
+    detectors, with every detector, and injected. Each armed phase has its own copy of the model,
+    armed once (as a monitored model runs), so that every timed call is a forward and its check."""
     from adaplex.adapted import _HANDLES, Adapted
     from adaplex.bench.measure import interleaved_times, median_ratio, peak_memory_mib
 
     off = DetectorConfig(**{name: False for name in DetectorConfig.model_fields})
     fused = detectors.model_copy(update={"fused": True})
-    phases = {
-        "baseline": lambda: logits_of(model, inputs),
-        "fused_detection": lambda: armed_logits(model, inputs, None, fused),
-        "fused_without_qkv": lambda: armed_logits(model, inputs, None, fused.model_copy(update={"qkv": False})),
-        "fused_columns_only": lambda: armed_logits(model, inputs, None, off.model_copy(update={"fused": True})),
-        "stepwise": lambda: armed_logits(model, inputs, None, off),
-        "detection": lambda: armed_logits(model, inputs, None, detectors),
-        "injected": lambda: armed_logits(model, inputs, plan, detectors),
+    armings = {
+        "fused_detection": (None, fused),
+        "fused_without_qkv": (None, fused.model_copy(update={"qkv": False})),
+        "fused_columns_only": (None, off.model_copy(update={"fused": True})),
+        "stepwise": (None, off),
+        "detection": (None, detectors),
+        "injected": (plan, detectors),
     }
     device = next(model.parameters()).device
+    copies = {name: deepcopy(model) for name in armings}
     fresh = model not in _HANDLES
-    handle = Adapted.of(model)  # attached once, so that each phase only sets the layers' hooks
+    handle = Adapted.of(model)  # the baseline runs through the same attention function, unarmed
+    phases = {"baseline": lambda: logits_of(model, inputs)}
     try:
-        times = interleaved_times(phases, repeats, device)
+        with ExitStack() as stack:
+            for name, (phase_plan, phase_detectors) in armings.items():
+                hooks = stack.enter_context(armed(copies[name], phase_plan, phase_detectors))
+                phases[name] = partial(_checked_forward, copies[name], inputs, hooks)
+            times = interleaved_times(phases, repeats, device)
+            memory = (
+                {p: peak_memory_mib(phase, torch.device("cpu"))[0] for p, phase in phases.items()}
+                if device.type == "cpu"
+                else {}
+            )
     finally:
         if fresh:
             handle.detach()
@@ -131,16 +145,12 @@ def monitor(
         "seconds": {p: aggregate(t) for p, t in times.items()},
         "overhead_percent": {p: 100 * (median_ratio(times, p, "baseline") - 1) for p in phases if p != "baseline"},
         "bounds_and_detection_percent": 100 * (median_ratio(times, "detection", "stepwise") - 1),
-        "peak_memory_mib": {p: peak_memory_mib(phase, torch.device("cpu"))[0] for p, phase in phases.items()}
-        if next(model.parameters()).device.type == "cpu"
-        else {},
+        "peak_memory_mib": memory,
         "attention_gflops": attention_flops(model, batch, seq) / 1e9,
     }
 
 
-def armed_logits(model, inputs, plan, detectors) -> torch.Tensor:
-    """Logits of an armed forward, its detections resolved (their cost is part of the phase)."""
-    with armed(model, plan, detectors) as hooks:
-        logits = logits_of(model, inputs)
-        detections_of(hooks)
+def _checked_forward(model: nn.Module, inputs: dict[str, torch.Tensor], hooks: list[FaultHook]) -> torch.Tensor:
+    logits = logits_of(model, inputs)
+    detections_of(hooks)
     return logits

@@ -87,11 +87,15 @@ class FaultHook:
 
 
 def detections_of(hooks: list[FaultHook]) -> list[Detection]:
-    """Everything the hooks detected, layer by layer; a clean forward costs one device sync."""
+    """What the hooks detected since the last call, layer by layer, taken from them, so that a model
+    armed once can be checked forward after forward; a clean forward costs one device sync."""
     if not any_failed(f for h in hooks for f in h.findings):
         for hook in hooks:
             hook.findings.clear()
-    return [d for h in hooks for d in h.detections]
+    found = [d for h in hooks for d in h.detections]
+    for hook in hooks:
+        hook._resolved.clear()
+    return found
 
 
 def _flat(shape: torch.Size, element: list[int]) -> int:

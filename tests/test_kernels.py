@@ -113,7 +113,7 @@ result = {{}}
 calls = []
 launch = checked.checked_attention
 checked.checked_attention = lambda *a, **k: calls.append(1) or launch(*a, **k)
-for family in ("llama", "gpt2", "bert"):
+for family in ("llama", "qwen3", "gpt2", "bert"):  # qwen3: q and k recorded after a per-head norm
     model = tiny.FAMILIES[family]()
     worst, found = 0.0, []
     for seed in range(3):
@@ -183,7 +183,7 @@ def test_siblings_on_one_input_share_one_launch_and_equal_the_matmul_path():
 def test_checked_attention_kernel_matches_sdpa_and_catches_corrupted_qkv():
     result = _interpreted(CHECKED_ATTENTION.format(tests=str(TESTS)))
     assert result["stats_diff"] < 1e-5  # the projection stats kernel equals qkv.stats
-    assert result["kernel_calls"] == 3 * 3 * 2  # families x seeds x layers: every checked call ran the kernel
+    assert result["kernel_calls"] == 4 * 3 * 2  # families x seeds x layers: every checked call ran the kernel
     for family, found in result["families"].items():
         assert found["max_diff"] < 1e-5, family
         assert found["false_positives"] == [], family

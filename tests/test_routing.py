@@ -240,3 +240,5 @@ def test_static_generation_equals_generate_for_a_routed_batch():
     assert torch.equal(ours, reference)
     with torch.no_grad(), route(handle, ["a100", "a100", None]):  # another routing gives other tokens
         assert not torch.equal(static_generate(model, ids, 6, graphed=False), ours)
+    with pytest.raises(ValueError, match="needs CUDA"):
+        static_generate(model, ids, 6)  # graphed, on CPU tensors

@@ -78,6 +78,10 @@ def static_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, graphe
     """Greedy continuation (B, new_tokens) of ``ids`` (B, T) over a static cache; with ``graphed``
     (CUDA), every decode step is one replay of a captured graph that also picks the next token and
     advances the position, so the host only replays. graphed=False runs the same step eagerly."""
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be at least 1, not {new_tokens}")
+    if graphed and not ids.is_cuda:
+        raise ValueError("graphed decoding needs CUDA tensors; pass graphed=False to run the same loop eagerly")
     seq = ids.shape[1]
     cache, logits = _prefilled(model, ids, seq + new_tokens)
     token = logits.argmax(-1, keepdim=True)  # (B, 1)

@@ -90,10 +90,12 @@ def fused_checked_attention(
     dim = value.shape[-1]
     scaling = dim**-0.5 if scaling is None else scaling
     checks = (hook.detectors.abft, hook.detectors.softmax, hook.detectors.output_bound)
-    if mask is None and checked_kernel.available(query):
+    tokens = query.shape[2]
+    recorded = [hook.reference.get(loc) for loc in "qkv"] if hook.detectors.qkv else []
+    if mask is None and checked_kernel.available(query) and all(r is None or r.shape[-2] == tokens for r in recorded):
         references = {loc: hook.reference.pop(loc, None) for loc in "qkv"} if hook.detectors.qkv else {}
         out, excess, peak = checked_kernel.checked_attention(
-            query, key, value, scaling, is_causal and query.shape[2] > 1, checks, references
+            query, key, value, scaling, is_causal and tokens > 1, checks, references
         )
         hook.findings += [Finding(hook.layer, name, e, peak=peak) for name, e in excess.items()]
         return out

@@ -57,11 +57,13 @@ def sources(attention: nn.Module) -> dict[str, tuple[nn.Module, int | None]]:
 
 
 def projection_stats(out: torch.Tensor, head_dim: int, weights: torch.Tensor | None) -> torch.Tensor:
-    """``stats`` of a projection's output (B, T, H·D) split into heads: one kernel where Triton runs."""
-    if checked_kernel.available(out) and out.stride(-1) == 1:
-        return checked_kernel.head_stats(out, head_dim, weights)
+    """``stats`` of a projection's output (B, T, H·D) or (B, T, H, D), per head: (B, H, T, 2); one
+    kernel where Triton runs."""
+    flat = out.flatten(2)  # (B, T, H·D)
+    if checked_kernel.available(flat) and flat.stride(-1) == 1:
+        return checked_kernel.head_stats(flat, head_dim, weights)
     batch, tokens = out.shape[0], out.shape[1]
-    return stats(out.reshape(batch, tokens, -1, head_dim).transpose(1, 2), weights)
+    return stats(flat.reshape(batch, tokens, -1, head_dim).transpose(1, 2), weights)
 
 
 def recorder(

@@ -8,8 +8,9 @@ shrink h = x·D (BLOCK_M, r) over the input dimension, then y = base + h·U for 
 float32 (h is rounded to the weights' dtype before the expand, as the matmul path does). The
 shrink is recomputed for each output tile: r·in multiply-adds per token, negligible beside
 the base layer's in·out. A decode step (T <= 16 per sample) fills one 16-row tile and uses wide
-output tiles (256), so that few programs redo the shrink; longer inputs use 64 x 64 tiles. (Triton's
-autotune picked per shape but its launch wrapper doubled the per-call host cost of a decode step.)
+output tiles (256) and two warps, so that few programs redo the shrink (chosen from a sweep on an H100,
+benchmarks/kernel_check.py); longer inputs use 64 x 64 tiles. (Triton's autotune picked per shape but
+its launch wrapper doubled the per-call host cost of a decode step.)
 
 One launch can also serve up to three such updates that read the same x (q/k/v, or gate/up, of a
 layer: ``grouped_lora_add``); the grid's last axis then runs over the output tiles of every part.

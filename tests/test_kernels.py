@@ -99,7 +99,7 @@ sys.path.insert(0, {tests!r})
 import adaplex.kernels.checked_attention as checked
 from adaplex.faults.bits import flip_bit
 from adaplex.faults.experiment import logits_of
-from adaplex.faults.hook import DetectorConfig
+from adaplex.faults.hook import DetectorConfig, detections_of
 from adaplex.faults.session import armed
 import tiny
 from adaplex.faults import qkv
@@ -125,6 +125,12 @@ for family in ("llama", "qwen3", "gpt2", "bert"):  # qwen3: q and k recorded aft
         found += [d.detector for h in hooks for d in h.detections]
     result[family] = {{"max_diff": worst, "false_positives": found}}
 kernel_calls = len(calls)
+from transformers import LlamaConfig, LlamaForCausalLM  # heads above MAX_HEAD_DIM keep the padded path
+wide = LlamaForCausalLM(LlamaConfig(**{{**tiny.LLAMA_LIKE, "head_dim": 2 * checked.MAX_HEAD_DIM}})).eval()
+inputs = {{"input_ids": tiny.tokens(batch=1, length=6)}}
+with armed(wide, None, DetectorConfig(fused=True)) as hooks:
+    logits_of(wide, inputs)
+result["wide_heads"] = {{"kernel_calls": len(calls) - kernel_calls, "detections": len(detections_of(hooks))}}
 model = tiny.llama()  # q, k or v corrupted between its projection and the attention kernel
 for location, index, bit in [("q", 0, 30), ("k", 1, 30), ("v", 2, 29)]:
     def faulty(query, key, value, *args, location=location, index=index, bit=bit):
@@ -148,7 +154,7 @@ for name, corrupt in {{"abft_output": lambda s, h: (s + 4.0, h), "output_bound":
         logits_of(model, {{"input_ids": tiny.tokens(batch=1, length=6)}})
     result[name] = sorted({{d.detector for h in hooks for d in h.detections}})
 checked.value_summary = summary
-flips = {{k: result.pop(k) for k in ("q", "k", "v", "abft_output", "output_bound")}}
+flips = {{k: result.pop(k) for k in ("q", "k", "v", "abft_output", "output_bound", "wide_heads")}}
 print(json.dumps({{"families": result, "kernel_calls": kernel_calls, "stats_diff": stats_diff, **flips}}))
 """
 
@@ -192,3 +198,4 @@ def test_checked_attention_kernel_matches_sdpa_and_catches_corrupted_qkv():
     assert [0, 0, "qkv_v", [0, 3]] in result["v"]
     assert result["abft_output"] == ["abft_output"]  # checksums that disagree with V·1
     assert result["output_bound"] == ["output_bound"]  # a hull that does not hold the output
+    assert result["wide_heads"] == {"kernel_calls": 0, "detections": 0}

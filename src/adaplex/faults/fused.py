@@ -92,7 +92,12 @@ def fused_checked_attention(
     checks = (hook.detectors.abft, hook.detectors.softmax, hook.detectors.output_bound)
     tokens = query.shape[2]
     recorded = [hook.reference.get(loc) for loc in "qkv"] if hook.detectors.qkv else []
-    if mask is None and checked_kernel.available(query) and all(r is None or r.shape[-2] == tokens for r in recorded):
+    if (
+        mask is None
+        and checked_kernel.available(query)
+        and dim <= checked_kernel.MAX_HEAD_DIM
+        and all(r is None or r.shape[-2] == tokens for r in recorded)
+    ):
         references = {loc: hook.reference.pop(loc, None) for loc in "qkv"} if hook.detectors.qkv else {}
         out, excess, peak = checked_kernel.checked_attention(
             query, key, value, scaling, is_causal and tokens > 1, checks, references

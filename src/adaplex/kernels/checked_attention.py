@@ -10,7 +10,8 @@ flash attention does, and accumulates in float32 registers, at no extra memory t
 Tolerances are those of ``faults/fused.py`` and ``faults/qkv.py``. Each check's excess (> 0: failed)
 is written per row, and the largest excess of the call to ``peak`` by an atomic max, so that a clean
 forward is confirmed with one reduction per layer. Causal masks (query i sees keys j <= i + S - T)
-and no mask are supported; other masks use the padded SDPA path.
+and no mask are supported, for heads of up to MAX_HEAD_DIM; other masks and larger heads use the
+padded SDPA path.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from adaplex.kernels.gathered_lora import INTERPRETED
 
+MAX_HEAD_DIM = 128  # larger heads exceed the tiles' registers and shared memory: the padded SDPA path
 TILES = (128, 64, 4, 3)  # BLOCK_M, BLOCK_N, warps, pipeline stages (from the sweep in faults_kernel_check.py)
 CHECKS = ("abft_output", "softmax", "output_bound", "qkv_q")  # the columns of ``checks``
 

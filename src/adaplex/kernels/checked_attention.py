@@ -1,10 +1,12 @@
 """Flash attention with the fault checks computed inside the kernel, beside the output (Triton).
 
 One program handles BLOCK_M queries of one (sample, head) with an online softmax over key blocks, as
-flash attention does, and accumulates in float32 registers, at no extra memory traffic:
-- O·1 and its checksum P(V·1) (the value rows' sums weighted by the same rounded P): abft_output;
+flash attention does, and accumulates in float32 registers; a one-launch pre-pass over V
+(``value_summary``) gives V·1 and the hull [min; max] of V over the keys. Checked in the kernel:
+- O·1 against P(V·1) (the value rows' sums weighted by the same rounded P, one small MMA per key
+  block together with P·1): abft_output;
 - P·1 / l, the rounded weights' row sum over the normaliser: softmax;
-- the per-column min/max of the V rows it read: output_bound (O within the hull of the keys seen);
+- O within the hull of V: output_bound;
 - the norm and sum of its q rows (and, for the first head of each K/V group, of the k and v rows
   of the newest tokens) against the references recorded at the projections: qkv_q, qkv_k, qkv_v.
 Tolerances are those of ``faults/fused.py`` and ``faults/qkv.py``. Each check's excess (> 0: failed)

@@ -158,8 +158,9 @@ def checked_attention_kernel(
     o32 = out.to(tl.float32)
     aux_cols = tl.arange(0, 16)
     hull = hull_ptr + (b.to(tl.int64) * (HEADS // GROUP) + kv_head) * 2 * D
-    v_low = tl.load(hull + dims, mask=dim_ok, other=0.0)
-    v_high = tl.load(hull + D + dims, mask=dim_ok, other=0.0)
+    hull_ok = dim_ok & ((ENABLED & 5) != 0)  # without abft_output and output_bound there is no hull to read
+    v_low = tl.load(hull + dims, mask=hull_ok, other=0.0)
+    v_high = tl.load(hull + D + dims, mask=hull_ok, other=0.0)
     v_abs = tl.max(tl.maximum(tl.abs(v_low), tl.abs(v_high)), 0)
     none = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     abft = none

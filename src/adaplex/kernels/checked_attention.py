@@ -22,7 +22,7 @@ from functools import cache
 
 import torch
 
-from adaplex.kernels.gathered_lora import INTERPRETED
+from adaplex.kernels import INTERPRETED, dot_size
 
 MAX_HEAD_DIM = 128  # larger heads exceed the tiles' registers and shared memory: the padded SDPA path
 TILES = (128, 64, 4, 3)  # BLOCK_M, BLOCK_N, warps, pipeline stages (from the sweep in faults_kernel_check.py)
@@ -41,10 +41,6 @@ def _kernels():
     except ImportError:
         return None
     return checked_attention_triton
-
-
-def _d_pad(dim: int) -> int:
-    return max(16, 1 << (dim - 1).bit_length())  # tl.dot and tl.arange need a power of two >= 16
 
 
 def head_stats(x: torch.Tensor, head_dim: int, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,7 +63,7 @@ def head_stats(x: torch.Tensor, head_dim: int, weights: torch.Tensor | None = No
         tokens,
         HEADS=heads,
         D=head_dim,
-        D_PAD=_d_pad(head_dim),
+        D_PAD=dot_size(head_dim),
         BLOCK_T=block_t,
         WEIGHTED=weighted,
     )
@@ -80,7 +76,7 @@ def value_summary(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     sums = torch.empty(batch, kv_heads, keys, device=value.device)
     hull = torch.empty(batch, kv_heads, 2, dim, device=value.device)
     _kernels().value_summary_kernel[(batch * kv_heads,)](
-        value, sums, hull, *value.stride()[:3], keys, KV_HEADS=kv_heads, D=dim, D_PAD=_d_pad(dim), BLOCK_S=64
+        value, sums, hull, *value.stride()[:3], keys, KV_HEADS=kv_heads, D=dim, D_PAD=dot_size(dim), BLOCK_S=64
     )
     return sums, hull
 
@@ -137,7 +133,7 @@ def checked_attention(
         HEADS=heads,
         GROUP=heads // kv_heads,
         D=dim,
-        D_PAD=_d_pad(dim),
+        D_PAD=dot_size(dim),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         CAUSAL=causal,

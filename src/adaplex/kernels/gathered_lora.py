@@ -18,14 +18,14 @@ layer: ``grouped_lora_add``); the grid's last axis then runs over the output til
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
 
 import torch
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs kernels on CPU tensors
+from adaplex.kernels import INTERPRETED, dot_size
+
 MAX_PARTS = 3
 _enabled = True
 
@@ -144,28 +144,28 @@ def grouped_lora_add(
     rank = parts[0][1].shape[2]
     decode = tokens <= 16  # few tokens per sample: wide output tiles, so fewer programs redo the shrink
     block_m, block_n, block_k, warps = tiles or ((16, 256, 128, 2) if decode else (64, 64, 64, 4))
-    slots, outs, tiles = [], [], []
+    slots, outs, part_tiles = [], [], []
     for base, down, up in parts:
         base = base.contiguous()
         out = torch.empty_like(base)
         slots += [down.contiguous(), up.contiguous(), base, out, up.shape[2]]
         outs.append(out)
-        tiles.append(-(-up.shape[2] // block_n))
+        part_tiles.append(-(-up.shape[2] // block_n))  # output tiles of this part
     slots += slots[:5] * (MAX_PARTS - len(parts))  # unused slots: no tile reaches them
-    tiles += [0] * (MAX_PARTS - len(parts))
-    grid = (batch, -(-tokens // block_m), sum(tiles))
+    part_tiles += [0] * (MAX_PARTS - len(parts))
+    grid = (batch, -(-tokens // block_m), sum(part_tiles))
     _kernel()[grid](
         x.contiguous(),
         *slots,
-        tiles[0],
-        tiles[0] + tiles[1],
+        part_tiles[0],
+        part_tiles[0] + part_tiles[1],
         tokens,
         rank,
         N_IN=n_in,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        RANK=max(16, 1 << (rank - 1).bit_length()),  # tl.dot needs a power of two >= 16
+        RANK=dot_size(rank),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=warps,
     )

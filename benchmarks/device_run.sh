@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks on the device machine (see README "Benchmarks"):  bash benchmarks/device_run.sh [SECTION...]
-# Sections (default: all): kernel route faults train. Results go to $OUT (default /tmp/out).
+# Sections (default: all): kernel route faults train; also profile (where a monitored forward's time goes). Results go to $OUT (default /tmp/out).
 # Carried, not committed: .whl (pinned wheels the image lacks) and .devcarry (SmolLM2-135M's config and
 # tokenizer, and the prepared data; the 135M weights exceed what can travel, so the model is SmolLM2-shaped
 # with random weights: timings and memory are those of the real architecture, perplexities are meaningless).
@@ -35,7 +35,15 @@ for section in $SECTIONS; do
         --out "$OUT/faults-cuda.json" | tail -12
       # a shape where the H100, not the host's kernel launches, sets the pace of the 135M model
       python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 32 --seq 1024 --repeats 5 \
-        --out "$OUT/faults-cuda-large.json" | tail -12 ;;
+        --out "$OUT/faults-cuda-large.json" | tail -12
+      # both again as CUDA-graph replays: the checks' GPU cost, without the host launching kernels
+      python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 8 --seq 512 --repeats 15 --graphs \
+        --out "$OUT/faults-cuda-graphed.json" | tail -8
+      python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 32 --seq 1024 --repeats 9 --graphs \
+        --out "$OUT/faults-cuda-large-graphed.json" | tail -8 ;;
+    profile)
+      python3 benchmarks/faults_profile.py $BASE "$OUT/faults-profile-cuda.json" 32 1024 | tail -80
+      python3 benchmarks/faults_profile.py $BASE "$OUT/faults-profile-cuda-small.json" 8 512 | tail -80 ;;
     train)
       python3 -m adaplex bench train --base $BASE --device cuda --batch 16 --seq 256 --steps 8 --rounds 3 \
         --out "$OUT/train-cuda.json" | tail -20
@@ -53,6 +61,6 @@ trainer: {precision: auto, accelerator: auto, checkpoint_every_n_steps: 30}
 YAML
       python3 -m adaplex train /tmp/gpu-stage.yaml 2>&1 | tail -5
       cp /tmp/gpu-run/logs/csv/metrics.csv "$OUT/gpu-train-metrics.csv" ;;
-    *) echo "unknown section $section (kernel route faults train)"; exit 2 ;;
+    *) echo "unknown section $section (kernel route faults train profile)"; exit 2 ;;
   esac
 done

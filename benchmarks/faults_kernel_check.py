@@ -1,7 +1,8 @@
 """CUDA check of the checked-attention kernel (kernels/checked_attention.py): its output against SDPA
 (bfloat16, float16, float32; causal with and without cached keys, GQA, no mask), a SmolLM2-shaped
 model's logits with the fused checks against the plain model, no detections over clean batches, and
-a flipped q, k or v element detected. Writes JSON; exits 1 on a failure.
+a flipped q, k or v element detected, eagerly and in CUDA-graph replays. Writes JSON; exits 1 on a
+failure.
 
     python benchmarks/faults_kernel_check.py BASE_DIR OUT.json
 """
@@ -13,12 +14,14 @@ import time
 
 import torch
 import torch.nn.functional as F
-from check_output import report
+from check_output import gpu_us, report
 
 import adaplex.kernels.checked_attention as checked
 from adaplex.faults.bits import flip_bit
 from adaplex.faults.experiment import logits_of
+from adaplex.faults.graphed import GraphedForward
 from adaplex.faults.hook import DetectorConfig
+from adaplex.faults.qkv import Recorded
 from adaplex.faults.session import armed
 from adaplex.models import load_base
 
@@ -62,39 +65,37 @@ def kernel_cases(device: torch.device) -> list[dict]:
     return cases
 
 
-def _gpu_us(call, rounds: int = 20) -> float:
-    for _ in range(3):
-        call()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(rounds):
-        call()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / rounds
+def sources(batch: int, tokens: int, device: torch.device) -> dict[str, Recorded]:
+    """Projection outputs for q, k, v of SmolLM2's shape (9 heads, 3 K/V heads of 64), rotary-weighted q and k."""
+    weights = torch.randn(1, tokens, 64, device=device)
+    x = {
+        loc: torch.randn(batch, tokens, width, device=device, dtype=torch.bfloat16)
+        for loc, width in zip("qkv", (576, 192, 192), strict=True)
+    }
+    return {"q": Recorded(x["q"], weights, 2), "k": Recorded(x["k"], weights, 2), "v": Recorded(x["v"], None, 2)}
 
 
-TILES = [(m, n, w, s) for m, n in ((64, 64), (128, 64), (128, 32), (64, 32)) for w in (4, 8) for s in (2, 3)]
+TILES = [(m, n, w, s) for m, n in ((64, 64), (128, 64), (128, 128), (128, 32)) for w in (4, 8) for s in (2, 3)]
 
 
 def kernel_times(device: torch.device) -> dict:
-    """Microseconds per call (GPU time, back to back) of SDPA and of the kernel with every check and
-    q/k/v references, for each tile choice, at the benchmark's attention shapes (SmolLM2: 9 heads, 3 K/V heads)."""
+    """GPU microseconds per call (every kernel of the call, the pass over K/V included) of SDPA and of
+    the kernel with every check and q/k/v references, for each tile choice, at the benchmark's
+    attention shapes (SmolLM2: 9 heads, 3 K/V heads)."""
     times = {}
     for batch, tokens in ((8, 512), (32, 1024)):
         q = torch.randn(batch, 9, tokens, 64, device=device, dtype=torch.bfloat16)
         k, v = (torch.randn(batch, 3, tokens, 64, device=device, dtype=torch.bfloat16) for _ in "kv")
-        refs = {"q": torch.randn(batch, 9, tokens, 2, device=device)}
-        refs.update({loc: torch.randn(batch, 3, tokens, 2, device=device) for loc in "kv"})
+        refs = sources(batch, tokens, device)
         shape = f"{batch}x{tokens}"
         times[shape] = {
-            "sdpa": _gpu_us(
+            "sdpa": gpu_us(
                 lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             )
         }
         for tiles in TILES:
             name = "x".join(map(str, tiles))
-            times[shape][name] = _gpu_us(
+            times[shape][name] = gpu_us(
                 lambda q=q, k=k, v=v, refs=refs, tiles=tiles: checked.checked_attention(
                     q, k, v, 0.125, True, (True, True, True), refs, tiles=tiles
                 )
@@ -136,13 +137,14 @@ def model_checks(base_dir: str, device: torch.device) -> dict:
                 logits_of(model, inputs)
         finally:
             checked.checked_attention = launch
-        flips[location] = [[d.layer, d.head, d.detector, list(d.location)] for h in hooks for d in h.detections]
+        found = [[d.layer, d.head, d.detector, list(d.location)] for h in hooks for d in h.detections]
+        flips[location] = {"detections": len(found), "in_layer_0": [f for f in found if f[0] == 0]}
     start = time.perf_counter()
     for _ in range(20):
         with armed(model, None, FUSED):
             pass
     arming_ms = (time.perf_counter() - start) / 20 * 1e3
-    caught = all([0, 1, f"qkv_{loc}", [1, 100]] in found for loc, found in flips.items())
+    caught = all([0, 1, f"qkv_{loc}", [1, 100]] in found["in_layer_0"] for loc, found in flips.items())
     return {
         "relative_error": worst,
         "top1_agreement": min(agree),
@@ -153,15 +155,55 @@ def model_checks(base_dir: str, device: torch.device) -> dict:
     }
 
 
+def graphed_checks(base_dir: str, device: torch.device) -> dict:
+    """The armed model captured as a CUDA graph: replays match the plain forward, report nothing when
+    clean, and report a flip that a device flag switches on between replays (k of layer 0, sample 1,
+    K/V head 1, token 100, exponent bit 14) at its place."""
+    model, _ = load_base(base_dir, dtype=torch.bfloat16)
+    model.to(device).requires_grad_(False)
+    inputs = {"input_ids": torch.randint(0, model.config.vocab_size, (4, 256), device=device)}
+    plain = logits_of(model, inputs).float()
+    flag = torch.zeros((), dtype=torch.bool, device=device)
+    layers, calls = model.config.num_hidden_layers, [0]
+    launch = checked.checked_attention
+
+    def switchable(query, key, value, *args):
+        if calls[0] % layers == 0:  # layer 0 of every forward, the captured one included
+            flat = torch.arange(key.numel(), device=device).view(key.shape)[1, 1, 100, 5].reshape(1)
+            key = torch.where(flag, flip_bit(key, flat, 14).view_as(key), key)
+        calls[0] += 1
+        return launch(query, key, value, *args)
+
+    checked.checked_attention = switchable
+    try:
+        with armed(model, None, FUSED) as hooks:
+            graphed = GraphedForward(model, inputs, hooks)
+            clean = graphed()
+            error = (graphed.logits.float() - plain).abs().max().item() / plain.abs().max().item()
+            flag.fill_(True)
+            faulty = [[d.layer, d.head, d.detector, list(d.location)] for d in graphed() if d.layer == 0]
+            flag.fill_(False)
+            clean_again = graphed()
+    finally:
+        checked.checked_attention = launch
+    return {
+        "relative_error": error,
+        "clean_detections": len(clean) + len(clean_again),
+        "flip_in_layer_0": faulty,
+        "ok": error <= 0.05 and not clean and not clean_again and [0, 1, "qkv_k", [1, 100]] in faulty,
+    }
+
+
 def main() -> None:
     base_dir, out = sys.argv[1], sys.argv[2]
     device = torch.device("cuda")
     assert checked.available(torch.empty(1, device=device)), "Triton is not available"
     result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "cases": kernel_cases(device)}
     result["model_bf16"] = model_checks(base_dir, device)
+    result["graphed_bf16"] = graphed_checks(base_dir, device)
     result["kernel_us"] = kernel_times(device)
     result["built_in_tiles"] = "x".join(map(str, checked.TILES))
-    result["ok"] = all(c["ok"] for c in result["cases"]) and result["model_bf16"]["ok"]
+    result["ok"] = all(c["ok"] for c in result["cases"]) and result["model_bf16"]["ok"] and result["graphed_bf16"]["ok"]
     report(result, out)
 
 

@@ -166,6 +166,9 @@ def test_faults_cli_errors_are_one_line(tmp_path):
     assert run.returncode == 2 and run.stderr.strip() == "error: bit 40 is out of range for float32 (0-31)"
     run = faults_run("--location", "keys", "--bit", "3")
     assert run.returncode == 2 and "location" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    bench = [sys.executable, "-m", "adaplex", "bench", "faults", "--base", str(tmp_path / "base"), "--graphs"]
+    run = subprocess.run(bench, capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.strip().startswith("error: graphed timing captures CUDA graphs")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

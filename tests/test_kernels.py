@@ -103,12 +103,30 @@ from adaplex.faults.hook import DetectorConfig, detections_of
 from adaplex.faults.session import armed
 import tiny
 from adaplex.faults import qkv
-x = torch.randn(3, 7, 4 * 24)[..., :64]  # (B, T, H·D) with rows strided as a chunk of a fused projection
-weights = torch.randn(1, 7, 16)  # broadcast over the batch, as a rotary embedding's may be
-stats_diff = max(
-    (checked.head_stats(x, 16, w) - qkv.stats(x.reshape(3, 7, 4, 16).transpose(1, 2), w)).abs().max().item()
-    for w in (None, weights)
-)
+def rotate(x, cos, sin):  # (B, H, T, D): x·cos + rotate_half(x)·sin, as rotary embeddings do
+    half = x.shape[-1] // 2
+    return x * cos[:, None] + torch.cat([-x[..., half:], x[..., :half]], -1) * sin[:, None]
+def recorded(heads, weights=None):  # (B, H, T, D) as the projection's (B, T, H·D) output
+    return qkv.Recorded(heads.transpose(1, 2).flatten(2), weights, 2)
+direct = {{}}  # the kernel alone against SDPA: head dims with and without padding, cached keys, GQA, rotary
+for dim in (16, 24):
+    for causal, keys in ((True, 9), (False, 5)):
+        gen = torch.Generator().manual_seed(dim + keys)
+        angles = torch.rand(1, 5, dim // 2, generator=gen).repeat(1, 1, 2) * 6
+        cos, sin = angles.cos(), angles.sin()
+        q, k_new, v_new = torch.randn(2, 4, 5, dim, generator=gen), *torch.randn(2, 2, 2, 5, dim, generator=gen)
+        cached_k, cached_v = (torch.randn(2, 2, keys - 5, dim, generator=gen) for _ in "kv")
+        k, v = torch.cat([cached_k, rotate(k_new, cos, sin)], 2), torch.cat([cached_v, v_new], 2)
+        weights = qkv.rotated_sum_weights(cos, sin)
+        sources = {{"q": recorded(q, weights), "k": recorded(k_new, weights), "v": recorded(v_new)}}
+        out, excess, peak = checked.checked_attention(
+            rotate(q, cos, sin), k, v, dim**-0.5, causal, (True, True, True), sources
+        )
+        mask = torch.ones(5, keys, dtype=torch.bool).tril(keys - 5) if causal else None
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            rotate(q, cos, sin), k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), mask, scale=dim**-0.5
+        ).transpose(1, 2)
+        direct[f"{{dim}}-{{int(causal)}}"] = [(out - expected).abs().max().item(), peak.item(), sorted(excess)]
 result = {{}}
 calls = []
 launch = checked.checked_attention
@@ -147,15 +165,18 @@ for location, index, bit in [("q", 0, 30), ("k", 1, 30), ("v", 2, 29)]:
         logits_of(model, {{"input_ids": tiny.tokens(batch=1, length=6)}})
     result[location] = [[d.layer, d.head, d.detector, list(d.location)] for h in hooks for d in h.detections]
 checked.checked_attention = launch
-summary = checked.value_summary
-for name, corrupt in {{"abft_output": lambda s, h: (s + 4.0, h), "output_bound": lambda s, h: (s, h * 0.25)}}.items():
-    checked.value_summary = lambda v, corrupt=corrupt: corrupt(*summary(v))  # a fault in the checksum inputs
+kv_pass = checked.key_value_pass
+shift = torch.tensor([0.0, 4.0] + [0.0] * 14)  # added to V·1 in aux = [1, V·1, 0…]
+corruptions = {{"abft_output": lambda a, b, q: (a + shift, b, q), "output_bound": lambda a, b, q: (a, b * 0.25, q)}}
+for name, corrupt in corruptions.items():
+    checked.key_value_pass = lambda *args, corrupt=corrupt: corrupt(*kv_pass(*args))  # faulty checksum inputs
     with armed(model, None, DetectorConfig(fused=True)) as hooks:
         logits_of(model, {{"input_ids": tiny.tokens(batch=1, length=6)}})
     result[name] = sorted({{d.detector for h in hooks for d in h.detections}})
-checked.value_summary = summary
+checked.key_value_pass = kv_pass
 flips = {{k: result.pop(k) for k in ("q", "k", "v", "abft_output", "output_bound", "wide_heads")}}
-print(json.dumps({{"families": result, "kernel_calls": kernel_calls, "stats_diff": stats_diff, **flips}}))
+found = {{"families": result, "kernel_calls": kernel_calls, "direct": direct}}
+print(json.dumps({{**found, **flips}}))
 """
 
 
@@ -188,7 +209,10 @@ def test_siblings_on_one_input_share_one_launch_and_equal_the_matmul_path():
 
 def test_checked_attention_kernel_matches_sdpa_and_catches_corrupted_qkv():
     result = _interpreted(CHECKED_ATTENTION.format(tests=str(TESTS)))
-    assert result["stats_diff"] < 1e-5  # the projection stats kernel equals qkv.stats
+    assert len(result["direct"]) == 4
+    for case, (diff, peak, checks) in result["direct"].items():
+        assert diff < 1e-5 and peak <= 0, case
+        assert checks == ["abft_output", "output_bound", "qkv_k", "qkv_q", "qkv_v", "softmax"], case
     assert result["kernel_calls"] == 4 * 3 * 2  # families x seeds x layers: every checked call ran the kernel
     for family, found in result["families"].items():
         assert found["max_diff"] < 1e-5, family

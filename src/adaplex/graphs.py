@@ -36,7 +36,7 @@ def _prefilled(model: nn.Module, ids: torch.Tensor, max_len: int) -> tuple[Stati
     return cache, logits
 
 
-def _capture(step: Callable[[], None], reset: Callable[[], None]) -> torch.cuda.CUDAGraph:
+def capture(step: Callable[[], None], reset: Callable[[], None]) -> torch.cuda.CUDAGraph:
     """``step`` captured as a graph after three warm-up runs on a side stream (allocations, the
     route's gathered weights, Triton compilation); ``reset`` then undoes what the warm-up advanced."""
     side = torch.cuda.Stream()
@@ -70,7 +70,7 @@ def graphed_decode(model: nn.Module, ids: torch.Tensor) -> GraphedStep:
         torch._foreach_copy_(counters, start)
         model(input_ids=last, past_key_values=cache, cache_position=position)
 
-    graph = _capture(step, reset=lambda: None)
+    graph = capture(step, reset=lambda: None)
     return GraphedStep(graph, (cache, last, position, start))
 
 
@@ -99,7 +99,7 @@ def static_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, graphe
         def reset() -> None:
             torch._foreach_copy_([token, position, *counters], saved)
 
-        step = GraphedStep(_capture(step, reset), (cache, token, position, saved))
+        step = GraphedStep(capture(step, reset), (cache, token, position, saved))
     out = [token.clone()]
     with torch.no_grad():
         for _ in range(new_tokens - 1):

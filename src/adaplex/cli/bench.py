@@ -128,6 +128,9 @@ def bench_faults(
     repeats: int = 5,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     bf16: Annotated[bool, typer.Option(help="bfloat16 weights (GPU)")] = False,
+    graphs: Annotated[
+        bool, typer.Option(help="time CUDA-graph replays of the baseline and fused phases (no host launch cost)")
+    ] = False,
     out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -150,7 +153,12 @@ def bench_faults(
         "batch": batch,
         "seq": seq,
     } | monitor(
-        model, inputs, FaultPlan(location="scores", bit=top_exponent_bit(model.dtype)), DetectorConfig(), repeats
+        model,
+        inputs,
+        FaultPlan(location="scores", bit=top_exponent_bit(model.dtype)),
+        DetectorConfig(),
+        repeats,
+        graphs,
     )
     print_mapping("detector overhead (percent over the fused baseline)", result["overhead_percent"])
     if as_json or out:

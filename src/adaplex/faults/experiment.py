@@ -102,14 +102,22 @@ def attention_flops(model: nn.Module, batch: int, seq: int) -> int:
 
 
 def monitor(
-    model: nn.Module, inputs: dict[str, torch.Tensor], plan: FaultPlan, detectors: DetectorConfig, repeats: int = 3
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    plan: FaultPlan,
+    detectors: DetectorConfig,
+    repeats: int = 3,
+    graphed: bool = False,
 ) -> dict:
     """Interleaved timings of one forward and its detections' resolution: the fused baseline; fused
     kernel with its checks, without the q/k/v checksums, and with no checks; step-by-step without
     detectors, with every detector, and injected. Each armed phase has its own copy of the model,
-    armed once (as a monitored model runs), so that every timed call is a forward and its check."""
+    armed once (as a monitored model runs), so that every timed call is a forward and its check.
+    ``graphed`` (CUDA) captures the baseline and the fused phases as CUDA graphs and times their
+    replays (the step-by-step phases are left out): the checks' GPU cost without the host's."""
     from adaplex.adapted import _HANDLES, Adapted
     from adaplex.bench.measure import interleaved_times, median_ratio, peak_memory_mib
+    from adaplex.faults.graphed import GraphedForward
 
     off = DetectorConfig(**{name: False for name in DetectorConfig.model_fields})
     fused = detectors.model_copy(update={"fused": True})
@@ -122,15 +130,24 @@ def monitor(
         "injected": (plan, detectors),
     }
     device = next(model.parameters()).device
+    if graphed:
+        if device.type != "cuda":
+            from adaplex.errors import ConfigError
+
+            raise ConfigError("graphed timing captures CUDA graphs: run it with the model on CUDA (--device cuda)")
+        armings = {name: arming for name, arming in armings.items() if name.startswith("fused")}
     copies = {name: deepcopy(model) for name in armings}
     fresh = model not in _HANDLES
     handle = Adapted.of(model)  # the baseline runs through the same attention function, unarmed
-    phases = {"baseline": lambda: logits_of(model, inputs)}
+    phases = {"baseline": GraphedForward(model, inputs) if graphed else partial(logits_of, model, inputs)}
     try:
         with ExitStack() as stack:
             for name, (phase_plan, phase_detectors) in armings.items():
                 hooks = stack.enter_context(armed(copies[name], phase_plan, phase_detectors))
-                phases[name] = partial(_checked_forward, copies[name], inputs, hooks)
+                copy = copies[name]
+                phases[name] = (
+                    GraphedForward(copy, inputs, hooks) if graphed else partial(_checked_forward, copy, inputs, hooks)
+                )
             times = interleaved_times(phases, repeats, device)
             memory = (
                 {p: peak_memory_mib(phase, torch.device("cpu"))[0] for p, phase in phases.items()}
@@ -141,13 +158,16 @@ def monitor(
         if fresh:
             handle.detach()
     batch, seq = inputs["input_ids"].shape
-    return {
+    result = {
+        "graphed": graphed,
         "seconds": {p: aggregate(t) for p, t in times.items()},
         "overhead_percent": {p: 100 * (median_ratio(times, p, "baseline") - 1) for p in phases if p != "baseline"},
-        "bounds_and_detection_percent": 100 * (median_ratio(times, "detection", "stepwise") - 1),
         "peak_memory_mib": memory,
         "attention_gflops": attention_flops(model, batch, seq) / 1e9,
     }
+    if not graphed:
+        result["bounds_and_detection_percent"] = 100 * (median_ratio(times, "detection", "stepwise") - 1)
+    return result
 
 
 def _checked_forward(model: nn.Module, inputs: dict[str, torch.Tensor], hooks: list[FaultHook]) -> torch.Tensor:

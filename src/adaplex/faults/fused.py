@@ -96,11 +96,11 @@ def fused_checked_attention(
         mask is None
         and checked_kernel.available(query)
         and dim <= checked_kernel.MAX_HEAD_DIM
-        and all(r is None or r.shape[-2] == tokens for r in recorded)
+        and all(r is None or r.out.shape[1] == tokens for r in recorded)
     ):
-        references = {loc: hook.reference.pop(loc, None) for loc in "qkv"} if hook.detectors.qkv else {}
+        taken = {loc: hook.reference.pop(loc, None) for loc in "qkv"} if hook.detectors.qkv else {}
         out, excess, peak = checked_kernel.checked_attention(
-            query, key, value, scaling, is_causal and tokens > 1, checks, references
+            query, key, value, scaling, is_causal and tokens > 1, checks, taken
         )
         hook.findings += [Finding(hook.layer, name, e, peak=peak) for name, e in excess.items()]
         return out

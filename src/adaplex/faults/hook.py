@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from adaplex.faults.bits import flip_bit
 from adaplex.faults.detect import DETECTORS, Detection, Finding, Tensors, any_failed
+
+if TYPE_CHECKING:
+    from adaplex.faults.qkv import Recorded
 
 Location = Literal["q", "k", "v", "scores", "weights", "output"]
 LOCATIONS: tuple[str, ...] = get_args(Location)
@@ -59,7 +62,7 @@ class FaultHook:
     findings: list[Finding] = field(default_factory=list)
     injected: list[tuple[int, ...]] = field(default_factory=list)
     corrected: bool = False
-    reference: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # q/k/v stats from projections
+    reference: dict[str, Recorded] = field(default_factory=dict)  # q/k/v as their projections computed them
     _resolved: list[Detection] = field(default_factory=list)
 
     @property

@@ -1,25 +1,26 @@
 """Checksums that carry q, k and v from their projections into the attention function.
 
 A flip in q, k or v happens before the attention products, so the products' own checksums agree
-with it. Instead, forward hooks on the projections record, per (batch, head, token), the
-norm and the sum of each head's vector; the attention function compares them with the q, k, v it
-receives. The rotary embedding keeps norms but not sums, so for q and k of rotary models the sum is
-the one the rotated vector x·cos + rotate_half(x)·sin will have, a weighted sum of x whose weights
-come from the model's own (cos, sin), captured from its rotary module by another hook. Cost: two
-reductions over O(T·H·D) per tensor.
+with it. Instead, forward hooks on the projections keep their outputs, and the attention function
+compares, per (batch, head, token), the norm and the sum of each head's vector there with those of
+the q, k, v it receives (the checked-attention kernel does it beside its own loads). The rotary
+embedding keeps norms but not sums, so for q and k of rotary models the sum is the one the rotated
+vector x·cos + rotate_half(x)·sin will have, a weighted sum of x whose weights come from the model's
+own (cos, sin), captured from its rotary module by another hook. Cost: two reductions over O(T·H·D)
+per tensor and side.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from adaplex.faults.detect import Finding
 from adaplex.faults.hook import FaultHook
-from adaplex.kernels import checked_attention as checked_kernel
 
 
 def stats(heads: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -56,34 +57,40 @@ def sources(attention: nn.Module) -> dict[str, tuple[nn.Module, int | None]]:
     return {"q": (q_src, None), "k": (k_src, None), "v": (children["v_proj"], None)}
 
 
-def projection_stats(out: torch.Tensor, head_dim: int, weights: torch.Tensor | None) -> torch.Tensor:
-    """``stats`` of a projection's output (B, T, H·D) or (B, T, H, D), per head: (B, H, T, 2); one
-    kernel where Triton runs."""
-    flat = out.flatten(2)  # (B, T, H·D)
-    if checked_kernel.available(flat) and flat.stride(-1) == 1:
-        return checked_kernel.head_stats(flat, head_dim, weights)
-    batch, tokens = out.shape[0], out.shape[1]
-    return stats(flat.reshape(batch, tokens, -1, head_dim).transpose(1, 2), weights)
+class Recorded(NamedTuple):
+    """A projection's output as its forward hook saw it, (B, T, H·D); the weights (B, T, D) of the sum its
+    rows will have after the rotary embedding (None: the plain sum); and how many stats can be
+    compared: 2 (norm and sum) or 1 (the norm only: a partial rotary, or no (cos, sin) seen)."""
+
+    out: torch.Tensor
+    weights: torch.Tensor | None
+    columns: int
+
+    def stats(self, head_dim: int) -> torch.Tensor:
+        """(B, H, T, columns): ``stats`` of each head's rows."""
+        batch, tokens = self.out.shape[:2]
+        heads = self.out.reshape(batch, tokens, -1, head_dim).transpose(1, 2)
+        return stats(heads, self.weights)[..., : self.columns]
 
 
 def recorder(
     hook: FaultHook, location: str, part: int | None, head_dim: int, rotary: dict[str, torch.Tensor] | None
 ) -> Callable:
-    """A forward hook storing the stats of ``location`` computed by a projection into ``hook``.
+    """A forward hook keeping the output a projection computed for ``location`` in ``hook.reference``;
+    the attention function computes and compares its stats (in the kernel where it runs).
 
     ``rotary`` is None for models without a rotary embedding, else a dict whose "weights" holds the
     current forward's rotated-sum weights; the sum of q or k is kept only when it can be compared.
     """
 
     def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        out = output if part is None else output.chunk(3, dim=-1)[part]  # (B, T, H·D)
-        weights, norm_only = None, False
+        out = output if part is None else output.chunk(3, dim=-1)[part]  # (B, T, H·D) or Qwen3's (B, T, H, D)
+        weights, columns = None, 2
         if location != "v" and rotary is not None:
             weights = rotary.get("weights")
             if weights is None or weights.shape[-1] != head_dim:  # partial rotary or no (cos, sin) seen
-                weights, norm_only = None, True
-        found = projection_stats(out, head_dim, weights)
-        hook.reference[location] = found[..., :1] if norm_only else found
+                weights, columns = None, 1
+        hook.reference[location] = Recorded(out.flatten(2), weights, columns)
 
     return record
 
@@ -95,9 +102,10 @@ def check(hook: FaultHook, received: dict[str, torch.Tensor]) -> list[Finding]:
     """
     findings = []
     for location, tensor in received.items():
-        reference = hook.reference.pop(location, None)
-        if reference is None:
+        recorded = hook.reference.pop(location, None)
+        if recorded is None:
             continue
+        reference = recorded.stats(tensor.shape[-1])
         newest = tensor[:, :, -reference.shape[-2] :]  # cached or prefix positions come first
         slack = _slack(tensor.shape[-1], tensor.dtype, reference.device)[: reference.shape[-1]]
         findings.append(Finding(hook.layer, f"qkv_{location}", excess_over(newest, reference, slack)))

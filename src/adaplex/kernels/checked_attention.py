@@ -1,14 +1,16 @@
 """Flash attention with the fault checks computed inside the kernel, beside the output (Triton).
 
 One program handles BLOCK_M queries of one (sample, head) with an online softmax over key blocks, as
-flash attention does, and accumulates in float32 registers; a one-launch pre-pass over V
-(``value_summary``) gives V·1 and the hull [min; max] of V over the keys. Checked in the kernel:
-- O·1 against P(V·1) (the value rows' sums weighted by the same rounded P, one small MMA per key
-  block together with P·1): abft_output;
+flash attention does, and accumulates in float32 registers. A parallel, memory-bound pass over the
+keys and the recorded projection outputs comes first (``key_value_pass``): it writes aux =
+[1 | V·1 | 0…] per key, the hull [min; max] of V over the keys and the recorded q's [norm, sum], and
+checks the newest tokens' k and v against their recorded rows (qkv_k, qkv_v). Checked in the
+attention kernel:
+- O·1 against P(V·1) (the value rows' sums weighted by the same rounded P: P·aux, one small MMA per
+  key block whose aux tile is loaded like V's, together with P·1): abft_output;
 - P·1 / l, the rounded weights' row sum over the normaliser: softmax;
 - O within the hull of V: output_bound;
-- the norm and sum of its q rows (and, for the first head of each K/V group, of the k and v rows
-  of the newest tokens) against the references recorded at the projections: qkv_q, qkv_k, qkv_v.
+- the norm and sum of its q rows against the recorded ones: qkv_q.
 Tolerances are those of ``faults/fused.py`` and ``faults/qkv.py``. Each check's excess (> 0: failed)
 is written per row, and the largest excess of the call to ``peak`` by an atomic max, so that a clean
 forward is confirmed with one reduction per layer. Causal masks (query i sees keys j <= i + S - T)
@@ -19,13 +21,17 @@ padded SDPA path.
 from __future__ import annotations
 
 from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
 
 from adaplex.kernels import INTERPRETED, dot_size
 
+if TYPE_CHECKING:
+    from adaplex.faults.qkv import Recorded
+
 MAX_HEAD_DIM = 128  # larger heads exceed the tiles' registers and shared memory: the padded SDPA path
-TILES = (128, 64, 4, 3)  # BLOCK_M, BLOCK_N, warps, pipeline stages (from the sweep in faults_kernel_check.py)
+TILES = (64, 64, 4, 3)  # BLOCK_M, BLOCK_N, warps, pipeline stages (from the sweep in faults_kernel_check.py)
 CHECKS = ("abft_output", "softmax", "output_bound", "qkv_q")  # the columns of ``checks``
 
 
@@ -43,42 +49,65 @@ def _kernels():
     return checked_attention_triton
 
 
-def head_stats(x: torch.Tensor, head_dim: int, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """qkv.stats of x (B, T, H·D) split into heads, in one launch: (B, H, T, 2) float32 [norm, sum],
-    the sum weighted by ``weights`` (B, T, D) where given. x's last dimension must be contiguous."""
-    batch, tokens, width = x.shape
-    heads = width // head_dim
-    out = torch.empty(batch, heads, tokens, 2, device=x.device)
-    block_t = 32
-    weighted = weights is not None
-    w = weights.float().expand(batch, tokens, head_dim) if weighted else out  # (B, T, D), maybe broadcast
-    _kernels().head_stats_kernel[(-(-tokens // block_t), batch)](
-        x,
-        w,
-        out,
-        x.stride(0),
-        x.stride(1),
-        w.stride(0),
-        w.stride(1),
-        tokens,
-        HEADS=heads,
-        D=head_dim,
-        D_PAD=dot_size(head_dim),
-        BLOCK_T=block_t,
-        WEIGHTED=weighted,
-    )
-    return out
-
-
-def value_summary(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """V·1 (B, H_kv, S) and the hull [min; max] over the keys (B, H_kv, 2, D) of v (B, H_kv, S, D), float32."""
+def key_value_pass(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    heads: int,
+    summary: bool,
+    recorded: dict[str, Recorded],
+    kv_checks: torch.Tensor,
+    peak: torch.Tensor,
+    slack: tuple[float, float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One parallel pass over k, v (B, H_kv, S, D) and the recorded projection outputs of the newest
+    T tokens, which comes before the attention kernel. Returns aux (B, H_kv, S, 16) = [1, V·1, 0…]
+    per key in V's dtype and bounds (B, H_kv, 2, D) = [min; -max] of V over the keys, float32 (with
+    ``summary``), and the recorded q's stats (B, H, T, c) (with a recorded q); placeholders otherwise.
+    Writes the received k's and v's excess over their recorded stats into ``kv_checks`` (2, B, H_kv,
+    T) and raises ``peak``."""
     batch, kv_heads, keys, dim = value.shape
-    sums = torch.empty(batch, kv_heads, keys, device=value.device)
-    hull = torch.empty(batch, kv_heads, 2, dim, device=value.device)
-    _kernels().value_summary_kernel[(batch * kv_heads,)](
-        value, sums, hull, *value.stride()[:3], keys, KV_HEADS=kv_heads, D=dim, D_PAD=dot_size(dim), BLOCK_S=64
+    tokens = kv_checks.shape[-1]
+    aux = bounds = q_ref = peak  # placeholders (never read)
+    if summary:
+        aux = value.new_empty(batch, kv_heads, keys, 16)
+        bounds = torch.full((batch, kv_heads, 2, dim), float("inf"), device=value.device)
+    if "q" in recorded:
+        q_ref = torch.empty(batch, heads, tokens, recorded["q"].columns, device=value.device)
+    outputs = {loc: r.out if r.out.stride(-1) == 1 else r.out.contiguous() for loc, r in recorded.items()}
+    weights = next((r.weights for loc, r in recorded.items() if loc != "v" and r.weights is not None), None)
+    if weights is not None:
+        weights = weights.float().expand(batch, tokens, dim)  # (B, T, D), maybe broadcast over the batch
+    block_s = 64
+    roles = 1 + (heads // kv_heads if "q" in recorded else 0)  # the summary and k/v checks; each q head
+    _kernels().key_value_pass_kernel[(batch * kv_heads, -(-keys // block_s), roles)](
+        key,
+        value,
+        aux,
+        bounds,
+        q_ref,
+        kv_checks,
+        peak,
+        *(outputs.get(loc, peak) for loc in "qkv"),
+        peak if weights is None else weights,
+        *key.stride()[:3],
+        *value.stride()[:3],
+        *(stride for loc in "qkv" for stride in (outputs[loc].stride()[:2] if loc in outputs else (0, 0))),
+        *(weights.stride()[:2] if weights is not None else (0, 0)),
+        keys,
+        tokens,
+        *slack,
+        KV_HEADS=kv_heads,
+        GROUP=heads // kv_heads,
+        D=dim,
+        D_PAD=dot_size(dim),
+        BLOCK_S=block_s,
+        SUMMARY=summary,
+        NQ=recorded["q"].columns if "q" in recorded else 0,
+        NK=recorded["k"].columns if "k" in recorded else 0,
+        NV=recorded["v"].columns if "v" in recorded else 0,
+        WEIGHTED=weights is not None,
     )
-    return sums, hull
+    return aux, bounds, q_ref
 
 
 def checked_attention(
@@ -88,39 +117,40 @@ def checked_attention(
     scaling: float,
     causal: bool,
     enabled: tuple[bool, bool, bool],
-    references: dict[str, torch.Tensor | None],
+    recorded: dict[str, Recorded | None],
     tiles: tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Attention output (B, T, H, D) of q (B, H, T, D) and k, v (B, H_kv, S, D), the excess of each
     check that ran ((B, H, T) for the CHECKS, (B, H_kv, T) for qkv_k and qkv_v) and their peak (1,).
 
-    ``enabled``: abft_output, softmax, output_bound; ``references``: the recorded [norm(, sum)] stats
-    of q (B, H, T, c) and of the newest k and v (B, H_kv, T, c), or None where there is none; ``tiles``
-    (BLOCK_M, BLOCK_N, warps, stages) overrides the built-in choice, for tuning."""
+    ``enabled``: abft_output, softmax, output_bound; ``recorded``: the projections' outputs that q and
+    the newest T tokens' k and v came from (qkv.Recorded, covering exactly those T tokens), or None
+    where there is none; ``tiles`` (BLOCK_M, BLOCK_N, warps, stages) overrides the built-in choice,
+    for tuning."""
     batch, heads, tokens, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
-    refs = {loc: None if r is None else r.float().contiguous() for loc, r in references.items()}
     out = query.new_empty(batch, tokens, heads, dim)
     checks = torch.empty(batch, heads, tokens, len(CHECKS), device=query.device)
     kv_checks = torch.empty(2, batch, kv_heads, tokens, device=query.device)
     peak = torch.full((1,), float("-inf"), device=query.device)
     eps = torch.finfo(query.dtype).eps
+    slack = (8 * dim * eps, 8 * dim * eps * dim**0.5)
+    given = {loc: r for loc, r in recorded.items() if r is not None}
+    aux = bounds = q_ref = peak  # placeholders (never read) when neither a check nor a recording needs the pass
+    if any(enabled) or given:
+        aux, bounds, q_ref = key_value_pass(key, value, heads, any(enabled), given, kv_checks, peak, slack)
     block_m, block_n, warps, stages = tiles or TILES
-    value_sums, hull = value_summary(value) if any(enabled) else (peak, peak)  # (peak: never read)
-    placeholder = peak  # the pointer of a reference that is absent (never read)
     _kernels().checked_attention_kernel[(-(-tokens // block_m), batch * heads)](
         query,
         key,
         value,
         out,
-        value_sums,
-        hull,
+        aux,
+        bounds,
         checks,
-        kv_checks[0],
-        kv_checks[1],
         peak,
-        *(refs.get(loc) if refs.get(loc) is not None else placeholder for loc in "qkv"),
+        q_ref,
         *query.stride()[:3],
         *key.stride()[:3],
         *value.stride()[:3],
@@ -128,8 +158,7 @@ def checked_attention(
         keys,
         scaling,
         eps,
-        8 * dim * eps,
-        8 * dim * eps * dim**0.5,
+        *slack,
         HEADS=heads,
         GROUP=heads // kv_heads,
         D=dim,
@@ -138,17 +167,13 @@ def checked_attention(
         BLOCK_N=block_n,
         CAUSAL=causal,
         ENABLED=sum(bit for bit, on in zip((1, 2, 4), enabled, strict=True) if on),
-        NQ=0 if refs.get("q") is None else refs["q"].shape[-1],
-        NK=0 if refs.get("k") is None else refs["k"].shape[-1],
-        NV=0 if refs.get("v") is None else refs["v"].shape[-1],
+        NQ=given["q"].columns if "q" in given else 0,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=warps,
         num_stages=stages,
     )
     excess = {
-        name: checks[..., i]
-        for i, (name, on) in enumerate(zip(CHECKS, (*enabled, refs.get("q") is not None), strict=True))
-        if on
+        name: checks[..., i] for i, (name, on) in enumerate(zip(CHECKS, (*enabled, "q" in given), strict=True)) if on
     }
-    excess.update({f"qkv_{loc}": kv_checks[i] for i, loc in enumerate("kv") if refs.get(loc) is not None})
+    excess.update({f"qkv_{loc}": kv_checks[i] for i, loc in enumerate("kv") if loc in given})
     return out, excess, peak

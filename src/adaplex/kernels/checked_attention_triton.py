@@ -5,15 +5,36 @@ import triton.language as tl
 
 
 @triton.jit
-def _stats_excess(rows, ref_ptr, ref_offsets, ok, slack_norm, slack_sum, NREF: tl.constexpr):
-    """Excess of the rows' [norm, sum] (BLOCK, D) over the reference (NREF columns: norm[, sum])."""
-    norm = tl.sqrt(tl.sum(rows * rows, 1))
-    ref_norm = tl.load(ref_ptr + ref_offsets * NREF, mask=ok, other=0.0)
-    excess = tl.abs(norm - ref_norm) - slack_norm * ref_norm
+def _stats_excess(got, ref_norm, ref_sum, slack_norm, slack_sum, NREF: tl.constexpr):
+    """Per row, how far the [norm, sum] of the received rows ``got`` (BLOCK, D) float32 stray from the
+    recorded ones beyond the slack times the recorded norm; NREF 1 compares norms only."""
+    excess = tl.abs(tl.sqrt(tl.sum(got * got, 1)) - ref_norm) - slack_norm * ref_norm
     if NREF == 2:
-        ref_sum = tl.load(ref_ptr + ref_offsets * NREF + 1, mask=ok, other=0.0)
-        excess = tl.maximum(excess, tl.abs(tl.sum(rows, 1) - ref_sum) - slack_sum * ref_norm)
+        excess = tl.maximum(excess, tl.abs(tl.sum(got, 1) - ref_sum) - slack_sum * ref_norm)
     return excess
+
+
+@triton.jit
+def _recorded_stats(recorded, weights, WEIGHTED: tl.constexpr):
+    """[norm, Σ w·x] (Σ x unless WEIGHTED) per row of the recorded rows (BLOCK, D) float32."""
+    if WEIGHTED:
+        total = tl.sum(recorded * weights, 1)
+    else:
+        total = tl.sum(recorded, 1)
+    return tl.sqrt(tl.sum(recorded * recorded, 1)), total
+
+
+@triton.jit
+def _load_rows(base, rows, stride, dims, row_ok, dim_ok, MASK_ROWS: tl.constexpr, MASK_DIMS: tl.constexpr):
+    """Rows (BLOCK, D_PAD) of a (rows, D) matrix; masks only where they can exclude something."""
+    pointers = base + rows[:, None] * stride + dims[None, :]
+    if MASK_ROWS & MASK_DIMS:
+        return tl.load(pointers, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    if MASK_ROWS:
+        return tl.load(pointers, mask=row_ok[:, None], other=0.0)
+    if MASK_DIMS:
+        return tl.load(pointers, mask=dim_ok[None, :], other=0.0)
+    return tl.load(pointers)
 
 
 @triton.jit
@@ -25,7 +46,7 @@ def _attend_block(
     q,
     k_base,
     v_base,
-    value_sums,
+    aux_base,
     start,
     rows,
     dims,
@@ -38,18 +59,17 @@ def _attend_block(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
+    MASK_DIMS: tl.constexpr,
     ENABLED: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """One key block of the online softmax: acc += P V, sums += P [1 | V·1 | 0…] (both rescaled)."""
     cols = start + tl.arange(0, BLOCK_N)
     col_ok = cols < keys
-    if MASKED:
-        kv_ok = col_ok[:, None] & dim_ok[None, :]
-    else:
-        kv_ok = dim_ok[None, :]
-    k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(v_base + cols[:, None] * stride_vs + dims[None, :], mask=kv_ok, other=0.0)
+    k = _load_rows(k_base, cols, stride_ks, dims, col_ok, dim_ok, MASKED, MASK_DIMS)
+    v = _load_rows(v_base, cols, stride_vs, dims, col_ok, dim_ok, MASKED, MASK_DIMS)
+    # scaled before the max: s·scale - max(s·scale) as one FMA would turn the rounding of a huge (corrupted)
+    # score into exp2(±huge) and the row into NaN, where softmax gives a finite one-hot row
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2  # (BLOCK_M, BLOCK_N)
     if MASKED:
         visible = col_ok[None, :]
@@ -61,12 +81,10 @@ def _attend_block(
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     p_low = p.to(v.dtype)
-    acc = acc * alpha[:, None] + tl.dot(p_low, v, input_precision=PRECISION)
+    acc = tl.dot(p_low, v, acc * alpha[:, None], input_precision=PRECISION)
     if ENABLED & 3:  # one small product on the tensor cores: P [1 | V·1 | 0…] (BLOCK_M, 16)
-        aux_cols = tl.arange(0, 16)
-        v_sums = tl.load(value_sums + cols, mask=col_ok, other=0.0)
-        aux = tl.where(aux_cols[None, :] == 0, 1.0, tl.where(aux_cols[None, :] == 1, v_sums[:, None], 0.0))
-        sums = sums * alpha[:, None] + tl.dot(p_low, aux.to(v.dtype), input_precision=PRECISION)
+        aux = _load_rows(aux_base, cols, 16, tl.arange(0, 16), col_ok, dim_ok, MASKED, False)
+        sums = tl.dot(p_low, aux, sums * alpha[:, None], input_precision=PRECISION)
     return acc, sums, m_new, l_i
 
 
@@ -76,15 +94,11 @@ def checked_attention_kernel(
     k_ptr,
     v_ptr,
     o_ptr,
-    value_sums_ptr,
-    hull_ptr,
+    aux_ptr,
+    bounds_ptr,
     checks_ptr,
-    k_checks_ptr,
-    v_checks_ptr,
     peak_ptr,
     q_ref,
-    k_ref,
-    v_ref,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -108,31 +122,30 @@ def checked_attention_kernel(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     ENABLED: tl.constexpr,  # bits: abft_output, softmax, output_bound
-    NQ: tl.constexpr,  # reference columns per tensor (0: no reference)
-    NK: tl.constexpr,
-    NV: tl.constexpr,
+    NQ: tl.constexpr,  # stats of the recorded q per row in q_ref (B, H, T, NQ): 0 (none), 1 (norm) or 2 (and sum)
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal rows first: a shorter tail
     bh = tl.program_id(1)
     b = bh // HEADS
     h = bh % HEADS
-    kv_head = h // GROUP
+    kv_head = (b * (HEADS // GROUP) + h // GROUP).to(tl.int64)  # flat (sample, K/V head)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D_PAD)
     row_ok = rows < tokens
     dim_ok = dims < D
     offset = keys - tokens  # query i sees keys j <= i + offset (cached or prefix keys come first)
+    MASK_DIMS: tl.constexpr = D != D_PAD  # annotated: a plain local would become a runtime value
     q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh
-    q = tl.load(q_base + rows[:, None] * stride_qt + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + (h // GROUP) * stride_vh
+    q = _load_rows(q_base, rows, stride_qt, dims, row_ok, dim_ok, True, MASK_DIMS)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
     sums = tl.zeros((BLOCK_M, 16), tl.float32)  # [P·1, P(V·1), 0…]: the rounded weights' row sums and checksums
-    value_sums = value_sums_ptr + (b.to(tl.int64) * (HEADS // GROUP) + kv_head) * keys
+    aux_base = aux_ptr + kv_head * keys * 16
     scale2 = scaling * 1.4426950408889634  # exp(x) = exp2(x·log2 e)
     if CAUSAL:  # keys below lo are visible to every row of the block: no mask there
         end = tl.minimum(keys, (pid_m + 1) * BLOCK_M + offset)
@@ -147,8 +160,8 @@ def checked_attention_kernel(
             begin, stop = lo, end
         for start in tl.range(begin, stop, BLOCK_N):
             acc, sums, m_i, l_i = _attend_block(
-                acc, sums, m_i, l_i, q, k_base, v_base, value_sums, start, rows, dims, dim_ok, keys, offset,
-                stride_ks, stride_vs, scale2, BLOCK_N, phase == 1, CAUSAL, ENABLED, PRECISION,
+                acc, sums, m_i, l_i, q, k_base, v_base, aux_base, start, rows, dims, dim_ok, keys, offset,
+                stride_ks, stride_vs, scale2, BLOCK_N, phase == 1, CAUSAL, MASK_DIMS, ENABLED, PRECISION,
             )  # fmt: skip
 
     out = (acc / l_i[:, None]).to(o_ptr.dtype.element_ty)
@@ -157,10 +170,10 @@ def checked_attention_kernel(
 
     o32 = out.to(tl.float32)
     aux_cols = tl.arange(0, 16)
-    hull = hull_ptr + (b.to(tl.int64) * (HEADS // GROUP) + kv_head) * 2 * D
+    bounds = bounds_ptr + kv_head * 2 * D  # [min; -max] of V over the keys
     hull_ok = dim_ok & ((ENABLED & 5) != 0)  # without abft_output and output_bound there is no hull to read
-    v_low = tl.load(hull + dims, mask=hull_ok, other=0.0)
-    v_high = tl.load(hull + D + dims, mask=hull_ok, other=0.0)
+    v_low = tl.load(bounds + dims, mask=hull_ok, other=0.0)
+    v_high = -tl.load(bounds + D + dims, mask=hull_ok, other=0.0)
     v_abs = tl.max(tl.maximum(tl.abs(v_low), tl.abs(v_high)), 0)
     none = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     abft = none
@@ -174,100 +187,131 @@ def checked_attention_kernel(
     bound = none
     if ENABLED & 4:
         outside = tl.maximum(o32 - v_high[None, :], v_low[None, :] - o32)
-        bound = tl.max(tl.where(dim_ok[None, :], tl.maximum(outside, 0.0), 0.0), 1) - 4 * keys * eps * v_abs
+        bound = tl.max(tl.maximum(outside, 0.0), 1) - 4 * keys * eps * v_abs  # padded dims: 0 in O and the hull
     stats_offsets = bh * tokens + rows  # (B, H, T) row-major
     q_excess = none
     if NQ > 0:
-        q_excess = _stats_excess(q.to(tl.float32), q_ref, stats_offsets, row_ok, slack_norm, slack_sum, NQ)
+        ref_norm = tl.load(q_ref + stats_offsets * NQ, mask=row_ok, other=0.0)
+        ref_sum = tl.load(q_ref + stats_offsets * NQ + NQ - 1, mask=row_ok, other=0.0)  # (the norm when NQ = 1)
+        q_excess = _stats_excess(q.to(tl.float32), ref_norm, ref_sum, slack_norm, slack_sum, NQ)
     check_base = checks_ptr + stats_offsets * 4
     tl.store(check_base, abft, mask=row_ok)
     tl.store(check_base + 1, softmax, mask=row_ok)
     tl.store(check_base + 2, bound, mask=row_ok)
     tl.store(check_base + 3, q_excess, mask=row_ok)
-    worst = tl.maximum(tl.maximum(abft, softmax), tl.maximum(bound, q_excess))
-
-    kv_rows = rows + offset
-    kv_mask = row_ok[:, None] & dim_ok[None, :]
-    kv_offsets = (b * (HEADS // GROUP) + kv_head) * tokens + rows  # (B, H_kv, T) row-major
-    if NK > 0:
-        if h % GROUP == 0:  # the newest tokens' k, once per K/V head
-            k_new = tl.load(k_base + kv_rows[:, None] * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
-            k_excess = _stats_excess(k_new.to(tl.float32), k_ref, kv_offsets, row_ok, slack_norm, slack_sum, NK)
-            tl.store(k_checks_ptr + kv_offsets, k_excess, mask=row_ok)
-            worst = tl.maximum(worst, k_excess)
-    if NV > 0:
-        if h % GROUP == 0:
-            v_new = tl.load(v_base + kv_rows[:, None] * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
-            v_excess = _stats_excess(v_new.to(tl.float32), v_ref, kv_offsets, row_ok, slack_norm, slack_sum, NV)
-            tl.store(v_checks_ptr + kv_offsets, v_excess, mask=row_ok)
-            worst = tl.maximum(worst, v_excess)
-    worst = tl.where(worst != worst, float("inf"), worst)  # NaN fails
-    tl.atomic_max(peak_ptr, tl.max(tl.where(row_ok, worst, float("-inf")), 0))
+    _raise_peak(peak_ptr, tl.maximum(tl.maximum(abft, softmax), tl.maximum(bound, q_excess)), row_ok)
 
 
 @triton.jit
-def value_summary_kernel(
+def _raise_peak(peak_ptr, excess, ok):
+    """peak = max(peak, the largest excess of the ok rows); NaN counts as failed (+inf)."""
+    excess = tl.where(excess != excess, float("inf"), excess)
+    tl.atomic_max(peak_ptr, tl.max(tl.where(ok, excess, float("-inf")), 0))
+
+
+@triton.jit
+def key_value_pass_kernel(
+    k_ptr,
     v_ptr,
-    sums_ptr,
-    hull_ptr,
-    stride_b,
-    stride_h,
-    stride_s,
+    aux_ptr,
+    bounds_ptr,
+    q_ref,
+    kv_checks_ptr,
+    peak_ptr,
+    q_rec,
+    k_rec,
+    v_rec,
+    weights_ptr,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_rqb,
+    stride_rqt,
+    stride_rkb,
+    stride_rkt,
+    stride_rvb,
+    stride_rvt,
+    stride_wb,
+    stride_wt,
     keys,
+    tokens,
+    slack_norm,
+    slack_sum,
     KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
     D: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    SUMMARY: tl.constexpr,
+    NQ: tl.constexpr,  # stats compared per recorded q, k, v row: 0 (none recorded), 1 (norm) or 2 (and sum)
+    NK: tl.constexpr,
+    NV: tl.constexpr,
+    WEIGHTED: tl.constexpr,  # q's and k's sums are weighted (the rotary embedding's rotated sum)
 ):
-    """Per (sample, K/V head) of v (B, H_kv, S, D): the row sums V·1 (S,) and the hull [min; max] (2, D)."""
-    pid = tl.program_id(0)
-    v_base = v_ptr + (pid // KV_HEADS).to(tl.int64) * stride_b + (pid % KV_HEADS) * stride_h
+    """One block of BLOCK_S keys of one (sample, K/V head) of k, v (B, H_kv, S, D), the newest T of
+    which came from the recorded projection outputs (B, T, H·D), in one of 1 + GROUP roles (more
+    programs in flight for this memory-bound pass):
+    - SUMMARY: aux rows [1, V·1, 0…] (B, H_kv, S, 16) in V's dtype, and [min; -max] of V over the keys
+      into ``bounds`` (B, H_kv, 2, D) by atomic min (it starts at +inf);
+    - NQ: the recorded q's stats, for the attention kernel to compare, into q_ref (B, H, T, NQ);
+    - NK, NV: the excess of the received newest k and v over their recorded stats (2, B, H_kv, T),
+      and the peak."""
+    pid = tl.program_id(0).to(tl.int64)  # flat (sample, K/V head)
+    b = pid // KV_HEADS
+    kv_head = pid % KV_HEADS
+    role = tl.program_id(2)  # 0: V's summary and the k, v checks; g + 1: the recorded stats of q head g
+    rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     dims = tl.arange(0, D_PAD)
-    low = tl.full((D_PAD,), float("inf"), tl.float32)
-    high = tl.full((D_PAD,), float("-inf"), tl.float32)
-    for start in tl.range(0, keys, BLOCK_S):
-        rows = start + tl.arange(0, BLOCK_S)
-        ok = (rows < keys)[:, None] & (dims < D)[None, :]
-        v = tl.load(v_base + rows[:, None] * stride_s + dims[None, :], mask=ok, other=0.0).to(tl.float32)
-        tl.store(sums_ptr + pid.to(tl.int64) * keys + rows, tl.sum(v, 1), mask=rows < keys)
-        low = tl.minimum(low, tl.min(tl.where(ok, v, float("inf")), 0))
-        high = tl.maximum(high, tl.max(tl.where(ok, v, float("-inf")), 0))
-    tl.store(hull_ptr + pid * 2 * D + dims, low, mask=dims < D)
-    tl.store(hull_ptr + pid * 2 * D + D + dims, high, mask=dims < D)
-
-
-@triton.jit
-def head_stats_kernel(
-    x_ptr,
-    weights_ptr,
-    out_ptr,
-    stride_b,
-    stride_t,
-    stride_wb,
-    stride_wt,
-    tokens,
-    HEADS: tl.constexpr,
-    D: tl.constexpr,
-    D_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    WEIGHTED: tl.constexpr,
-):
-    """out[b, h, t] = [‖x_bth‖, Σ_d w_btd x_bthd] (w = 1 unless WEIGHTED) of x (B, T, H·D); one program
-    per BLOCK_T tokens of one sample, all heads (the weights are read once)."""
-    b = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    dims = tl.arange(0, D_PAD)
-    row_ok = rows < tokens
-    ok = row_ok[:, None] & (dims < D)[None, :]
+    row_ok = rows < keys
+    dim_ok = dims < D
+    MASK_DIMS: tl.constexpr = D != D_PAD  # annotated: a plain local would become a runtime value
+    new = rows - (keys - tokens)  # the index among the newest tokens (cached or prefix keys come first)
+    new_ok = row_ok & (new >= 0)
     if WEIGHTED:
-        w = tl.load(weights_ptr + b * stride_wb + rows[:, None] * stride_wt + dims[None, :], mask=ok, other=0.0)
-    for h in tl.static_range(HEADS):
-        x = tl.load(x_ptr + b * stride_b + rows[:, None] * stride_t + h * D + dims[None, :], mask=ok, other=0.0)
-        x = x.to(tl.float32)
-        if WEIGHTED:
-            total = tl.sum(x * w, 1)
-        else:
-            total = tl.sum(x, 1)
-        out = out_ptr + ((b * HEADS + h) * tokens + rows) * 2
-        tl.store(out, tl.sqrt(tl.sum(x * x, 1)), mask=row_ok)
-        tl.store(out + 1, total, mask=row_ok)
+        weights = _load_rows(weights_ptr + b * stride_wb, new, stride_wt, dims, new_ok, dim_ok, True, MASK_DIMS)
+    else:
+        weights = 0.0  # (never read)
+    if role > 0:
+        head = kv_head * GROUP + role - 1
+        q = _load_rows(q_rec + b * stride_rqb + head * D, new, stride_rqt, dims, new_ok, dim_ok, True,
+                       MASK_DIMS).to(tl.float32)  # fmt: skip
+        ref_norm, ref_sum = _recorded_stats(q, weights, WEIGHTED)
+        ref = q_ref + ((b * KV_HEADS * GROUP + head) * tokens + new) * NQ  # (B, H, T, NQ)
+        tl.store(ref, ref_norm, mask=new_ok)
+        if NQ == 2:
+            tl.store(ref + 1, ref_sum, mask=new_ok)
+    else:
+        v = _load_rows(v_ptr + b * stride_vb + kv_head * stride_vh, rows, stride_vs, dims, row_ok, dim_ok, True,
+                       MASK_DIMS).to(tl.float32)  # fmt: skip
+        if SUMMARY:
+            aux_cols = tl.arange(0, 16)
+            aux = tl.where(aux_cols[None, :] == 0, 1.0, tl.where(aux_cols[None, :] == 1, tl.sum(v, 1)[:, None], 0.0))
+            aux_offsets = (pid * keys + rows[:, None]) * 16 + aux_cols[None, :]
+            tl.store(aux_ptr + aux_offsets, aux.to(aux_ptr.dtype.element_ty), mask=row_ok[:, None])
+            ok = row_ok[:, None] & dim_ok[None, :]
+            bounds = bounds_ptr + pid * 2 * D + dims
+            tl.atomic_min(bounds, tl.min(tl.where(ok, v, float("inf")), 0), mask=dim_ok)
+            tl.atomic_min(bounds + D, tl.min(tl.where(ok, -v, float("inf")), 0), mask=dim_ok)
+        checks = kv_checks_ptr + pid * tokens + new  # (2, B, H_kv, T): k, then v
+        worst = tl.full((BLOCK_S,), float("-inf"), tl.float32)
+        if NK > 0:
+            k = _load_rows(k_ptr + b * stride_kb + kv_head * stride_kh, rows, stride_ks, dims, new_ok, dim_ok, True,
+                           MASK_DIMS).to(tl.float32)  # fmt: skip
+            recorded = _load_rows(k_rec + b * stride_rkb + kv_head * D, new, stride_rkt, dims, new_ok, dim_ok, True,
+                                  MASK_DIMS).to(tl.float32)  # fmt: skip
+            ref_norm, ref_sum = _recorded_stats(recorded, weights, WEIGHTED)
+            k_excess = _stats_excess(k, ref_norm, ref_sum, slack_norm, slack_sum, NK)
+            tl.store(checks, k_excess, mask=new_ok)
+            worst = tl.maximum(worst, k_excess)
+        if NV > 0:
+            recorded = _load_rows(v_rec + b * stride_rvb + kv_head * D, new, stride_rvt, dims, new_ok, dim_ok, True,
+                                  MASK_DIMS).to(tl.float32)  # fmt: skip
+            ref_norm, ref_sum = _recorded_stats(recorded, weights, False)
+            v_excess = _stats_excess(v, ref_norm, ref_sum, slack_norm, slack_sum, NV)
+            tl.store(checks + tl.num_programs(0) * tokens, v_excess, mask=new_ok)
+            worst = tl.maximum(worst, v_excess)
+        if NK + NV > 0:
+            _raise_peak(peak_ptr, worst, new_ok)

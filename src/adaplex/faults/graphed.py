@@ -1,0 +1,38 @@
+"""A monitored forward captured as a CUDA graph: the host launches the forward's kernels, its q/k/v
+recorders and its checks once, at capture, and each call replays them, as engines run fixed-shape
+steps. The checks then cost only their GPU time, which is what a host-bound eager forward hides."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adaplex.faults.detect import Detection, any_failed
+from adaplex.faults.experiment import logits_of
+from adaplex.faults.hook import FaultHook, detections_of
+from adaplex.graphs import capture
+
+
+class GraphedForward:
+    """``logits_of(model, inputs)`` captured. With ``hooks`` (the model armed for the fused checks,
+    no injection), each call returns the detections of that replay; a clean replay costs one sync.
+    To run other inputs of the same shape, copy them into ``inputs``' tensors first."""
+
+    def __init__(self, model: nn.Module, inputs: dict[str, torch.Tensor], hooks: list[FaultHook] | None = None):
+        self.hooks = hooks or []
+        result: dict[str, torch.Tensor] = {}
+
+        def forward() -> None:
+            result["logits"] = logits_of(model, inputs)
+
+        self.graph = capture(forward, reset=lambda: detections_of(self.hooks))  # warm-up findings dropped
+        self.logits = result["logits"]  # rewritten by every replay
+        self.findings = [f for hook in self.hooks for f in hook.findings]  # their tensors too
+        for hook in self.hooks:
+            hook.findings = []
+
+    def __call__(self) -> list[Detection]:
+        self.graph.replay()
+        if not self.findings or not any_failed(self.findings):
+            return []
+        return [d for f in self.findings for d in f.resolve()]

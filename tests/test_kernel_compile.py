@@ -1,0 +1,87 @@
+"""The Triton kernels compile for an H100 (sm_90) with Triton's NVIDIA backend and its bundled ptxas,
+no GPU needed. The interpreter tests run the kernels' Python; only the compiler sees what it rejects
+(a constexpr that became a runtime value, an unsupported layout) and whether the tiles fit the SM."""
+
+from __future__ import annotations
+
+import pytest
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from adaplex.kernels import checked_attention_triton as attention
+from adaplex.kernels import dot_size
+from adaplex.kernels.checked_attention import TILES
+from adaplex.kernels.gathered_lora import _kernel as gathered_lora_kernel
+
+H100 = GPUTarget("cuda", 90, 32)
+SHARED_MEMORY = 227 * 1024  # bytes one H100 block may use
+
+
+def compile_for_h100(fn, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict, **options):
+    """``fn`` compiled to a cubin; arguments named in ``pointers`` point to that dtype, ``floats`` are
+    fp32 scalars, every other non-constexpr argument is an int32."""
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    return triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=H100, options=options)
+
+
+def _pointers(fn, dtype: str, data: tuple[str, ...]) -> dict[str, str]:
+    """Every pointer argument of ``fn`` (named *_ptr, *_ref or *_rec): ``dtype`` for ``data``, else fp32."""
+    pointers = {name: "fp32" for name in fn.arg_names if name.endswith(("_ptr", "_ref", "_rec"))}
+    pointers.update(dict.fromkeys(data, dtype))
+    return pointers
+
+
+FLOATS = ("scaling", "eps", "slack_norm", "slack_sum")
+
+
+@pytest.mark.parametrize(
+    "dtype, dim, causal, enabled, recorded",
+    [
+        ("bf16", 64, True, 7, 2),  # SmolLM2: every check
+        ("fp16", 128, True, 7, 1),  # the widest head the kernel takes; norms only
+        ("fp32", 48, False, 0, 0),  # a padded head dim, no checks
+    ],
+)
+def test_checked_attention_compiles_for_h100(dtype, dim, causal, enabled, recorded):
+    block_m, block_n, warps, stages = TILES
+    constexprs = dict(
+        HEADS=9, GROUP=3, D=dim, D_PAD=dot_size(dim), BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+        ENABLED=enabled, NQ=recorded, PRECISION="ieee" if dtype == "fp32" else "tf32",
+    )  # fmt: skip
+    fn = attention.checked_attention_kernel
+    pointers = _pointers(fn, dtype, ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "aux_ptr"))
+    kernel = compile_for_h100(fn, pointers, FLOATS, constexprs, num_warps=warps, num_stages=stages)
+    assert kernel.metadata.shared <= SHARED_MEMORY
+    if dtype != "fp32":
+        assert "wgmma" in kernel.asm["ptx"]  # Hopper's tensor-core instructions
+
+
+@pytest.mark.parametrize("dim, summary, recorded, weighted", [(64, True, 2, True), (48, False, 1, False)])
+def test_key_value_pass_compiles_for_h100(dim, summary, recorded, weighted):
+    fn = attention.key_value_pass_kernel
+    pointers = _pointers(fn, "bf16", ("k_ptr", "v_ptr", "aux_ptr", "q_rec", "k_rec", "v_rec"))
+    constexprs = dict(
+        KV_HEADS=3, GROUP=3, D=dim, D_PAD=dot_size(dim), BLOCK_S=64, SUMMARY=summary, NQ=recorded, NK=recorded,
+        NV=recorded, WEIGHTED=weighted,
+    )  # fmt: skip
+    kernel = compile_for_h100(fn, pointers, FLOATS, constexprs)
+    assert ("atom" in kernel.asm["ptx"]) == (summary or recorded > 0)  # the hull's atomic minimum, the peak's max
+
+
+def test_gathered_lora_compiles_for_h100():
+    fn = gathered_lora_kernel()
+    pointers = {
+        name: "bf16" for name in fn.arg_names if name == "x_ptr" or name.startswith(("down", "up", "base", "out"))
+    }
+    for tiles in ((16, 256, 128, 2), (64, 64, 64, 4)):  # decode and prefill tiles
+        constexprs = dict(N_IN=576, BLOCK_M=tiles[0], BLOCK_N=tiles[1], BLOCK_K=tiles[2], RANK=16, PRECISION="tf32")
+        kernel = compile_for_h100(fn, pointers, (), constexprs, num_warps=tiles[3])
+        assert kernel.metadata.shared <= SHARED_MEMORY

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +82,33 @@ def check_costs(batch: int, seq: int) -> dict[str, dict[str, float]]:
     for name, (enabled, given) in variants.items():
         kernels = kernel_us(lambda e=enabled, g=given: checked.checked_attention(q, k, v, 0.125, True, e, g))
         costs[name] = {"attention": kernels.get("checked_attention_kernel", 0.0), "call": sum(kernels.values())}
+    for tiles in ((64, 64, 4, 2), (64, 64, 4, 4), (64, 32, 4, 3), (64, 64, 8, 3)):
+        step = partial(checked.checked_attention, q, k, v, 0.125, True, (True, True, True), recorded, tiles=tiles)
+        costs["all_" + "x".join(map(str, tiles))] = {"call": gpu_us(step)}
+    built_in = checked.PASS_TILES
+    for pass_tiles in ((16, 2), (32, 2), (32, 4), (64, 8), (128, 4)):
+        checked.PASS_TILES = pass_tiles
+        step = partial(checked.checked_attention, q, k, v, 0.125, True, (True, True, True), recorded)
+        costs["all_pass_" + "x".join(map(str, pass_tiles))] = {"call": gpu_us(step)}
+    checked.PASS_TILES = built_in
     return costs
+
+
+def compiled_resources() -> dict:
+    """Registers, spills, stages and shared memory of each compiled variant of the kernels (from
+    Triton's JIT cache, whose layout differs across Triton versions)."""
+    found = {}
+    for name in ("checked_attention_kernel", "key_value_pass_kernel"):
+        try:
+            caches = getattr(checked._kernels(), name).device_caches.values()
+            found[name] = [
+                {"regs": k.n_regs, "spills": k.n_spills, "stages": k.metadata.num_stages, "shared": k.metadata.shared}
+                for cache in caches
+                for k in cache[0].values()
+            ]
+        except (AttributeError, IndexError, TypeError) as error:
+            found[name] = repr(error)
+    return found
 
 
 def main() -> None:
@@ -90,6 +117,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(0), "batch": batch, "seq": seq}
     result["forward"] = forward_profile(base_dir, batch, seq)
     result["kernel_us"] = check_costs(batch, seq)
+    result["compiled"] = compiled_resources()
     result["ok"] = True
     report(result, out)
 

@@ -11,7 +11,7 @@ from triton.compiler import ASTSource
 
 from adaplex.kernels import checked_attention_triton as attention
 from adaplex.kernels import dot_size
-from adaplex.kernels.checked_attention import TILES
+from adaplex.kernels.checked_attention import PASS_TILES, TILES
 from adaplex.kernels.gathered_lora import _kernel as gathered_lora_kernel
 
 H100 = GPUTarget("cuda", 90, 32)
@@ -43,18 +43,18 @@ FLOATS = ("scaling", "eps", "slack_norm", "slack_sum")
 
 
 @pytest.mark.parametrize(
-    "dtype, dim, causal, enabled, recorded",
+    "dtype, dim, causal, enabled",
     [
-        ("bf16", 64, True, 7, 2),  # SmolLM2: every check
-        ("fp16", 128, True, 7, 1),  # the widest head the kernel takes; norms only
-        ("fp32", 48, False, 0, 0),  # a padded head dim, no checks
+        ("bf16", 64, True, 7),  # SmolLM2: every check
+        ("fp16", 128, True, 7),  # the widest head the kernel takes
+        ("fp32", 48, False, 0),  # a padded head dim, no checks
     ],
 )
-def test_checked_attention_compiles_for_h100(dtype, dim, causal, enabled, recorded):
+def test_checked_attention_compiles_for_h100(dtype, dim, causal, enabled):
     block_m, block_n, warps, stages = TILES
     constexprs = dict(
         HEADS=9, GROUP=3, D=dim, D_PAD=dot_size(dim), BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
-        ENABLED=enabled, NQ=recorded, PRECISION="ieee" if dtype == "fp32" else "tf32",
+        ENABLED=enabled, PRECISION="ieee" if dtype == "fp32" else "tf32",
     )  # fmt: skip
     fn = attention.checked_attention_kernel
     pointers = _pointers(fn, dtype, ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "aux_ptr"))
@@ -67,12 +67,12 @@ def test_checked_attention_compiles_for_h100(dtype, dim, causal, enabled, record
 @pytest.mark.parametrize("dim, summary, recorded, weighted", [(64, True, 2, True), (48, False, 1, False)])
 def test_key_value_pass_compiles_for_h100(dim, summary, recorded, weighted):
     fn = attention.key_value_pass_kernel
-    pointers = _pointers(fn, "bf16", ("k_ptr", "v_ptr", "aux_ptr", "q_rec", "k_rec", "v_rec"))
+    pointers = _pointers(fn, "bf16", ("q_ptr", "k_ptr", "v_ptr", "aux_ptr", "q_rec", "k_rec", "v_rec", "weights_ptr"))
     constexprs = dict(
-        KV_HEADS=3, GROUP=3, D=dim, D_PAD=dot_size(dim), BLOCK_S=64, SUMMARY=summary, NQ=recorded, NK=recorded,
-        NV=recorded, WEIGHTED=weighted,
+        KV_HEADS=3, GROUP=3, D=dim, D_PAD=dot_size(dim), BLOCK_S=PASS_TILES[0], SUMMARY=summary,
+        NQ=recorded, NK=recorded, NV=recorded, WEIGHTED=weighted,
     )  # fmt: skip
-    kernel = compile_for_h100(fn, pointers, FLOATS, constexprs)
+    kernel = compile_for_h100(fn, pointers, FLOATS, constexprs, num_warps=PASS_TILES[1])
     assert ("atom" in kernel.asm["ptx"]) == (summary or recorded > 0)  # the hull's atomic minimum, the peak's max
 
 

@@ -167,7 +167,7 @@ for location, index, bit in [("q", 0, 30), ("k", 1, 30), ("v", 2, 29)]:
 checked.checked_attention = launch
 kv_pass = checked.key_value_pass
 shift = torch.tensor([0.0, 4.0] + [0.0] * 14)  # added to V·1 in aux = [1, V·1, 0…]
-corruptions = {{"abft_output": lambda a, b, q: (a + shift, b, q), "output_bound": lambda a, b, q: (a, b * 0.25, q)}}
+corruptions = {{"abft_output": lambda a, b: (a + shift, b), "output_bound": lambda a, b: (a, b * 0.25)}}
 for name, corrupt in corruptions.items():
     checked.key_value_pass = lambda *args, corrupt=corrupt: corrupt(*kv_pass(*args))  # faulty checksum inputs
     with armed(model, None, DetectorConfig(fused=True)) as hooks:

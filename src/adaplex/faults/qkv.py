@@ -34,10 +34,10 @@ def stats(heads: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Ten
 
 def rotated_sum_weights(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """w with Σ_d (x·cos + rotate_half(x)·sin)_d = Σ_d w_d x_d, where rotate_half(x) = [-x₂, x₁]:
-    w = cos + [sin₂, -sin₁] (halves of the feature dimension). Shape (B, T, D), float32."""
-    cos, sin = cos.float(), sin.float()
+    w = cos + [sin₂, -sin₁] (halves of the feature dimension). Shape (B, T, D), in cos's dtype (the
+    model's: a bfloat16 model's weights cost half the reads, well within the bfloat16 slack)."""
     half = sin.shape[-1] // 2
-    return cos + torch.cat([sin[..., half:], -sin[..., :half]], dim=-1)
+    return (cos.float() + torch.cat([sin[..., half:], -sin[..., :half]], dim=-1).float()).to(cos.dtype)
 
 
 def rotary_module(model: nn.Module) -> nn.Module | None:

@@ -1,16 +1,15 @@
 """Flash attention with the fault checks computed inside the kernel, beside the output (Triton).
 
 One program handles BLOCK_M queries of one (sample, head) with an online softmax over key blocks, as
-flash attention does, and accumulates in float32 registers. A parallel, memory-bound pass over the
-keys and the recorded projection outputs comes first (``key_value_pass``): it writes aux =
-[1 | V·1 | 0…] per key, the hull [min; max] of V over the keys and the recorded q's [norm, sum], and
-checks the newest tokens' k and v against their recorded rows (qkv_k, qkv_v). Checked in the
-attention kernel:
+flash attention does, and accumulates in float32 registers. A parallel, memory-bound pass comes
+first (``key_value_pass``): it writes aux = [1 | V·1 | 0…] per key and the hull [min; max] of V over
+the keys, and checks the rows: the norm and sum of each q row and of the newest tokens' k and v rows
+against those of the projection outputs they came from (qkv_q, qkv_k, qkv_v). Checked in the
+attention kernel, on its products:
 - O·1 against P(V·1) (the value rows' sums weighted by the same rounded P: P·aux, one small MMA per
   key block whose aux tile is loaded like V's, together with P·1): abft_output;
 - P·1 / l, the rounded weights' row sum over the normaliser: softmax;
-- O within the hull of V: output_bound;
-- the norm and sum of its q rows against the recorded ones: qkv_q.
+- O within the hull of V: output_bound.
 Tolerances are those of ``faults/fused.py`` and ``faults/qkv.py``. Each check's excess (> 0: failed)
 is written per row, and the largest excess of the call to ``peak`` by an atomic max, so that a clean
 forward is confirmed with one reduction per layer. Causal masks (query i sees keys j <= i + S - T)
@@ -32,6 +31,7 @@ if TYPE_CHECKING:
 
 MAX_HEAD_DIM = 128  # larger heads exceed the tiles' registers and shared memory: the padded SDPA path
 TILES = (64, 64, 4, 3)  # BLOCK_M, BLOCK_N, warps, pipeline stages (from the sweep in faults_kernel_check.py)
+PASS_TILES = (64, 4)  # BLOCK_S, warps of the pass over the keys (from the sweep in faults_profile.py)
 CHECKS = ("abft_output", "softmax", "output_bound", "qkv_q")  # the columns of ``checks``
 
 
@@ -50,45 +50,46 @@ def _kernels():
 
 
 def key_value_pass(
+    query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    heads: int,
     summary: bool,
     recorded: dict[str, Recorded],
+    checks: torch.Tensor,
     kv_checks: torch.Tensor,
     peak: torch.Tensor,
     slack: tuple[float, float],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One parallel pass over k, v (B, H_kv, S, D) and the recorded projection outputs of the newest
-    T tokens, which comes before the attention kernel. Returns aux (B, H_kv, S, 16) = [1, V·1, 0…]
-    per key in V's dtype and bounds (B, H_kv, 2, D) = [min; -max] of V over the keys, float32 (with
-    ``summary``), and the recorded q's stats (B, H, T, c) (with a recorded q); placeholders otherwise.
-    Writes the received k's and v's excess over their recorded stats into ``kv_checks`` (2, B, H_kv,
-    T) and raises ``peak``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One parallel, memory-bound pass over q (B, H, T, D), k, v (B, H_kv, S, D) and the recorded
+    projection outputs of the newest T tokens, before the attention kernel. Returns aux (B, H_kv, S,
+    16) = [1, V·1, 0…] per key in V's dtype and bounds (B, H_kv, 2, D) = [min; -max] of V over the keys,
+    float32 (with ``summary``; placeholders otherwise). Writes the received q's excess over its
+    recorded stats into column 3 of ``checks`` (B, H, T, 4), the newest k's and v's into ``kv_checks``
+    (2, B, H_kv, T), and raises ``peak``."""
     batch, kv_heads, keys, dim = value.shape
-    tokens = kv_checks.shape[-1]
-    aux = bounds = q_ref = peak  # placeholders (never read)
+    heads, tokens = query.shape[1], query.shape[2]
+    aux = bounds = peak  # placeholders (never read)
     if summary:
         aux = value.new_empty(batch, kv_heads, keys, 16)
         bounds = torch.full((batch, kv_heads, 2, dim), float("inf"), device=value.device)
-    if "q" in recorded:
-        q_ref = torch.empty(batch, heads, tokens, recorded["q"].columns, device=value.device)
     outputs = {loc: r.out if r.out.stride(-1) == 1 else r.out.contiguous() for loc, r in recorded.items()}
     weights = next((r.weights for loc, r in recorded.items() if loc != "v" and r.weights is not None), None)
     if weights is not None:
-        weights = weights.float().expand(batch, tokens, dim)  # (B, T, D), maybe broadcast over the batch
-    block_s = 64
+        weights = weights.expand(batch, tokens, dim)  # (B, T, D), maybe broadcast over the batch
+    block_s, warps = PASS_TILES
     roles = 1 + (heads // kv_heads if "q" in recorded else 0)  # the summary and k/v checks; each q head
     _kernels().key_value_pass_kernel[(batch * kv_heads, -(-keys // block_s), roles)](
+        query,
         key,
         value,
         aux,
         bounds,
-        q_ref,
+        checks,
         kv_checks,
         peak,
         *(outputs.get(loc, peak) for loc in "qkv"),
         peak if weights is None else weights,
+        *query.stride()[:3],
         *key.stride()[:3],
         *value.stride()[:3],
         *(stride for loc in "qkv" for stride in (outputs[loc].stride()[:2] if loc in outputs else (0, 0))),
@@ -106,8 +107,9 @@ def key_value_pass(
         NK=recorded["k"].columns if "k" in recorded else 0,
         NV=recorded["v"].columns if "v" in recorded else 0,
         WEIGHTED=weights is not None,
+        num_warps=warps,
     )
-    return aux, bounds, q_ref
+    return aux, bounds
 
 
 def checked_attention(
@@ -137,9 +139,9 @@ def checked_attention(
     eps = torch.finfo(query.dtype).eps
     slack = (8 * dim * eps, 8 * dim * eps * dim**0.5)
     given = {loc: r for loc, r in recorded.items() if r is not None}
-    aux = bounds = q_ref = peak  # placeholders (never read) when neither a check nor a recording needs the pass
+    aux = bounds = peak  # placeholders (never read) when neither a check nor a recording needs the pass
     if any(enabled) or given:
-        aux, bounds, q_ref = key_value_pass(key, value, heads, any(enabled), given, kv_checks, peak, slack)
+        aux, bounds = key_value_pass(query, key, value, any(enabled), given, checks, kv_checks, peak, slack)
     block_m, block_n, warps, stages = tiles or TILES
     _kernels().checked_attention_kernel[(-(-tokens // block_m), batch * heads)](
         query,
@@ -150,7 +152,6 @@ def checked_attention(
         bounds,
         checks,
         peak,
-        q_ref,
         *query.stride()[:3],
         *key.stride()[:3],
         *value.stride()[:3],
@@ -167,7 +168,6 @@ def checked_attention(
         BLOCK_N=block_n,
         CAUSAL=causal,
         ENABLED=sum(bit for bit, on in zip((1, 2, 4), enabled, strict=True) if on),
-        NQ=given["q"].columns if "q" in given else 0,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=warps,
         num_stages=stages,

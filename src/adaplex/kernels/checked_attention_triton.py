@@ -5,23 +5,23 @@ import triton.language as tl
 
 
 @triton.jit
-def _stats_excess(got, ref_norm, ref_sum, slack_norm, slack_sum, NREF: tl.constexpr):
-    """Per row, how far the [norm, sum] of the received rows ``got`` (BLOCK, D) float32 stray from the
-    recorded ones beyond the slack times the recorded norm; NREF 1 compares norms only."""
-    excess = tl.abs(tl.sqrt(tl.sum(got * got, 1)) - ref_norm) - slack_norm * ref_norm
-    if NREF == 2:
-        excess = tl.maximum(excess, tl.abs(tl.sum(got, 1) - ref_sum) - slack_sum * ref_norm)
-    return excess
+def _row_stats(x, weights, WEIGHTED: tl.constexpr):
+    """[norm, Σ w·x] (Σ x unless WEIGHTED) per row of x (BLOCK, D) float32."""
+    if WEIGHTED:
+        total = tl.sum(x * weights, 1)
+    else:
+        total = tl.sum(x, 1)
+    return tl.sqrt(tl.sum(x * x, 1)), total
 
 
 @triton.jit
-def _recorded_stats(recorded, weights, WEIGHTED: tl.constexpr):
-    """[norm, Σ w·x] (Σ x unless WEIGHTED) per row of the recorded rows (BLOCK, D) float32."""
-    if WEIGHTED:
-        total = tl.sum(recorded * weights, 1)
-    else:
-        total = tl.sum(recorded, 1)
-    return tl.sqrt(tl.sum(recorded * recorded, 1)), total
+def _stats_excess(norm, total, ref_norm, ref_sum, slack_norm, slack_sum, NREF: tl.constexpr):
+    """Per row, how far the received [norm, sum] stray from the recorded ones beyond the slack times the
+    recorded norm; NREF 1 compares norms only."""
+    excess = tl.abs(norm - ref_norm) - slack_norm * ref_norm
+    if NREF == 2:
+        excess = tl.maximum(excess, tl.abs(total - ref_sum) - slack_sum * ref_norm)
+    return excess
 
 
 @triton.jit
@@ -98,7 +98,6 @@ def checked_attention_kernel(
     bounds_ptr,
     checks_ptr,
     peak_ptr,
-    q_ref,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -122,7 +121,6 @@ def checked_attention_kernel(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     ENABLED: tl.constexpr,  # bits: abft_output, softmax, output_bound
-    NQ: tl.constexpr,  # stats of the recorded q per row in q_ref (B, H, T, NQ): 0 (none), 1 (norm) or 2 (and sum)
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal rows first: a shorter tail
@@ -188,18 +186,11 @@ def checked_attention_kernel(
     if ENABLED & 4:
         outside = tl.maximum(o32 - v_high[None, :], v_low[None, :] - o32)
         bound = tl.max(tl.maximum(outside, 0.0), 1) - 4 * keys * eps * v_abs  # padded dims: 0 in O and the hull
-    stats_offsets = bh * tokens + rows  # (B, H, T) row-major
-    q_excess = none
-    if NQ > 0:
-        ref_norm = tl.load(q_ref + stats_offsets * NQ, mask=row_ok, other=0.0)
-        ref_sum = tl.load(q_ref + stats_offsets * NQ + NQ - 1, mask=row_ok, other=0.0)  # (the norm when NQ = 1)
-        q_excess = _stats_excess(q.to(tl.float32), ref_norm, ref_sum, slack_norm, slack_sum, NQ)
-    check_base = checks_ptr + stats_offsets * 4
+    check_base = checks_ptr + (bh * tokens + rows) * 4  # (B, H, T, 4); column 3 (q) is the pass's
     tl.store(check_base, abft, mask=row_ok)
     tl.store(check_base + 1, softmax, mask=row_ok)
     tl.store(check_base + 2, bound, mask=row_ok)
-    tl.store(check_base + 3, q_excess, mask=row_ok)
-    _raise_peak(peak_ptr, tl.maximum(tl.maximum(abft, softmax), tl.maximum(bound, q_excess)), row_ok)
+    _raise_peak(peak_ptr, tl.maximum(tl.maximum(abft, softmax), bound), row_ok)
 
 
 @triton.jit
@@ -211,17 +202,21 @@ def _raise_peak(peak_ptr, excess, ok):
 
 @triton.jit
 def key_value_pass_kernel(
+    q_ptr,
     k_ptr,
     v_ptr,
     aux_ptr,
     bounds_ptr,
-    q_ref,
+    checks_ptr,
     kv_checks_ptr,
     peak_ptr,
     q_rec,
     k_rec,
     v_rec,
     weights_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qt,
     stride_kb,
     stride_kh,
     stride_ks,
@@ -256,9 +251,9 @@ def key_value_pass_kernel(
     programs in flight for this memory-bound pass):
     - SUMMARY: aux rows [1, V·1, 0…] (B, H_kv, S, 16) in V's dtype, and [min; -max] of V over the keys
       into ``bounds`` (B, H_kv, 2, D) by atomic min (it starts at +inf);
-    - NQ: the recorded q's stats, for the attention kernel to compare, into q_ref (B, H, T, NQ);
-    - NK, NV: the excess of the received newest k and v over their recorded stats (2, B, H_kv, T),
-      and the peak."""
+    - NQ, NK, NV: the excess of the received q and newest k and v over their recorded stats: q's
+      into column 3 of ``checks`` (B, H, T, 4), k's and v's into ``kv_checks`` (2, B, H_kv, T); and
+      the peak."""
     pid = tl.program_id(0).to(tl.int64)  # flat (sample, K/V head)
     b = pid // KV_HEADS
     kv_head = pid % KV_HEADS
@@ -274,15 +269,17 @@ def key_value_pass_kernel(
         weights = _load_rows(weights_ptr + b * stride_wb, new, stride_wt, dims, new_ok, dim_ok, True, MASK_DIMS)
     else:
         weights = 0.0  # (never read)
-    if role > 0:
+    if role > 0:  # q head g of this K/V head: its newest T rows are all of q
         head = kv_head * GROUP + role - 1
-        q = _load_rows(q_rec + b * stride_rqb + head * D, new, stride_rqt, dims, new_ok, dim_ok, True,
+        q = _load_rows(q_ptr + b * stride_qb + head * stride_qh, new, stride_qt, dims, new_ok, dim_ok, True,
                        MASK_DIMS).to(tl.float32)  # fmt: skip
-        ref_norm, ref_sum = _recorded_stats(q, weights, WEIGHTED)
-        ref = q_ref + ((b * KV_HEADS * GROUP + head) * tokens + new) * NQ  # (B, H, T, NQ)
-        tl.store(ref, ref_norm, mask=new_ok)
-        if NQ == 2:
-            tl.store(ref + 1, ref_sum, mask=new_ok)
+        recorded = _load_rows(q_rec + b * stride_rqb + head * D, new, stride_rqt, dims, new_ok, dim_ok, True,
+                              MASK_DIMS).to(tl.float32)  # fmt: skip
+        ref_norm, ref_sum = _row_stats(recorded, weights, WEIGHTED)
+        q_norm, q_sum = _row_stats(q, 0.0, False)
+        q_excess = _stats_excess(q_norm, q_sum, ref_norm, ref_sum, slack_norm, slack_sum, NQ)
+        tl.store(checks_ptr + ((b * KV_HEADS * GROUP + head) * tokens + new) * 4 + 3, q_excess, mask=new_ok)
+        _raise_peak(peak_ptr, q_excess, new_ok)
     else:
         v = _load_rows(v_ptr + b * stride_vb + kv_head * stride_vh, rows, stride_vs, dims, row_ok, dim_ok, True,
                        MASK_DIMS).to(tl.float32)  # fmt: skip
@@ -302,15 +299,17 @@ def key_value_pass_kernel(
                            MASK_DIMS).to(tl.float32)  # fmt: skip
             recorded = _load_rows(k_rec + b * stride_rkb + kv_head * D, new, stride_rkt, dims, new_ok, dim_ok, True,
                                   MASK_DIMS).to(tl.float32)  # fmt: skip
-            ref_norm, ref_sum = _recorded_stats(recorded, weights, WEIGHTED)
-            k_excess = _stats_excess(k, ref_norm, ref_sum, slack_norm, slack_sum, NK)
+            ref_norm, ref_sum = _row_stats(recorded, weights, WEIGHTED)
+            k_norm, k_sum = _row_stats(k, 0.0, False)
+            k_excess = _stats_excess(k_norm, k_sum, ref_norm, ref_sum, slack_norm, slack_sum, NK)
             tl.store(checks, k_excess, mask=new_ok)
             worst = tl.maximum(worst, k_excess)
         if NV > 0:
             recorded = _load_rows(v_rec + b * stride_rvb + kv_head * D, new, stride_rvt, dims, new_ok, dim_ok, True,
                                   MASK_DIMS).to(tl.float32)  # fmt: skip
-            ref_norm, ref_sum = _recorded_stats(recorded, weights, False)
-            v_excess = _stats_excess(v, ref_norm, ref_sum, slack_norm, slack_sum, NV)
+            ref_norm, ref_sum = _row_stats(recorded, 0.0, False)
+            v_norm, v_sum = _row_stats(v, 0.0, False)
+            v_excess = _stats_excess(v_norm, v_sum, ref_norm, ref_sum, slack_norm, slack_sum, NV)
             tl.store(checks + tl.num_programs(0) * tokens, v_excess, mask=new_ok)
             worst = tl.maximum(worst, v_excess)
         if NK + NV > 0:

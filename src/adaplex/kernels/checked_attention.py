@@ -77,7 +77,7 @@ def key_value_pass(
     if weights is not None:
         weights = weights.expand(batch, tokens, dim)  # (B, T, D), maybe broadcast over the batch
     block_s, warps = PASS_TILES
-    roles = 1 + (heads // kv_heads if "q" in recorded else 0)  # the summary and k/v checks; each q head
+    roles = 2 + (heads // kv_heads if "q" in recorded else 0)  # the summary and v, k, each q head
     _kernels().key_value_pass_kernel[(batch * kv_heads, -(-keys // block_s), roles)](
         query,
         key,

@@ -246,8 +246,8 @@ def key_value_pass_kernel(
     WEIGHTED: tl.constexpr,  # q's and k's sums are weighted (the rotary embedding's rotated sum)
 ):
     """One block of BLOCK_S keys of one (sample, K/V head) of k, v (B, H_kv, S, D), the newest T of
-    which came from the recorded projection outputs (B, T, H·D), in one of 1 + GROUP roles (more
-    programs in flight for this memory-bound pass):
+    which came from the recorded projection outputs (B, T, H·D), in one of 2 + GROUP roles (more,
+    smaller programs in flight for this memory-bound pass):
     - SUMMARY: aux rows [1, V·1, 0…] (B, H_kv, S, 16) in V's dtype, and [min; -max] of V over the keys
       into ``bounds`` (B, H_kv, 2, D) by atomic min (it starts at +inf);
     - NQ, NK, NV: the excess of the received q and newest k and v over their recorded stats: q's
@@ -256,7 +256,7 @@ def key_value_pass_kernel(
     pid = tl.program_id(0).to(tl.int64)  # flat (sample, K/V head)
     b = pid // KV_HEADS
     kv_head = pid % KV_HEADS
-    role = tl.program_id(2)  # 0: V's summary and the k, v checks; g + 1: the recorded stats of q head g
+    role = tl.program_id(2)  # 0: V's summary and the v check; 1: the k check; 2 + g: the check of q head g
     rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     dims = tl.arange(0, D_PAD)
     row_ok = rows < keys
@@ -264,25 +264,10 @@ def key_value_pass_kernel(
     MASK_DIMS: tl.constexpr = D != D_PAD  # annotated: a plain local would become a runtime value
     new = rows - (keys - tokens)  # the index among the newest tokens (cached or prefix keys come first)
     new_ok = row_ok & (new >= 0)
-    if WEIGHTED:
-        weights = _load_rows(weights_ptr + b * stride_wb, new, stride_wt, dims, new_ok, dim_ok, True, MASK_DIMS)
-    else:
-        weights = 0.0  # (never read)
-    if role > 0:  # q head g of this K/V head: its newest T rows are all of q
-        head = kv_head * GROUP + role - 1
-        q = _load_rows(q_ptr + b * stride_qb + head * stride_qh, new, stride_qt, dims, new_ok, dim_ok, True,
-                       MASK_DIMS).to(tl.float32)  # fmt: skip
-        recorded = _load_rows(q_rec + b * stride_rqb + head * D, new, stride_rqt, dims, new_ok, dim_ok, True,
-                              MASK_DIMS).to(tl.float32)  # fmt: skip
-        ref_norm, ref_sum = _row_stats(recorded, weights, WEIGHTED)
-        q_norm, q_sum = _row_stats(q, 0.0, False)
-        q_excess = _stats_excess(q_norm, q_sum, ref_norm, ref_sum, slack_norm, slack_sum, NQ)
-        tl.store(checks_ptr + ((b * KV_HEADS * GROUP + head) * tokens + new) * 4 + 3, q_excess, mask=new_ok)
-        _raise_peak(peak_ptr, q_excess, new_ok)
-    else:
-        v = _load_rows(v_ptr + b * stride_vb + kv_head * stride_vh, rows, stride_vs, dims, row_ok, dim_ok, True,
-                       MASK_DIMS).to(tl.float32)  # fmt: skip
+    if role == 0:
+        v_base = v_ptr + b * stride_vb + kv_head * stride_vh
         if SUMMARY:
+            v = _load_rows(v_base, rows, stride_vs, dims, row_ok, dim_ok, True, MASK_DIMS).to(tl.float32)
             aux_cols = tl.arange(0, 16)
             aux = tl.where(aux_cols[None, :] == 0, 1.0, tl.where(aux_cols[None, :] == 1, tl.sum(v, 1)[:, None], 0.0))
             aux_offsets = (pid * keys + rows[:, None]) * 16 + aux_cols[None, :]
@@ -291,25 +276,42 @@ def key_value_pass_kernel(
             bounds = bounds_ptr + pid * 2 * D + dims
             tl.atomic_min(bounds, tl.min(tl.where(ok, v, float("inf")), 0), mask=dim_ok)
             tl.atomic_min(bounds + D, tl.min(tl.where(ok, -v, float("inf")), 0), mask=dim_ok)
-        checks = kv_checks_ptr + pid * tokens + new  # (2, B, H_kv, T): k, then v
-        worst = tl.full((BLOCK_S,), float("-inf"), tl.float32)
-        if NK > 0:
-            k = _load_rows(k_ptr + b * stride_kb + kv_head * stride_kh, rows, stride_ks, dims, new_ok, dim_ok, True,
-                           MASK_DIMS).to(tl.float32)  # fmt: skip
-            recorded = _load_rows(k_rec + b * stride_rkb + kv_head * D, new, stride_rkt, dims, new_ok, dim_ok, True,
-                                  MASK_DIMS).to(tl.float32)  # fmt: skip
-            ref_norm, ref_sum = _row_stats(recorded, weights, WEIGHTED)
-            k_norm, k_sum = _row_stats(k, 0.0, False)
-            k_excess = _stats_excess(k_norm, k_sum, ref_norm, ref_sum, slack_norm, slack_sum, NK)
-            tl.store(checks, k_excess, mask=new_ok)
-            worst = tl.maximum(worst, k_excess)
-        if NV > 0:
-            recorded = _load_rows(v_rec + b * stride_rvb + kv_head * D, new, stride_rvt, dims, new_ok, dim_ok, True,
-                                  MASK_DIMS).to(tl.float32)  # fmt: skip
-            ref_norm, ref_sum = _row_stats(recorded, 0.0, False)
-            v_norm, v_sum = _row_stats(v, 0.0, False)
-            v_excess = _stats_excess(v_norm, v_sum, ref_norm, ref_sum, slack_norm, slack_sum, NV)
-            tl.store(checks + tl.num_programs(0) * tokens, v_excess, mask=new_ok)
-            worst = tl.maximum(worst, v_excess)
-        if NK + NV > 0:
-            _raise_peak(peak_ptr, worst, new_ok)
+        if NV > 0:  # (its v rows were just read: an L2 hit)
+            _check_rows(v_base, stride_vs, rows, v_rec + b * stride_rvb + kv_head * D, stride_rvt, new, new_ok, dims,
+                        dim_ok, 0.0, kv_checks_ptr + (tl.num_programs(0) + pid) * tokens, 1, peak_ptr, slack_norm,
+                        slack_sum, NV, False, MASK_DIMS)  # fmt: skip
+    else:  # k or a q head: sums weighted by the rotary embedding's weights where WEIGHTED
+        if WEIGHTED:
+            weights = _load_rows(weights_ptr + b * stride_wb, new, stride_wt, dims, new_ok, dim_ok, True, MASK_DIMS)
+        else:
+            weights = 0.0  # (never read)
+        if role == 1:
+            if NK > 0:
+                _check_rows(k_ptr + b * stride_kb + kv_head * stride_kh, stride_ks, rows,
+                            k_rec + b * stride_rkb + kv_head * D, stride_rkt, new, new_ok, dims, dim_ok, weights,
+                            kv_checks_ptr + pid * tokens, 1, peak_ptr, slack_norm, slack_sum, NK, WEIGHTED,
+                            MASK_DIMS)  # fmt: skip
+        else:
+            head = kv_head * GROUP + role - 2  # the q rows are the newest T tokens' only
+            _check_rows(q_ptr + b * stride_qb + head * stride_qh, stride_qt, new, q_rec + b * stride_rqb + head * D,
+                        stride_rqt, new, new_ok, dims, dim_ok, weights,
+                        checks_ptr + (b * KV_HEADS * GROUP + head) * tokens * 4 + 3, 4, peak_ptr, slack_norm,
+                        slack_sum, NQ, WEIGHTED, MASK_DIMS)  # fmt: skip
+
+
+@triton.jit
+def _check_rows(
+    received, stride_received, received_rows, recorded, stride_recorded, new, new_ok, dims, dim_ok, weights,
+    out, out_stride, peak_ptr, slack_norm, slack_sum,
+    NREF: tl.constexpr, WEIGHTED: tl.constexpr, MASK_DIMS: tl.constexpr,
+):  # fmt: skip
+    """out[new · out_stride] = the excess of the received rows' [norm, sum] over the recorded rows'
+    [norm, Σ w·x] (Σ x unless WEIGHTED), for the newest tokens' rows ``new`` (received as
+    ``received_rows``); raises the peak."""
+    got = _load_rows(received, received_rows, stride_received, dims, new_ok, dim_ok, True, MASK_DIMS)
+    rows = _load_rows(recorded, new, stride_recorded, dims, new_ok, dim_ok, True, MASK_DIMS)
+    ref_norm, ref_sum = _row_stats(rows.to(tl.float32), weights, WEIGHTED)
+    norm, total = _row_stats(got.to(tl.float32), 0.0, False)
+    excess = _stats_excess(norm, total, ref_norm, ref_sum, slack_norm, slack_sum, NREF)
+    tl.store(out + new * out_stride, excess, mask=new_ok)
+    _raise_peak(peak_ptr, excess, new_ok)

@@ -91,18 +91,21 @@ def faults(results: list[dict]) -> str:
     """One table over every `adaplex bench faults` result: overhead of each fused phase."""
     lines = [
         "`adaplex bench faults`: forward time over the fused SDPA baseline, embedded model on CPU, the "
-        "SmolLM2-shaped model on GPU; q/k/v checksums, abft_output, softmax and output_bound on:",
+        "SmolLM2-shaped model on GPU; q/k/v checksums, abft_output, softmax and output_bound on; eager "
+        "forwards, or replays of CUDA graphs (`--graphs`: the GPU's time, without the host's launches):",
         "",
-        "| device | dtype | batch x seq | baseline s | fused checks | without q/k/v checksums | "
+        "| device | dtype | batch x seq | timing | baseline s | fused checks | without q/k/v checksums | "
         "attention without checks | step-by-step, every detector |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         over = r["overhead_percent"]
+        stepwise = f"{over['detection']:+.0f}%" if "detection" in over else "—"
         lines.append(
             f"| {r['device']} | {r.get('dtype', 'float32')} | {r['batch']} x {r['seq']} | "
-            f"{r['seconds']['baseline']['median']:.3f} | +{over['fused_detection']:.1f}% | "
-            f"+{over['fused_without_qkv']:.1f}% | +{over['fused_columns_only']:.1f}% | +{over['detection']:.0f}% |"
+            f"{'CUDA graph' if r.get('graphed') else 'eager'} | {r['seconds']['baseline']['median']:.4f} | "
+            f"{over['fused_detection']:+.1f}% | {over['fused_without_qkv']:+.1f}% | "
+            f"{over['fused_columns_only']:+.1f}% | {stepwise} |"
         )
     check = load("faults-kernel-check-cuda.json")
     if check is not None:
@@ -111,9 +114,9 @@ def faults(results: list[dict]) -> str:
         lines += [
             "",
             "Attention without checks: on CPU, SDPA over the padded Q, K and V' = [V | V·1 | 1 | 0…]; on CUDA, "
-            "the checked-attention kernel with its checks compiled out. The kernel with every check, alone, "
-            f"calls back to back ({check['device']}, bfloat16, `benchmarks/faults_kernel_check.py`; at 8x512 "
-            "the host's launch cost, not the GPU, sets the pace): "
+            "the checked-attention kernel with its checks compiled out. One call with every check and the "
+            f"q/k/v comparison, its pass over the rows included, in GPU time ({check['device']}, bfloat16, "
+            "`benchmarks/faults_kernel_check.py`): "
             + ", ".join(
                 f"{t[tiles]:.0f} µs at {shape} against {t['sdpa']:.0f} µs for SDPA" for shape, t in times.items()
             )
@@ -135,7 +138,14 @@ def main() -> None:
         result = load(name)
         if result is not None:
             print(render(result) + "\n")
-    names = ("faults-cpu.json", "faults-cpu-batch1.json", "faults-cuda.json", "faults-cuda-large.json")
+    names = (
+        "faults-cpu.json",
+        "faults-cpu-batch1.json",
+        "faults-cuda.json",
+        "faults-cuda-graphed.json",
+        "faults-cuda-large.json",
+        "faults-cuda-large-graphed.json",
+    )
     print(faults([r for r in map(load, names) if r is not None]))
 
 

@@ -98,7 +98,7 @@ def compiled_resources() -> dict:
     """Registers, spills, stages and shared memory of each compiled variant of the kernels (from
     Triton's JIT cache, whose layout differs across Triton versions)."""
     found = {}
-    for name in ("checked_attention_kernel", "key_value_pass_kernel"):
+    for name in ("checked_attention_kernel", "row_pass_kernel"):
         try:
             caches = getattr(checked._kernels(), name).device_caches.values()
             found[name] = [

@@ -65,8 +65,8 @@ def test_checked_attention_compiles_for_h100(dtype, dim, causal, enabled):
 
 
 @pytest.mark.parametrize("dim, summary, recorded, weighted", [(64, True, 2, True), (48, False, 1, False)])
-def test_key_value_pass_compiles_for_h100(dim, summary, recorded, weighted):
-    fn = attention.key_value_pass_kernel
+def test_row_pass_compiles_for_h100(dim, summary, recorded, weighted):
+    fn = attention.row_pass_kernel
     pointers = _pointers(fn, "bf16", ("q_ptr", "k_ptr", "v_ptr", "aux_ptr", "q_rec", "k_rec", "v_rec", "weights_ptr"))
     constexprs = dict(
         KV_HEADS=3, GROUP=3, D=dim, D_PAD=dot_size(dim), BLOCK_S=PASS_TILES[0], SUMMARY=summary,

@@ -165,15 +165,15 @@ for location, index, bit in [("q", 0, 30), ("k", 1, 30), ("v", 2, 29)]:
         logits_of(model, {{"input_ids": tiny.tokens(batch=1, length=6)}})
     result[location] = [[d.layer, d.head, d.detector, list(d.location)] for h in hooks for d in h.detections]
 checked.checked_attention = launch
-kv_pass = checked.key_value_pass
+row_pass = checked.row_pass
 shift = torch.tensor([0.0, 4.0] + [0.0] * 14)  # added to V·1 in aux = [1, V·1, 0…]
 corruptions = {{"abft_output": lambda a, b: (a + shift, b), "output_bound": lambda a, b: (a, b * 0.25)}}
 for name, corrupt in corruptions.items():
-    checked.key_value_pass = lambda *args, corrupt=corrupt: corrupt(*kv_pass(*args))  # faulty checksum inputs
+    checked.row_pass = lambda *args, corrupt=corrupt: corrupt(*row_pass(*args))  # faulty checksum inputs
     with armed(model, None, DetectorConfig(fused=True)) as hooks:
         logits_of(model, {{"input_ids": tiny.tokens(batch=1, length=6)}})
     result[name] = sorted({{d.detector for h in hooks for d in h.detections}})
-checked.key_value_pass = kv_pass
+checked.row_pass = row_pass
 flips = {{k: result.pop(k) for k in ("q", "k", "v", "abft_output", "output_bound", "wide_heads")}}
 found = {{"families": result, "kernel_calls": kernel_calls, "direct": direct}}
 print(json.dumps({{**found, **flips}}))

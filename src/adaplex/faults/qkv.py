@@ -8,6 +8,12 @@ embedding keeps norms but not sums, so for q and k of rotary models the sum is t
 vector x·cos + rotate_half(x)·sin will have, a weighted sum of x whose weights come from the model's
 own (cos, sin), captured from its rotary module by another hook. Cost: two reductions over O(T·H·D)
 per tensor and side.
+
+What it covers: any change between the projection's output and what attention receives (the rotary
+embedding, a cache or prefix concatenation, copies, an injected flip). Where the received tensor is a
+view of the projection's own output (v in Llama-style models; q, k and v in GPT-2 and BERT), both
+sides read the same memory, so a fault in that memory after the projection is not caught; stats
+taken in the hooks would catch it, at one more pass over q, k and v per layer.
 """
 
 from __future__ import annotations

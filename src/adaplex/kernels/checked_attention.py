@@ -2,7 +2,7 @@
 
 One program handles BLOCK_M queries of one (sample, head) with an online softmax over key blocks, as
 flash attention does, and accumulates in float32 registers. A parallel, memory-bound pass comes
-first (``key_value_pass``): it writes aux = [1 | V·1 | 0…] per key and the hull [min; max] of V over
+first (``row_pass``): it writes aux = [1 | V·1 | 0…] per key and the hull [min; max] of V over
 the keys, and checks the rows: the norm and sum of each q row and of the newest tokens' k and v rows
 against those of the projection outputs they came from (qkv_q, qkv_k, qkv_v). Checked in the
 attention kernel, on its products:
@@ -49,7 +49,7 @@ def _kernels():
     return checked_attention_triton
 
 
-def key_value_pass(
+def row_pass(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -78,7 +78,7 @@ def key_value_pass(
         weights = weights.expand(batch, tokens, dim)  # (B, T, D), maybe broadcast over the batch
     block_s, warps = PASS_TILES
     roles = 2 + (heads // kv_heads if "q" in recorded else 0)  # the summary and v, k, each q head
-    _kernels().key_value_pass_kernel[(batch * kv_heads, -(-keys // block_s), roles)](
+    _kernels().row_pass_kernel[(batch * kv_heads, -(-keys // block_s), roles)](
         query,
         key,
         value,
@@ -141,7 +141,7 @@ def checked_attention(
     given = {loc: r for loc, r in recorded.items() if r is not None}
     aux = bounds = peak  # placeholders (never read) when neither a check nor a recording needs the pass
     if any(enabled) or given:
-        aux, bounds = key_value_pass(query, key, value, any(enabled), given, checks, kv_checks, peak, slack)
+        aux, bounds = row_pass(query, key, value, any(enabled), given, checks, kv_checks, peak, slack)
     block_m, block_n, warps, stages = tiles or TILES
     _kernels().checked_attention_kernel[(-(-tokens // block_m), batch * heads)](
         query,

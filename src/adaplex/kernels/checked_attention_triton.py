@@ -200,7 +200,7 @@ def _raise_peak(peak_ptr, excess, ok):
 
 
 @triton.jit
-def key_value_pass_kernel(
+def row_pass_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
@@ -308,10 +308,10 @@ def _check_rows(
     """out[new · out_stride] = the excess of the received rows' [norm, sum] over the recorded rows'
     [norm, Σ w·x] (Σ x unless WEIGHTED), for the newest tokens' rows ``new`` (received as
     ``received_rows``); raises the peak."""
-    got = _load_rows(received, received_rows, stride_received, dims, new_ok, dim_ok, True, MASK_DIMS)
-    rows = _load_rows(recorded, new, stride_recorded, dims, new_ok, dim_ok, True, MASK_DIMS)
-    ref_norm, ref_sum = _row_stats(rows.to(tl.float32), weights, WEIGHTED)
-    norm, total = _row_stats(got.to(tl.float32), 0.0, False)
+    x_received = _load_rows(received, received_rows, stride_received, dims, new_ok, dim_ok, True, MASK_DIMS)
+    x_recorded = _load_rows(recorded, new, stride_recorded, dims, new_ok, dim_ok, True, MASK_DIMS)
+    ref_norm, ref_sum = _row_stats(x_recorded.to(tl.float32), weights, WEIGHTED)
+    norm, total = _row_stats(x_received.to(tl.float32), 0.0, False)
     excess = _stats_excess(norm, total, ref_norm, ref_sum, slack_norm, slack_sum, NREF)
     tl.store(out + new * out_stride, excess, mask=new_ok)
     _raise_peak(peak_ptr, excess, new_ok)

@@ -13,7 +13,9 @@ What it covers: any change between the projection's output and what attention re
 embedding, a cache or prefix concatenation, copies, an injected flip). Where the received tensor is a
 view of the projection's own output (v in Llama-style models; q, k and v in GPT-2 and BERT), both
 sides read the same memory, so a fault in that memory after the projection is not caught; stats
-taken in the hooks would catch it, at one more pass over q, k and v per layer.
+taken in the hooks would catch it, at one more pass over q, k and v per layer. On CUDA the check reads
+q, k and v from memory in its own pass, so a fault in the attention kernel's own loads is not caught
+either.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""Decode steps captured as CUDA graphs: the host launches a step's kernels once, at capture.
+"""CUDA-graph capture (``capture``; faults.graphed uses it for monitored forwards), and decode steps
+captured as CUDA graphs: the host launches a step's kernels once, at capture.
 
 A small model's eager decode step is bound by the host launching its ~1,000 kernels (SmolLM2-135M,
 batch 64 on an H100: 4.1 ms as a graph against 20-39 ms eager), so serving engines replay captured
-steps. Both functions here use a static KV cache. Routing must be set before them and hold while they
+steps. Both decode functions here use a static KV cache. Routing must be set before them and hold while they
 run: the graph keeps the route's gathered expert weights (and a routed layer's fused kernels).
 """
 

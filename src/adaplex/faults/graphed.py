@@ -27,7 +27,7 @@ class GraphedForward:
 
         self.graph = capture(forward, reset=lambda: detections_of(self.hooks))  # warm-up findings dropped
         self.logits = result["logits"]  # rewritten by every replay
-        self.findings = [f for hook in self.hooks for f in hook.findings]  # their tensors too
+        self.findings = [f for hook in self.hooks for f in hook.findings]  # their excess tensors: rewritten too
         for hook in self.hooks:
             hook.findings = []
 

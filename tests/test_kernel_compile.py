@@ -33,8 +33,8 @@ def compile_for_h100(fn, pointers: dict[str, str], floats: tuple[str, ...], cons
 
 
 def _pointers(fn, dtype: str, data: tuple[str, ...]) -> dict[str, str]:
-    """Every pointer argument of ``fn`` (named *_ptr, *_ref or *_rec): ``dtype`` for ``data``, else fp32."""
-    pointers = {name: "fp32" for name in fn.arg_names if name.endswith(("_ptr", "_ref", "_rec"))}
+    """Every pointer argument of ``fn`` (named *_ptr or *_rec): ``dtype`` for ``data``, else fp32."""
+    pointers = {name: "fp32" for name in fn.arg_names if name.endswith(("_ptr", "_rec"))}
     pointers.update(dict.fromkeys(data, dtype))
     return pointers
 

@@ -9,9 +9,9 @@ O' = P V' = [O | P(V·1) | P·1 | 0…]:
 - output_bound: O must lie within the min/max of V over the sequence's keys (a looser hull than
   over each row's visible keys, but it needs only V and O).
 The padding costs 8/head_dim of the attention work. Where Triton runs (CUDA) and the mask is causal
-or absent, one kernel computes the same checks in registers instead, without padding, and the q/k/v
-checksums too (kernels/checked_attention.py). Faults in the scores or weights need the step-by-step
-path (eager.py), where they can be injected and located.
+or absent, a flash-attention kernel computes the same checks in registers instead, without padding,
+after a pass that checks the q/k/v rows (kernels/checked_attention.py). Faults in the scores or
+weights need the step-by-step path (eager.py), where they can be injected and located.
 """
 
 from __future__ import annotations

@@ -143,8 +143,8 @@ def monitor(
     try:
         with ExitStack() as stack:
             for name, (phase_plan, phase_detectors) in armings.items():
-                hooks = stack.enter_context(armed(copies[name], phase_plan, phase_detectors))
                 copy = copies[name]
+                hooks = stack.enter_context(armed(copy, phase_plan, phase_detectors))
                 phases[name] = (
                     GraphedForward(copy, inputs, hooks) if graphed else partial(_checked_forward, copy, inputs, hooks)
                 )

@@ -91,16 +91,16 @@ def fused_checked_attention(
     scaling = dim**-0.5 if scaling is None else scaling
     checks = (hook.detectors.abft, hook.detectors.softmax, hook.detectors.output_bound)
     tokens = query.shape[2]
-    recorded = [hook.reference.get(loc) for loc in "qkv"] if hook.detectors.qkv else []
+    recorded = {loc: hook.reference.get(loc) for loc in "qkv"} if hook.detectors.qkv else {}
     if (
         mask is None
         and checked_kernel.available(query)
         and dim <= checked_kernel.MAX_HEAD_DIM
-        and all(r is None or r.out.shape[1] == tokens for r in recorded)
+        and all(r is None or r.out.shape[1] == tokens for r in recorded.values())
     ):
-        taken = {loc: hook.reference.pop(loc, None) for loc in "qkv"} if hook.detectors.qkv else {}
+        hook.reference.clear()  # taken: the kernel compares them (the padded path's qkv.check pops them)
         out, excess, peak = checked_kernel.checked_attention(
-            query, key, value, scaling, is_causal and tokens > 1, checks, taken
+            query, key, value, scaling, is_causal and tokens > 1, checks, recorded
         )
         hook.findings += [Finding(hook.layer, name, e, peak=peak) for name, e in excess.items()]
         return out

@@ -159,7 +159,6 @@ def checked_attention(
         keys,
         scaling,
         eps,
-        *slack,
         HEADS=heads,
         GROUP=heads // kv_heads,
         D=dim,

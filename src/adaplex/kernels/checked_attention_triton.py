@@ -111,8 +111,6 @@ def checked_attention_kernel(
     keys,
     scaling,
     eps,
-    slack_norm,
-    slack_sum,
     HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     D: tl.constexpr,

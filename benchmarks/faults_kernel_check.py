@@ -75,7 +75,8 @@ def sources(batch: int, tokens: int, device: torch.device) -> dict[str, Recorded
     return {"q": Recorded(x["q"], weights, 2), "k": Recorded(x["k"], weights, 2), "v": Recorded(x["v"], None, 2)}
 
 
-TILES = [(m, n, w, s) for m, n in ((64, 64), (128, 64), (128, 128), (128, 32)) for w in (4, 8) for s in (2, 3)]
+TILES = [(m, n, w, s, None) for m, n in ((64, 64), (128, 64), (128, 128), (128, 32)) for w in (4, 8) for s in (2, 3)]
+TILES += [(64, 64, 4, s, 128) for s in (2, 3)]  # a register cap: 4 programs per SM where registers allow
 
 
 def kernel_times(device: torch.device) -> dict:
@@ -202,7 +203,7 @@ def main() -> None:
     result["model_bf16"] = model_checks(base_dir, device)
     result["graphed_bf16"] = graphed_checks(base_dir, device)
     result["kernel_us"] = kernel_times(device)
-    result["built_in_tiles"] = "x".join(map(str, checked.TILES))
+    result["built_in_tiles"] = "x".join(map(str, checked.CHECKED_TILES))
     result["ok"] = all(c["ok"] for c in result["cases"]) and result["model_bf16"]["ok"] and result["graphed_bf16"]["ok"]
     report(result, out)
 

@@ -82,7 +82,7 @@ def check_costs(batch: int, seq: int) -> dict[str, dict[str, float]]:
     for name, (enabled, given) in variants.items():
         kernels = kernel_us(lambda e=enabled, g=given: checked.checked_attention(q, k, v, 0.125, True, e, g))
         costs[name] = {"attention": kernels.get("checked_attention_kernel", 0.0), "call": sum(kernels.values())}
-    for tiles in ((64, 64, 4, 2), (64, 64, 4, 4), (64, 32, 4, 3), (64, 64, 8, 3)):
+    for tiles in ((64, 64, 4, 3, None), (64, 64, 4, 2, None), (64, 64, 4, 3, 128), (64, 32, 4, 3, 128)):
         step = partial(checked.checked_attention, q, k, v, 0.125, True, (True, True, True), recorded, tiles=tiles)
         costs["all_" + "x".join(map(str, tiles))] = {"call": gpu_us(step)}
     built_in = checked.PASS_TILES

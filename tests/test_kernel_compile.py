@@ -4,6 +4,11 @@ no GPU needed. The interpreter tests run the kernels' Python; only the compiler 
 
 from __future__ import annotations
 
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
 import pytest
 import triton
 from triton.backends.compiler import GPUTarget
@@ -11,10 +16,11 @@ from triton.compiler import ASTSource
 
 from adaplex.kernels import checked_attention_triton as attention
 from adaplex.kernels import dot_size
-from adaplex.kernels.checked_attention import PASS_TILES, TILES
+from adaplex.kernels.checked_attention import CHECKED_TILES, PASS_TILES, TILES
 from adaplex.kernels.gathered_lora import _kernel as gathered_lora_kernel
 
 H100 = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 SHARED_MEMORY = 227 * 1024  # bytes one H100 block may use
 
 
@@ -32,6 +38,15 @@ def compile_for_h100(fn, pointers: dict[str, str], floats: tuple[str, ...], cons
     return triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=H100, options=options)
 
 
+def registers(kernel) -> int:
+    """Registers per thread of a compiled kernel, from its cubin (Triton's bundled cuobjdump)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", str(cubin)], capture_output=True, text=True)
+    return int(re.search(r"REG:(\d+)", usage.stdout).group(1))
+
+
 def _pointers(fn, dtype: str, data: tuple[str, ...]) -> dict[str, str]:
     """Every pointer argument of ``fn`` (named *_ptr or *_rec): ``dtype`` for ``data``, else fp32."""
     pointers = {name: "fp32" for name in fn.arg_names if name.endswith(("_ptr", "_rec"))}
@@ -39,41 +54,52 @@ def _pointers(fn, dtype: str, data: tuple[str, ...]) -> dict[str, str]:
     return pointers
 
 
+def assert_relaxed_atomics(ptx: str) -> None:
+    """The atomics are relaxed: an acq_rel one fences, making each program wait for its earlier stores
+    (measured on an H100: ~20 µs per call of the attention kernel at 32 x 1024)."""
+    assert "acq_rel" not in ptx and "membar" not in ptx
+
+
 FLOATS = ("scaling", "eps", "slack_norm", "slack_sum")
 
 
 @pytest.mark.parametrize(
-    "dtype, dim, causal, enabled",
+    "dtype, dim, causal, enabled, q_stats",
     [
-        ("bf16", 64, True, 7),  # SmolLM2: every check
-        ("fp16", 128, True, 7),  # the widest head the kernel takes
-        ("fp32", 48, False, 0),  # a padded head dim, no checks
+        ("bf16", 64, True, 7, 2),  # SmolLM2: every check
+        ("fp16", 128, True, 7, 1),  # the widest head the kernel takes; q's norm only (a partial rotary)
+        ("fp32", 48, False, 0, 0),  # a padded head dim, no checks
     ],
 )
-def test_checked_attention_compiles_for_h100(dtype, dim, causal, enabled):
-    block_m, block_n, warps, stages = TILES
+def test_checked_attention_compiles_for_h100(dtype, dim, causal, enabled, q_stats):
+    block_m, block_n, warps, stages, max_registers = CHECKED_TILES if enabled or q_stats else TILES
     constexprs = dict(
         HEADS=9, GROUP=3, D=dim, D_PAD=dot_size(dim), BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
-        ENABLED=enabled, PRECISION="ieee" if dtype == "fp32" else "tf32",
+        ENABLED=enabled, NQ=q_stats, PRECISION="ieee" if dtype == "fp32" else "tf32",
     )  # fmt: skip
     fn = attention.checked_attention_kernel
     pointers = _pointers(fn, dtype, ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "aux_ptr"))
-    kernel = compile_for_h100(fn, pointers, FLOATS, constexprs, num_warps=warps, num_stages=stages)
+    capped = {"maxnreg": max_registers} if max_registers else {}
+    kernel = compile_for_h100(fn, pointers, FLOATS, constexprs, num_warps=warps, num_stages=stages, **capped)
     assert kernel.metadata.shared <= SHARED_MEMORY
     if dtype != "fp32":
         assert "wgmma" in kernel.asm["ptx"]  # Hopper's tensor-core instructions
+    if max_registers:
+        assert registers(kernel) <= max_registers
+    assert_relaxed_atomics(kernel.asm["ptx"])
 
 
 @pytest.mark.parametrize("dim, summary, recorded, weighted", [(64, True, 2, True), (48, False, 1, False)])
 def test_row_pass_compiles_for_h100(dim, summary, recorded, weighted):
     fn = attention.row_pass_kernel
-    pointers = _pointers(fn, "bf16", ("q_ptr", "k_ptr", "v_ptr", "aux_ptr", "q_rec", "k_rec", "v_rec", "weights_ptr"))
+    pointers = _pointers(fn, "bf16", ("k_ptr", "v_ptr", "aux_ptr", "q_rec", "k_rec", "v_rec", "weights_ptr"))
     constexprs = dict(
         KV_HEADS=3, GROUP=3, D=dim, D_PAD=dot_size(dim), BLOCK_S=PASS_TILES[0], SUMMARY=summary,
-        NQ=recorded, NK=recorded, NV=recorded, WEIGHTED=weighted,
+        NK=recorded, NV=recorded, WEIGHTED=weighted,
     )  # fmt: skip
     kernel = compile_for_h100(fn, pointers, FLOATS, constexprs, num_warps=PASS_TILES[1])
     assert ("atom" in kernel.asm["ptx"]) == (summary or recorded > 0)  # the hull's atomic minimum, the peak's max
+    assert_relaxed_atomics(kernel.asm["ptx"])
 
 
 def test_gathered_lora_compiles_for_h100():

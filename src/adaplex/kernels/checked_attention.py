@@ -3,9 +3,10 @@
 One program handles BLOCK_M queries of one (sample, head) with an online softmax over key blocks, as
 flash attention does, and accumulates in float32 registers. A parallel, memory-bound pass comes
 first (``row_pass``): it writes aux = [1 | V·1 | 0…] per key and the hull [min; max] of V over
-the keys, and checks the rows: the norm and sum of each q row and of the newest tokens' k and v rows
-against those of the projection outputs they came from (qkv_q, qkv_k, qkv_v). Checked in the
-attention kernel, on its products:
+the keys, checks the norm and sum of the newest tokens' k and v rows against those of the projection
+outputs they came from (qkv_k, qkv_v), and writes the stats of q's projection output. Checked in the
+attention kernel:
+- the q rows it loads against their projection's stats: qkv_q;
 - O·1 against P(V·1) (the value rows' sums weighted by the same rounded P: P·aux, one small MMA per
   key block whose aux tile is loaded like V's, together with P·1): abft_output;
 - P·1 / l, the rounded weights' row sum over the normaliser: softmax;
@@ -30,7 +31,11 @@ if TYPE_CHECKING:
     from adaplex.faults.qkv import Recorded
 
 MAX_HEAD_DIM = 128  # larger heads exceed the tiles' registers and shared memory: the padded SDPA path
-TILES = (64, 64, 4, 3)  # BLOCK_M, BLOCK_N, warps, pipeline stages (from the sweep in faults_kernel_check.py)
+# BLOCK_M, BLOCK_N, warps, pipeline stages, register cap (None: the compiler's choice), without and with checks
+# (from the sweeps in faults_kernel_check.py and faults_profile.py). The checks' aux tiles and registers would
+# fit 3 programs per H100 SM with 3 stages (63 KB, 168 registers); 2 stages and a cap of 128 fit 4.
+TILES = (64, 64, 4, 3, None)
+CHECKED_TILES = (64, 64, 4, 2, 128)
 PASS_TILES = (64, 4)  # BLOCK_S, warps of the pass over the keys (from the sweep in faults_profile.py)
 CHECKS = ("abft_output", "softmax", "output_bound", "qkv_q")  # the columns of ``checks``
 
@@ -50,28 +55,28 @@ def _kernels():
 
 
 def row_pass(
-    query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    summary: bool,
+    heads: int,
+    bounds: torch.Tensor | None,
     recorded: dict[str, Recorded],
-    checks: torch.Tensor,
+    q_ref: torch.Tensor,
     kv_checks: torch.Tensor,
     peak: torch.Tensor,
     slack: tuple[float, float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One parallel, memory-bound pass over q (B, H, T, D), k, v (B, H_kv, S, D) and the recorded
-    projection outputs of the newest T tokens, before the attention kernel. Returns aux (B, H_kv, S,
-    16) = [1, V·1, 0…] per key in V's dtype and bounds (B, H_kv, 2, D) = [min; -max] of V over the keys,
-    float32 (with ``summary``; placeholders otherwise). Writes the received q's excess over its
-    recorded stats into column 3 of ``checks`` (B, H, T, 4), the newest k's and v's into ``kv_checks``
-    (2, B, H_kv, T), and raises ``peak``."""
+    """One parallel, memory-bound pass over k, v (B, H_kv, S, D) and the recorded projection outputs
+    of the newest T tokens, before the attention kernel (of ``heads`` query heads). Where ``bounds``
+    (B, H_kv, 2, D) float32, filled with -inf, is given, raises it to [-min; max] of V over the keys and
+    returns it with aux (B, H_kv, S, 16) = [1, V·1, 0…] per key in V's dtype (placeholders otherwise).
+    Writes the newest k's and v's excess over their recorded stats into ``kv_checks`` (2, B, H_kv, T)
+    and raises ``peak``; writes the recorded q's stats [norm, sum] into ``q_ref`` (B, H, T, 2) for the
+    attention kernel to compare."""
     batch, kv_heads, keys, dim = value.shape
-    heads, tokens = query.shape[1], query.shape[2]
-    aux = bounds = peak  # placeholders (never read)
-    if summary:
-        aux = value.new_empty(batch, kv_heads, keys, 16)
-        bounds = torch.full((batch, kv_heads, 2, dim), float("inf"), device=value.device)
+    tokens = kv_checks.shape[-1]
+    summary = bounds is not None
+    aux = value.new_empty(batch, kv_heads, keys, 16) if summary else peak  # (or never read)
+    bounds = peak if bounds is None else bounds
     outputs = {loc: r.out if r.out.stride(-1) == 1 else r.out.contiguous() for loc, r in recorded.items()}
     weights = next((r.weights for loc, r in recorded.items() if loc != "v" and r.weights is not None), None)
     if weights is not None:
@@ -79,17 +84,15 @@ def row_pass(
     block_s, warps = PASS_TILES
     roles = 2 + (heads // kv_heads if "q" in recorded else 0)  # the summary and v, k, each q head
     _kernels().row_pass_kernel[(batch * kv_heads, -(-keys // block_s), roles)](
-        query,
         key,
         value,
         aux,
         bounds,
-        checks,
+        q_ref,
         kv_checks,
         peak,
         *(outputs.get(loc, peak) for loc in "qkv"),
         peak if weights is None else weights,
-        *query.stride()[:3],
         *key.stride()[:3],
         *value.stride()[:3],
         *(stride for loc in "qkv" for stride in (outputs[loc].stride()[:2] if loc in outputs else (0, 0))),
@@ -103,7 +106,6 @@ def row_pass(
         D_PAD=dot_size(dim),
         BLOCK_S=block_s,
         SUMMARY=summary,
-        NQ=recorded["q"].columns if "q" in recorded else 0,
         NK=recorded["k"].columns if "k" in recorded else 0,
         NV=recorded["v"].columns if "v" in recorded else 0,
         WEIGHTED=weights is not None,
@@ -120,14 +122,14 @@ def checked_attention(
     causal: bool,
     enabled: tuple[bool, bool, bool],
     recorded: dict[str, Recorded | None],
-    tiles: tuple[int, int, int, int] | None = None,
+    tiles: tuple[int, int, int, int, int | None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Attention output (B, T, H, D) of q (B, H, T, D) and k, v (B, H_kv, S, D), the excess of each
     check that ran ((B, H, T) for the CHECKS, (B, H_kv, T) for qkv_k and qkv_v) and their peak (1,).
 
     ``enabled``: abft_output, softmax, output_bound; ``recorded``: the projections' outputs that q and
     the newest T tokens' k and v came from (qkv.Recorded, covering exactly those T tokens), or None
-    where there is none; ``tiles`` (BLOCK_M, BLOCK_N, warps, stages) overrides the built-in choice,
+    where there is none; ``tiles`` (BLOCK_M, BLOCK_N, warps, stages, register cap) overrides the built-in choice,
     for tuning."""
     batch, heads, tokens, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
@@ -135,21 +137,26 @@ def checked_attention(
     out = query.new_empty(batch, tokens, heads, dim)
     checks = torch.empty(batch, heads, tokens, len(CHECKS), device=query.device)
     kv_checks = torch.empty(2, batch, kv_heads, tokens, device=query.device)
-    peak = torch.full((1,), float("-inf"), device=query.device)
+    summary = any(enabled)  # V's aux and hull, which the checks read
+    state = torch.full((1 + summary * batch * kv_heads * 2 * dim,), float("-inf"), device=query.device)  # one fill
+    peak = state[:1]
+    bounds = state[1:].view(batch, kv_heads, 2, dim) if summary else None
     eps = torch.finfo(query.dtype).eps
     slack = (8 * dim * eps, 8 * dim * eps * dim**0.5)
     given = {loc: r for loc, r in recorded.items() if r is not None}
-    aux = bounds = peak  # placeholders (never read) when neither a check nor a recording needs the pass
-    if any(enabled) or given:
-        aux, bounds = row_pass(query, key, value, any(enabled), given, checks, kv_checks, peak, slack)
-    block_m, block_n, warps, stages = tiles or TILES
+    q_ref = torch.empty(batch, heads, tokens, 2, device=query.device) if "q" in given else peak  # (or unread)
+    aux = hull = peak  # placeholders (never read) when neither a check nor a recording needs the pass
+    if summary or given:
+        aux, hull = row_pass(key, value, heads, bounds, given, q_ref, kv_checks, peak, slack)
+    block_m, block_n, warps, stages, max_registers = tiles or (CHECKED_TILES if summary or "q" in given else TILES)
     _kernels().checked_attention_kernel[(-(-tokens // block_m), batch * heads)](
         query,
         key,
         value,
         out,
         aux,
-        bounds,
+        hull,
+        q_ref,
         checks,
         peak,
         *query.stride()[:3],
@@ -159,6 +166,7 @@ def checked_attention(
         keys,
         scaling,
         eps,
+        *slack,
         HEADS=heads,
         GROUP=heads // kv_heads,
         D=dim,
@@ -167,9 +175,11 @@ def checked_attention(
         BLOCK_N=block_n,
         CAUSAL=causal,
         ENABLED=sum(bit for bit, on in zip((1, 2, 4), enabled, strict=True) if on),
+        NQ=given["q"].columns if "q" in given else 0,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=warps,
         num_stages=stages,
+        **({"maxnreg": max_registers} if max_registers else {}),
     )
     excess = {
         name: checks[..., i] for i, (name, on) in enumerate(zip(CHECKS, (*enabled, "q" in given), strict=True)) if on

@@ -96,6 +96,7 @@ def checked_attention_kernel(
     o_ptr,
     aux_ptr,
     bounds_ptr,
+    q_ref_ptr,
     checks_ptr,
     peak_ptr,
     stride_qb,
@@ -111,6 +112,8 @@ def checked_attention_kernel(
     keys,
     scaling,
     eps,
+    slack_norm,
+    slack_sum,
     HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     D: tl.constexpr,
@@ -119,6 +122,7 @@ def checked_attention_kernel(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     ENABLED: tl.constexpr,  # bits: abft_output, softmax, output_bound
+    NQ: tl.constexpr,  # q's stats to compare with q_ref (B, H, T, 2): 0 (no q recorded), 1 (norm) or 2 (and sum)
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal rows first: a shorter tail
@@ -136,6 +140,16 @@ def checked_attention_kernel(
     k_base = k_ptr + b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + (h // GROUP) * stride_vh
     q = _load_rows(q_base, rows, stride_qt, dims, row_ok, dim_ok, True, MASK_DIMS)
+    check_base = checks_ptr + (bh * tokens + rows) * 4  # (B, H, T, 4)
+    none = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    q_excess = none
+    if NQ > 0:  # the q rows as this kernel loaded them, against their projection's stats
+        norm, total = _row_stats(q.to(tl.float32), 0.0, False)
+        q_ref = q_ref_ptr + (bh * tokens + rows) * 2
+        ref_norm = tl.load(q_ref, mask=row_ok, other=0.0)
+        ref_sum = tl.load(q_ref + 1, mask=row_ok, other=0.0)
+        q_excess = _stats_excess(norm, total, ref_norm, ref_sum, slack_norm, slack_sum, NQ)
+        tl.store(check_base + 3, q_excess, mask=row_ok)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -165,12 +179,11 @@ def checked_attention_kernel(
     tl.store(o_ptr + o_offsets, o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
     aux_cols = tl.arange(0, 16)
-    bounds = bounds_ptr + kv_head * 2 * D  # [min; -max] of V over the keys
+    bounds = bounds_ptr + kv_head * 2 * D  # [-min; max] of V over the keys
     hull_ok = dim_ok & ((ENABLED & 5) != 0)  # without abft_output and output_bound there is no hull to read
-    v_low = tl.load(bounds + dims, mask=hull_ok, other=0.0)
-    v_high = -tl.load(bounds + D + dims, mask=hull_ok, other=0.0)
+    v_low = -tl.load(bounds + dims, mask=hull_ok, other=0.0)
+    v_high = tl.load(bounds + D + dims, mask=hull_ok, other=0.0)
     v_abs = tl.max(tl.maximum(tl.abs(v_low), tl.abs(v_high)), 0)
-    none = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     abft = none
     if ENABLED & 1:
         checksum = tl.sum(tl.where(aux_cols[None, :] == 1, sums, 0.0), 1)
@@ -183,37 +196,33 @@ def checked_attention_kernel(
     if ENABLED & 4:
         outside = tl.maximum(o - v_high[None, :], v_low[None, :] - o)
         bound = tl.max(tl.maximum(outside, 0.0), 1) - 4 * keys * eps * v_abs  # padded dims: 0 in O and the hull
-    check_base = checks_ptr + (bh * tokens + rows) * 4  # (B, H, T, 4); column 3 (q) is the pass's
     tl.store(check_base, abft, mask=row_ok)
     tl.store(check_base + 1, softmax, mask=row_ok)
     tl.store(check_base + 2, bound, mask=row_ok)
-    _raise_peak(peak_ptr, tl.maximum(tl.maximum(abft, softmax), bound), row_ok)
+    _raise_peak(peak_ptr, tl.maximum(tl.maximum(abft, softmax), tl.maximum(bound, q_excess)), row_ok)
 
 
 @triton.jit
 def _raise_peak(peak_ptr, excess, ok):
-    """peak = max(peak, the largest excess of the ok rows); NaN counts as failed (+inf)."""
+    """peak = max(peak, the largest excess of the ok rows); NaN counts as failed (+inf). Relaxed: no fence
+    makes the program wait for its earlier stores (the peak is read after the kernel, which orders them)."""
     excess = tl.where(excess != excess, float("inf"), excess)
-    tl.atomic_max(peak_ptr, tl.max(tl.where(ok, excess, float("-inf")), 0))
+    tl.atomic_max(peak_ptr, tl.max(tl.where(ok, excess, float("-inf")), 0), sem="relaxed")
 
 
 @triton.jit
 def row_pass_kernel(
-    q_ptr,
     k_ptr,
     v_ptr,
     aux_ptr,
     bounds_ptr,
-    checks_ptr,
+    q_ref_ptr,
     kv_checks_ptr,
     peak_ptr,
     q_rec,
     k_rec,
     v_rec,
     weights_ptr,
-    stride_qb,
-    stride_qh,
-    stride_qt,
     stride_kb,
     stride_kh,
     stride_ks,
@@ -238,23 +247,23 @@ def row_pass_kernel(
     D_PAD: tl.constexpr,
     BLOCK_S: tl.constexpr,
     SUMMARY: tl.constexpr,
-    NQ: tl.constexpr,  # stats compared per recorded q, k, v row: 0 (none recorded), 1 (norm) or 2 (and sum)
-    NK: tl.constexpr,
+    NK: tl.constexpr,  # stats compared per recorded k, v row: 0 (none recorded), 1 (norm) or 2 (and sum)
     NV: tl.constexpr,
     WEIGHTED: tl.constexpr,  # q's and k's sums are weighted (the rotary embedding's rotated sum)
 ):
     """One block of BLOCK_S keys of one (sample, K/V head) of k, v (B, H_kv, S, D), the newest T of
     which came from the recorded projection outputs (B, T, H·D), in one of 2 + GROUP roles (more,
     smaller programs in flight for this memory-bound pass):
-    - SUMMARY: aux rows [1, V·1, 0…] (B, H_kv, S, 16) in V's dtype, and [min; -max] of V over the keys
-      into ``bounds`` (B, H_kv, 2, D) by atomic min (it starts at +inf);
-    - NQ, NK, NV: the excess of the received q and newest k and v over their recorded stats: q's
-      into column 3 of ``checks`` (B, H, T, 4), k's and v's into ``kv_checks`` (2, B, H_kv, T); and
-      the peak."""
+    - SUMMARY: aux rows [1, V·1, 0…] (B, H_kv, S, 16) in V's dtype, and [-min; max] of V over the keys
+      into ``bounds`` (B, H_kv, 2, D) by atomic max (it starts at -inf, like the peak: one fill);
+    - NK, NV: the excess of the newest k and v rows over their recorded stats into ``kv_checks``
+      (2, B, H_kv, T), and the peak;
+    - roles 2 + g (launched where q was recorded): the recorded q rows' [norm, Σ w·x] into ``q_ref``
+      (B, H, T, 2), which the attention kernel compares with the q rows it loads."""
     pid = tl.program_id(0).to(tl.int64)  # flat (sample, K/V head)
     b = pid // KV_HEADS
     kv_head = pid % KV_HEADS
-    role = tl.program_id(2)  # 0: V's summary and the v check; 1: the k check; 2 + g: the check of q head g
+    role = tl.program_id(2)  # 0: V's summary and the v check; 1: the k check; 2 + g: q head g's recorded stats
     rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     dims = tl.arange(0, D_PAD)
     row_ok = rows < keys
@@ -272,11 +281,11 @@ def row_pass_kernel(
             tl.store(aux_ptr + aux_offsets, aux.to(aux_ptr.dtype.element_ty), mask=row_ok[:, None])
             ok = row_ok[:, None] & dim_ok[None, :]
             bounds = bounds_ptr + pid * 2 * D + dims
-            tl.atomic_min(bounds, tl.min(tl.where(ok, v, float("inf")), 0), mask=dim_ok)
-            tl.atomic_min(bounds + D, tl.min(tl.where(ok, -v, float("inf")), 0), mask=dim_ok)
+            tl.atomic_max(bounds, tl.max(tl.where(ok, -v, float("-inf")), 0), mask=dim_ok, sem="relaxed")
+            tl.atomic_max(bounds + D, tl.max(tl.where(ok, v, float("-inf")), 0), mask=dim_ok, sem="relaxed")
         if NV > 0:  # (its v rows were just read: an L2 hit)
             _check_rows(v_base, stride_vs, rows, v_rec + b * stride_rvb + kv_head * D, stride_rvt, new, new_ok, dims,
-                        dim_ok, 0.0, kv_checks_ptr + (tl.num_programs(0) + pid) * tokens, 1, peak_ptr, slack_norm,
+                        dim_ok, 0.0, kv_checks_ptr + (tl.num_programs(0) + pid) * tokens, peak_ptr, slack_norm,
                         slack_sum, NV, False, MASK_DIMS)  # fmt: skip
     else:  # k or a q head: sums weighted by the rotary embedding's weights where WEIGHTED
         if WEIGHTED:
@@ -287,23 +296,24 @@ def row_pass_kernel(
             if NK > 0:
                 _check_rows(k_ptr + b * stride_kb + kv_head * stride_kh, stride_ks, rows,
                             k_rec + b * stride_rkb + kv_head * D, stride_rkt, new, new_ok, dims, dim_ok, weights,
-                            kv_checks_ptr + pid * tokens, 1, peak_ptr, slack_norm, slack_sum, NK, WEIGHTED,
+                            kv_checks_ptr + pid * tokens, peak_ptr, slack_norm, slack_sum, NK, WEIGHTED,
                             MASK_DIMS)  # fmt: skip
-        else:
-            head = kv_head * GROUP + role - 2  # the q rows are the newest T tokens' only
-            _check_rows(q_ptr + b * stride_qb + head * stride_qh, stride_qt, new, q_rec + b * stride_rqb + head * D,
-                        stride_rqt, new, new_ok, dims, dim_ok, weights,
-                        checks_ptr + (b * KV_HEADS * GROUP + head) * tokens * 4 + 3, 4, peak_ptr, slack_norm,
-                        slack_sum, NQ, WEIGHTED, MASK_DIMS)  # fmt: skip
+        else:  # the recorded q rows' stats, for the attention kernel to compare with the rows it loads
+            head = kv_head * GROUP + role - 2
+            x = _load_rows(q_rec + b * stride_rqb + head * D, new, stride_rqt, dims, new_ok, dim_ok, True, MASK_DIMS)
+            ref_norm, ref_sum = _row_stats(x.to(tl.float32), weights, WEIGHTED)
+            q_ref = q_ref_ptr + ((b * KV_HEADS * GROUP + head) * tokens + new) * 2
+            tl.store(q_ref, ref_norm, mask=new_ok)
+            tl.store(q_ref + 1, ref_sum, mask=new_ok)
 
 
 @triton.jit
 def _check_rows(
     received, stride_received, received_rows, recorded, stride_recorded, new, new_ok, dims, dim_ok, weights,
-    out, out_stride, peak_ptr, slack_norm, slack_sum,
+    out, peak_ptr, slack_norm, slack_sum,
     NREF: tl.constexpr, WEIGHTED: tl.constexpr, MASK_DIMS: tl.constexpr,
 ):  # fmt: skip
-    """out[new · out_stride] = the excess of the received rows' [norm, sum] over the recorded rows'
+    """out[new] = the excess of the received rows' [norm, sum] over the recorded rows'
     [norm, Σ w·x] (Σ x unless WEIGHTED), for the newest tokens' rows ``new`` (received as
     ``received_rows``); raises the peak."""
     x_received = _load_rows(received, received_rows, stride_received, dims, new_ok, dim_ok, True, MASK_DIMS)
@@ -311,5 +321,5 @@ def _check_rows(
     ref_norm, ref_sum = _row_stats(x_recorded.to(tl.float32), weights, WEIGHTED)
     norm, total = _row_stats(x_received.to(tl.float32), 0.0, False)
     excess = _stats_excess(norm, total, ref_norm, ref_sum, slack_norm, slack_sum, NREF)
-    tl.store(out + new * out_stride, excess, mask=new_ok)
+    tl.store(out + new, excess, mask=new_ok)
     _raise_peak(peak_ptr, excess, new_ok)

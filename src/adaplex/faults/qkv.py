@@ -3,7 +3,7 @@
 A flip in q, k or v happens before the attention products, so the products' own checksums agree
 with it. Instead, forward hooks on the projections keep their outputs, and the attention function
 compares, per (batch, head, token), the norm and the sum of each head's vector there with those of
-the q, k, v it receives (the checked-attention kernel does it beside its own loads). The rotary
+the q, k, v it receives (on CUDA, the checked-attention kernel compares q as it loads it). The rotary
 embedding keeps norms but not sums, so for q and k of rotary models the sum is the one the rotated
 vector x·cos + rotate_half(x)·sin will have, a weighted sum of x whose weights come from the model's
 own (cos, sin), captured from its rotary module by another hook. Cost: two reductions over O(T·H·D)
@@ -13,9 +13,9 @@ What it covers: any change between the projection's output and what attention re
 embedding, a cache or prefix concatenation, copies, an injected flip). Where the received tensor is a
 view of the projection's own output (v in Llama-style models; q, k and v in GPT-2 and BERT), both
 sides read the same memory, so a fault in that memory after the projection is not caught; stats
-taken in the hooks would catch it, at one more pass over q, k and v per layer. On CUDA the check reads
-q, k and v from memory in its own pass, so a fault in the attention kernel's own loads is not caught
-either.
+taken in the hooks would catch it, at one more pass over q, k and v per layer. On CUDA the attention
+kernel compares the q rows it loads, so a fault in those loads is caught too; k and v are compared in
+the pass before it, from memory, so a fault in the kernel's own loads of k or v is not.
 """
 
 from __future__ import annotations

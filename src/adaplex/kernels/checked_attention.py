@@ -36,7 +36,7 @@ MAX_HEAD_DIM = 128  # larger heads exceed the tiles' registers and shared memory
 # fit 3 programs per H100 SM with 3 stages (63 KB, 168 registers); 2 stages and a cap of 128 fit 4.
 TILES = (64, 64, 4, 3, None)
 CHECKED_TILES = (64, 64, 4, 2, 128)
-PASS_TILES = (64, 4)  # BLOCK_S, warps of the pass over the keys (from the sweep in faults_profile.py)
+PASS_TILES = (32, 2)  # BLOCK_S, warps of the pass over the keys (from the sweep in faults_profile.py)
 CHECKS = ("abft_output", "softmax", "output_bound", "qkv_q")  # the columns of ``checks``
 
 

@@ -32,10 +32,12 @@ if TYPE_CHECKING:
 
 MAX_HEAD_DIM = 128  # larger heads exceed the tiles' registers and shared memory: the padded SDPA path
 # BLOCK_M, BLOCK_N, warps, pipeline stages, register cap (None: the compiler's choice), without and with checks
-# (from the sweeps in faults_kernel_check.py and faults_profile.py). The checks' aux tiles and registers would
-# fit 3 programs per H100 SM with 3 stages (63 KB, 168 registers); 2 stages and a cap of 128 fit 4.
+# (from the sweeps in faults_kernel_check.py and faults_profile.py, head dim 64). With checks, 3 stages fit 3
+# programs per H100 SM (63 KB, 168 registers); 2 stages and a cap of 128 fit 4. Wider heads keep TILES: their
+# tiles fit fewer programs whatever the cap, which would only spill.
 TILES = (64, 64, 4, 3, None)
 CHECKED_TILES = (64, 64, 4, 2, 128)
+CHECKED_TILES_MAX_DIM = 64
 PASS_TILES = (32, 2)  # BLOCK_S, warps of the pass over the keys (from the sweep in faults_profile.py)
 CHECKS = ("abft_output", "softmax", "output_bound", "qkv_q")  # the columns of ``checks``
 
@@ -129,8 +131,8 @@ def checked_attention(
 
     ``enabled``: abft_output, softmax, output_bound; ``recorded``: the projections' outputs that q and
     the newest T tokens' k and v came from (qkv.Recorded, covering exactly those T tokens), or None
-    where there is none; ``tiles`` (BLOCK_M, BLOCK_N, warps, stages, register cap) overrides the built-in choice,
-    for tuning."""
+    where there is none; ``tiles`` (BLOCK_M, BLOCK_N, warps, stages, register cap) overrides the
+    built-in choice, for tuning."""
     batch, heads, tokens, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
@@ -148,7 +150,8 @@ def checked_attention(
     aux = hull = peak  # placeholders (never read) when neither a check nor a recording needs the pass
     if summary or given:
         aux, hull = row_pass(key, value, heads, bounds, given, q_ref, kv_checks, peak, slack)
-    block_m, block_n, warps, stages, max_registers = tiles or (CHECKED_TILES if summary or "q" in given else TILES)
+    checked = (summary or "q" in given) and dim <= CHECKED_TILES_MAX_DIM
+    block_m, block_n, warps, stages, max_registers = tiles or (CHECKED_TILES if checked else TILES)
     _kernels().checked_attention_kernel[(-(-tokens // block_m), batch * heads)](
         query,
         key,

@@ -3,8 +3,9 @@ captured as CUDA graphs: the host launches a step's kernels once, at capture.
 
 A small model's eager decode step is bound by the host launching its ~1,000 kernels (SmolLM2-135M,
 batch 64 on an H100: 4.1 ms as a graph against 20-39 ms eager), so serving engines replay captured
-steps. Both decode functions here use a static KV cache. Routing must be set before them and hold while they
-run: the graph keeps the route's gathered expert weights (and a routed layer's fused kernels).
+steps. Both decode functions here use a static KV cache. Routing must be set before them and hold
+while they run: the graph keeps the route's gathered expert weights (and a routed layer's fused
+kernels).
 """
 
 from __future__ import annotations

@@ -15,6 +15,13 @@ def _row_stats(x, weights, WEIGHTED: tl.constexpr):
 
 
 @triton.jit
+def _loaded_stats(base, rows, stride, dims, row_ok, dim_ok, weights, WEIGHTED: tl.constexpr, MASK_DIMS: tl.constexpr):
+    """``_row_stats`` of the rows (BLOCK, D_PAD) of a (rows, D) matrix, loaded in its dtype, summed in float32."""
+    x = _load_rows(base, rows, stride, dims, row_ok, dim_ok, True, MASK_DIMS)
+    return _row_stats(x.to(tl.float32), weights, WEIGHTED)
+
+
+@triton.jit
 def _stats_excess(norm, total, ref_norm, ref_sum, slack_norm, slack_sum, NREF: tl.constexpr):
     """Per row, how far the received [norm, sum] stray from the recorded ones beyond the slack times the
     recorded norm; NREF 1 compares norms only."""
@@ -300,8 +307,8 @@ def row_pass_kernel(
                             MASK_DIMS)  # fmt: skip
         else:  # the recorded q rows' stats, for the attention kernel to compare with the rows it loads
             head = kv_head * GROUP + role - 2
-            x = _load_rows(q_rec + b * stride_rqb + head * D, new, stride_rqt, dims, new_ok, dim_ok, True, MASK_DIMS)
-            ref_norm, ref_sum = _row_stats(x.to(tl.float32), weights, WEIGHTED)
+            ref_norm, ref_sum = _loaded_stats(q_rec + b * stride_rqb + head * D, new, stride_rqt, dims, new_ok,
+                                              dim_ok, weights, WEIGHTED, MASK_DIMS)  # fmt: skip
             q_ref = q_ref_ptr + ((b * KV_HEADS * GROUP + head) * tokens + new) * 2
             tl.store(q_ref, ref_norm, mask=new_ok)
             tl.store(q_ref + 1, ref_sum, mask=new_ok)
@@ -316,10 +323,10 @@ def _check_rows(
     """out[new] = the excess of the received rows' [norm, sum] over the recorded rows'
     [norm, Σ w·x] (Σ x unless WEIGHTED), for the newest tokens' rows ``new`` (received as
     ``received_rows``); raises the peak."""
-    x_received = _load_rows(received, received_rows, stride_received, dims, new_ok, dim_ok, True, MASK_DIMS)
-    x_recorded = _load_rows(recorded, new, stride_recorded, dims, new_ok, dim_ok, True, MASK_DIMS)
-    ref_norm, ref_sum = _row_stats(x_recorded.to(tl.float32), weights, WEIGHTED)
-    norm, total = _row_stats(x_received.to(tl.float32), 0.0, False)
+    ref_norm, ref_sum = _loaded_stats(
+        recorded, new, stride_recorded, dims, new_ok, dim_ok, weights, WEIGHTED, MASK_DIMS
+    )
+    norm, total = _loaded_stats(received, received_rows, stride_received, dims, new_ok, dim_ok, 0.0, False, MASK_DIMS)
     excess = _stats_excess(norm, total, ref_norm, ref_sum, slack_norm, slack_sum, NREF)
     tl.store(out + new, excess, mask=new_ok)
     _raise_peak(peak_ptr, excess, new_ok)

@@ -3,10 +3,10 @@
 One program handles BLOCK_M queries of one (sample, head) with an online softmax over key blocks, as
 flash attention does, and accumulates in float32 registers. A parallel, memory-bound pass comes
 first (``row_pass``): it writes aux = [1 | V·1 | 0…] per key and the hull [min; max] of V over
-the keys, checks the norm and sum of the newest tokens' k and v rows against those of the projection
-outputs they came from (qkv_k, qkv_v), and writes the stats of q's projection output. Checked in the
-attention kernel:
-- the q rows it loads against their projection's stats: qkv_q;
+the keys, and checks the norm and sum of the newest tokens' k and v rows against those of the
+projection outputs they came from (qkv_k, qkv_v). Checked in the attention kernel:
+- the norm and sum of the q rows it loads against those of the rows q's projection computed, which
+  it loads beside them: qkv_q;
 - O·1 against P(V·1) (the value rows' sums weighted by the same rounded P: P·aux, one small MMA per
   key block whose aux tile is loaded like V's, together with P·1): abft_output;
 - P·1 / l, the rounded weights' row sum over the normaliser: softmax;
@@ -59,51 +59,42 @@ def _kernels():
 def row_pass(
     key: torch.Tensor,
     value: torch.Tensor,
-    heads: int,
     bounds: torch.Tensor | None,
     recorded: dict[str, Recorded],
-    q_ref: torch.Tensor,
     kv_checks: torch.Tensor,
     peak: torch.Tensor,
     slack: tuple[float, float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One parallel, memory-bound pass over k, v (B, H_kv, S, D) and the recorded projection outputs
-    of the newest T tokens, before the attention kernel (of ``heads`` query heads). Where ``bounds``
-    (B, H_kv, 2, D) float32, filled with -inf, is given, raises it to [-min; max] of V over the keys and
-    returns it with aux (B, H_kv, S, 16) = [1, V·1, 0…] per key in V's dtype (placeholders otherwise).
-    Writes the newest k's and v's excess over their recorded stats into ``kv_checks`` (2, B, H_kv, T)
-    and raises ``peak``; writes the recorded q's stats [norm, sum] into ``q_ref`` (B, H, T, 2) for the
-    attention kernel to compare."""
+    of their newest T tokens, before the attention kernel. Where ``bounds`` (B, H_kv, 2, D) float32,
+    filled with -inf, is given, raises it to [-min; max] of V over the keys and returns it with aux
+    (B, H_kv, S, 16) = [1, V·1, 0…] per key in V's dtype (placeholders otherwise). Writes the newest
+    k's and v's excess over their recorded stats into ``kv_checks`` (2, B, H_kv, T) and raises ``peak``."""
     batch, kv_heads, keys, dim = value.shape
-    tokens = kv_checks.shape[-1]
     summary = bounds is not None
     aux = value.new_empty(batch, kv_heads, keys, 16) if summary else peak  # (or never read)
     bounds = peak if bounds is None else bounds
-    outputs = {loc: r.out if r.out.stride(-1) == 1 else r.out.contiguous() for loc, r in recorded.items()}
-    weights = next((r.weights for loc, r in recorded.items() if loc != "v" and r.weights is not None), None)
-    if weights is not None:
-        weights = weights.expand(batch, tokens, dim)  # (B, T, D), maybe broadcast over the batch
+    outputs = {loc: _unit_stride(recorded[loc].out) for loc in "kv" if loc in recorded}
+    weights = _rotary_weights(recorded.get("k"), batch, kv_checks.shape[-1], dim)
     block_s, warps = PASS_TILES
-    roles = 2 + (heads // kv_heads if "q" in recorded else 0)  # the summary and v, k, each q head
+    roles = 1 + ("k" in recorded)  # V's summary and the v check; the k check
     _kernels().row_pass_kernel[(batch * kv_heads, -(-keys // block_s), roles)](
         key,
         value,
         aux,
         bounds,
-        q_ref,
         kv_checks,
         peak,
-        *(outputs.get(loc, peak) for loc in "qkv"),
+        *(outputs.get(loc, peak) for loc in "kv"),
         peak if weights is None else weights,
         *key.stride()[:3],
         *value.stride()[:3],
-        *(stride for loc in "qkv" for stride in (outputs[loc].stride()[:2] if loc in outputs else (0, 0))),
+        *(stride for loc in "kv" for stride in (outputs[loc].stride()[:2] if loc in outputs else (0, 0))),
         *(weights.stride()[:2] if weights is not None else (0, 0)),
         keys,
-        tokens,
+        kv_checks.shape[-1],
         *slack,
         KV_HEADS=kv_heads,
-        GROUP=heads // kv_heads,
         D=dim,
         D_PAD=dot_size(dim),
         BLOCK_S=block_s,
@@ -114,6 +105,17 @@ def row_pass(
         num_warps=warps,
     )
     return aux, bounds
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _rotary_weights(recorded: Recorded | None, batch: int, tokens: int, dim: int) -> torch.Tensor | None:
+    """The rotated-sum weights (B, T, D) of a recorded q or k (maybe a broadcast over the batch), or None
+    where its sum is plain (or nothing was recorded)."""
+    weights = None if recorded is None else recorded.weights
+    return None if weights is None else weights.expand(batch, tokens, dim)
 
 
 def checked_attention(
@@ -135,7 +137,7 @@ def checked_attention(
     built-in choice, for tuning."""
     batch, heads, tokens, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
-    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    query, key, value = (_unit_stride(t) for t in (query, key, value))
     out = query.new_empty(batch, tokens, heads, dim)
     checks = torch.empty(batch, heads, tokens, len(CHECKS), device=query.device)
     kv_checks = torch.empty(2, batch, kv_heads, tokens, device=query.device)
@@ -146,10 +148,11 @@ def checked_attention(
     eps = torch.finfo(query.dtype).eps
     slack = (8 * dim * eps, 8 * dim * eps * dim**0.5)
     given = {loc: r for loc, r in recorded.items() if r is not None}
-    q_ref = torch.empty(batch, heads, tokens, 2, device=query.device) if "q" in given else peak  # (or unread)
-    aux = hull = peak  # placeholders (never read) when neither a check nor a recording needs the pass
-    if summary or given:
-        aux, hull = row_pass(key, value, heads, bounds, given, q_ref, kv_checks, peak, slack)
+    aux = hull = peak  # placeholders (never read) when neither a check nor a k or v recording needs the pass
+    if summary or "k" in given or "v" in given:
+        aux, hull = row_pass(key, value, bounds, given, kv_checks, peak, slack)
+    q_rec = _unit_stride(given["q"].out) if "q" in given else peak  # (or never read)
+    q_weights = _rotary_weights(given.get("q"), batch, tokens, dim)
     checked = (summary or "q" in given) and dim <= CHECKED_TILES_MAX_DIM
     block_m, block_n, warps, stages, max_registers = tiles or (CHECKED_TILES if checked else TILES)
     _kernels().checked_attention_kernel[(-(-tokens // block_m), batch * heads)](
@@ -159,10 +162,13 @@ def checked_attention(
         out,
         aux,
         hull,
-        q_ref,
+        q_rec,
+        peak if q_weights is None else q_weights,
         checks,
         peak,
         *query.stride()[:3],
+        *(q_rec.stride()[:2] if "q" in given else (0, 0)),
+        *(q_weights.stride()[:2] if q_weights is not None else (0, 0)),
         *key.stride()[:3],
         *value.stride()[:3],
         tokens,
@@ -179,6 +185,7 @@ def checked_attention(
         CAUSAL=causal,
         ENABLED=sum(bit for bit, on in zip((1, 2, 4), enabled, strict=True) if on),
         NQ=given["q"].columns if "q" in given else 0,
+        WEIGHTED=q_weights is not None,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=warps,
         num_stages=stages,

@@ -103,12 +103,17 @@ def checked_attention_kernel(
     o_ptr,
     aux_ptr,
     bounds_ptr,
-    q_ref_ptr,
+    q_rec,
+    weights_ptr,
     checks_ptr,
     peak_ptr,
     stride_qb,
     stride_qh,
     stride_qt,
+    stride_rqb,
+    stride_rqt,
+    stride_wb,
+    stride_wt,
     stride_kb,
     stride_kh,
     stride_ks,
@@ -129,7 +134,8 @@ def checked_attention_kernel(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     ENABLED: tl.constexpr,  # bits: abft_output, softmax, output_bound
-    NQ: tl.constexpr,  # q's stats to compare with q_ref (B, H, T, 2): 0 (no q recorded), 1 (norm) or 2 (and sum)
+    NQ: tl.constexpr,  # stats compared per q row with the recorded q's: 0 (none recorded), 1 (norm) or 2 (and sum)
+    WEIGHTED: tl.constexpr,  # the recorded q's sum is weighted (the rotary embedding's rotated sum)
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal rows first: a shorter tail
@@ -149,14 +155,17 @@ def checked_attention_kernel(
     q = _load_rows(q_base, rows, stride_qt, dims, row_ok, dim_ok, True, MASK_DIMS)
     check_base = checks_ptr + (bh * tokens + rows) * 4  # (B, H, T, 4)
     none = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    q_excess = none
-    if NQ > 0:  # the q rows as this kernel loaded them, against their projection's stats
+    q_worst = float("-inf")  # q's largest excess: a scalar, all that the key loop carries of the q check
+    if NQ > 0:  # the q rows as this kernel loaded them, against the rows their projection computed (all loads first)
+        weights = _rotary_weights(weights_ptr + b.to(tl.int64) * stride_wb, rows, stride_wt, dims, row_ok, dim_ok,
+                                  WEIGHTED, MASK_DIMS)  # fmt: skip
+        recorded = _load_rows(q_rec + b.to(tl.int64) * stride_rqb + h * D, rows, stride_rqt, dims, row_ok, dim_ok,
+                              True, MASK_DIMS)  # fmt: skip
         norm, total = _row_stats(q.to(tl.float32), 0.0, False)
-        q_ref = q_ref_ptr + (bh * tokens + rows) * 2
-        ref_norm = tl.load(q_ref, mask=row_ok, other=0.0)
-        ref_sum = tl.load(q_ref + 1, mask=row_ok, other=0.0)
+        ref_norm, ref_sum = _row_stats(recorded.to(tl.float32), weights, WEIGHTED)
         q_excess = _stats_excess(norm, total, ref_norm, ref_sum, slack_norm, slack_sum, NQ)
         tl.store(check_base + 3, q_excess, mask=row_ok)
+        q_worst = _worst(q_excess, row_ok)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -206,15 +215,22 @@ def checked_attention_kernel(
     tl.store(check_base, abft, mask=row_ok)
     tl.store(check_base + 1, softmax, mask=row_ok)
     tl.store(check_base + 2, bound, mask=row_ok)
-    _raise_peak(peak_ptr, tl.maximum(tl.maximum(abft, softmax), tl.maximum(bound, q_excess)), row_ok)
+    worst = tl.maximum(_worst(tl.maximum(tl.maximum(abft, softmax), bound), row_ok), q_worst)
+    tl.atomic_max(peak_ptr, worst, sem="relaxed")  # relaxed: see _raise_peak
+
+
+@triton.jit
+def _worst(excess, ok):
+    """The largest excess of the ok rows; NaN counts as failed (+inf)."""
+    excess = tl.where(excess != excess, float("inf"), excess)
+    return tl.max(tl.where(ok, excess, float("-inf")), 0)
 
 
 @triton.jit
 def _raise_peak(peak_ptr, excess, ok):
-    """peak = max(peak, the largest excess of the ok rows); NaN counts as failed (+inf). Relaxed: no fence
-    makes the program wait for its earlier stores (the peak is read after the kernel, which orders them)."""
-    excess = tl.where(excess != excess, float("inf"), excess)
-    tl.atomic_max(peak_ptr, tl.max(tl.where(ok, excess, float("-inf")), 0), sem="relaxed")
+    """peak = max(peak, ``_worst`` of the ok rows). Relaxed: no fence makes the program wait for its
+    earlier stores (the peak is read after the kernel, which orders them)."""
+    tl.atomic_max(peak_ptr, _worst(excess, ok), sem="relaxed")
 
 
 @triton.jit
@@ -223,10 +239,8 @@ def row_pass_kernel(
     v_ptr,
     aux_ptr,
     bounds_ptr,
-    q_ref_ptr,
     kv_checks_ptr,
     peak_ptr,
-    q_rec,
     k_rec,
     v_rec,
     weights_ptr,
@@ -236,8 +250,6 @@ def row_pass_kernel(
     stride_vb,
     stride_vh,
     stride_vs,
-    stride_rqb,
-    stride_rqt,
     stride_rkb,
     stride_rkt,
     stride_rvb,
@@ -249,28 +261,25 @@ def row_pass_kernel(
     slack_norm,
     slack_sum,
     KV_HEADS: tl.constexpr,
-    GROUP: tl.constexpr,
     D: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_S: tl.constexpr,
     SUMMARY: tl.constexpr,
     NK: tl.constexpr,  # stats compared per recorded k, v row: 0 (none recorded), 1 (norm) or 2 (and sum)
     NV: tl.constexpr,
-    WEIGHTED: tl.constexpr,  # q's and k's sums are weighted (the rotary embedding's rotated sum)
+    WEIGHTED: tl.constexpr,  # k's sum is weighted (the rotary embedding's rotated sum)
 ):
     """One block of BLOCK_S keys of one (sample, K/V head) of k, v (B, H_kv, S, D), the newest T of
-    which came from the recorded projection outputs (B, T, H·D), in one of 2 + GROUP roles (more,
-    smaller programs in flight for this memory-bound pass):
-    - SUMMARY: aux rows [1, V·1, 0…] (B, H_kv, S, 16) in V's dtype, and [-min; max] of V over the keys
-      into ``bounds`` (B, H_kv, 2, D) by atomic max (it starts at -inf, like the peak: one fill);
-    - NK, NV: the excess of the newest k and v rows over their recorded stats into ``kv_checks``
-      (2, B, H_kv, T), and the peak;
-    - roles 2 + g (launched where q was recorded): the recorded q rows' [norm, Σ w·x] into ``q_ref``
-      (B, H, T, 2), which the attention kernel compares with the q rows it loads."""
+    which came from the recorded projection outputs (B, T, H_kv·D), in one of two roles (more, smaller
+    programs in flight for this memory-bound pass):
+    - 0: SUMMARY: aux rows [1, V·1, 0…] (B, H_kv, S, 16) in V's dtype, and [-min; max] of V over the
+      keys into ``bounds`` (B, H_kv, 2, D) by atomic max (it starts at -inf, like the peak: one fill);
+      NV: the excess of the newest v rows over their recorded stats into ``kv_checks`` (2, B, H_kv, T);
+    - 1: NK: the same for the newest k rows.
+    Both raise the peak."""
     pid = tl.program_id(0).to(tl.int64)  # flat (sample, K/V head)
     b = pid // KV_HEADS
     kv_head = pid % KV_HEADS
-    role = tl.program_id(2)  # 0: V's summary and the v check; 1: the k check; 2 + g: q head g's recorded stats
     rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     dims = tl.arange(0, D_PAD)
     row_ok = rows < keys
@@ -278,7 +287,7 @@ def row_pass_kernel(
     MASK_DIMS: tl.constexpr = D != D_PAD  # annotated: a plain local would become a runtime value
     new = rows - (keys - tokens)  # the index among the newest tokens (cached or prefix keys come first)
     new_ok = row_ok & (new >= 0)
-    if role == 0:
+    if tl.program_id(2) == 0:
         v_base = v_ptr + b * stride_vb + kv_head * stride_vh
         if SUMMARY:
             v = _load_rows(v_base, rows, stride_vs, dims, row_ok, dim_ok, True, MASK_DIMS).to(tl.float32)
@@ -294,24 +303,23 @@ def row_pass_kernel(
             _check_rows(v_base, stride_vs, rows, v_rec + b * stride_rvb + kv_head * D, stride_rvt, new, new_ok, dims,
                         dim_ok, 0.0, kv_checks_ptr + (tl.num_programs(0) + pid) * tokens, peak_ptr, slack_norm,
                         slack_sum, NV, False, MASK_DIMS)  # fmt: skip
-    else:  # k or a q head: sums weighted by the rotary embedding's weights where WEIGHTED
-        if WEIGHTED:
-            weights = _load_rows(weights_ptr + b * stride_wb, new, stride_wt, dims, new_ok, dim_ok, True, MASK_DIMS)
-        else:
-            weights = 0.0  # (never read)
-        if role == 1:
-            if NK > 0:
-                _check_rows(k_ptr + b * stride_kb + kv_head * stride_kh, stride_ks, rows,
-                            k_rec + b * stride_rkb + kv_head * D, stride_rkt, new, new_ok, dims, dim_ok, weights,
-                            kv_checks_ptr + pid * tokens, peak_ptr, slack_norm, slack_sum, NK, WEIGHTED,
-                            MASK_DIMS)  # fmt: skip
-        else:  # the recorded q rows' stats, for the attention kernel to compare with the rows it loads
-            head = kv_head * GROUP + role - 2
-            ref_norm, ref_sum = _loaded_stats(q_rec + b * stride_rqb + head * D, new, stride_rqt, dims, new_ok,
-                                              dim_ok, weights, WEIGHTED, MASK_DIMS)  # fmt: skip
-            q_ref = q_ref_ptr + ((b * KV_HEADS * GROUP + head) * tokens + new) * 2
-            tl.store(q_ref, ref_norm, mask=new_ok)
-            tl.store(q_ref + 1, ref_sum, mask=new_ok)
+    elif NK > 0:
+        weights = _rotary_weights(
+            weights_ptr + b * stride_wb, new, stride_wt, dims, new_ok, dim_ok, WEIGHTED, MASK_DIMS
+        )
+        _check_rows(k_ptr + b * stride_kb + kv_head * stride_kh, stride_ks, rows, k_rec + b * stride_rkb + kv_head * D,
+                    stride_rkt, new, new_ok, dims, dim_ok, weights, kv_checks_ptr + pid * tokens, peak_ptr,
+                    slack_norm, slack_sum, NK, WEIGHTED, MASK_DIMS)  # fmt: skip
+
+
+@triton.jit
+def _rotary_weights(base, rows, stride, dims, row_ok, dim_ok, WEIGHTED: tl.constexpr, MASK_DIMS: tl.constexpr):
+    """The rotated-sum weights' rows (BLOCK, D_PAD) where WEIGHTED, else 0.0 (never read)."""
+    if WEIGHTED:
+        weights = _load_rows(base, rows, stride, dims, row_ok, dim_ok, True, MASK_DIMS)
+    else:
+        weights = 0.0
+    return weights
 
 
 @triton.jit

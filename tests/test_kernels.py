@@ -180,6 +180,39 @@ print(json.dumps({{**found, **flips}}))
 """
 
 
+HALF_PRECISION_TOLERANCES = """
+import json, torch
+import adaplex.kernels.checked_attention as checked
+gen = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(1, h, t, 32, generator=gen).half() for h, t in ((2, 64), (1, 512), (1, 512)))
+m = v.abs().max().item()
+row_pass = checked.row_pass
+def corrupted(column, change):  # aux = [1, V·1 (two parts), 0…] changed in one column
+    def run(*args):
+        aux, bounds = row_pass(*args)
+        aux = aux.clone()
+        aux[..., column] = change(aux[..., column].float()).to(aux.dtype)
+        return aux, bounds
+    return run
+cases = {{
+    "clean": row_pass,
+    "abft_output": corrupted(1, lambda c: c + 0.05 * m),  # V·1 off by 5% of max |V|
+    "softmax": corrupted(0, lambda c: c * 1.02),  # P·1 off by 2%
+    "output_bound": lambda *args: (row_pass(*args)[0], row_pass(*args)[1] * 0),  # the hull shrunk to 0
+}}
+expected = torch.nn.functional.scaled_dot_product_attention(
+    q.float(), k.float().expand(1, 2, 512, 32), v.float().expand(1, 2, 512, 32), scale=32**-0.5
+).transpose(1, 2)
+result = {{"max_v": m}}
+for name, run in cases.items():
+    checked.row_pass = run
+    out, excess, peak = checked.checked_attention(q, k, v, 32**-0.5, False, (True, True, True), {{}})
+    result[name] = {{c: e.max().item() for c, e in excess.items()}}
+    result[name]["diff"] = (out.float() - expected).abs().max().item()
+print(json.dumps(result))
+"""
+
+
 def _interpreted(code: str) -> object:
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -223,3 +256,17 @@ def test_checked_attention_kernel_matches_sdpa_and_catches_corrupted_qkv():
     assert result["abft_output"] == ["abft_output"]  # checksums that disagree with V·1
     assert result["output_bound"] == ["output_bound"]  # a hull that does not hold the output
     assert result["wide_heads"] == {"kernel_calls": 0, "detections": 0}
+
+
+def test_checked_attention_tolerances_in_float16_are_tight_enough_to_catch_small_errors():
+    """512 keys in float16: a clean call passes every check, and each corruption is caught by its own
+    check. The former bounds, which assumed every sum rounded in float16, were 4·(S + D)·eps·D·max|V|
+    (68·max|V| here, beyond any |O·1|) and 4·S·eps (2 for P·1 / l): they missed all three."""
+    result = _interpreted(HALF_PRECISION_TOLERANCES.format())
+    clean = result.pop("clean")
+    assert clean["diff"] < 2e-3
+    assert max(clean[c] for c in ("abft_output", "softmax", "output_bound")) <= 0
+    for check in ("abft_output", "softmax", "output_bound"):
+        assert result[check][check] > 0, check
+        others = [c for c in ("softmax", "output_bound") if c != check]  # (a hull of 0 also zeroes abft's slack)
+        assert all(result[check][c] <= 0 for c in others), (check, result[check])

@@ -2,16 +2,21 @@
 
 One program handles BLOCK_M queries of one (sample, head) with an online softmax over key blocks, as
 flash attention does, and accumulates in float32 registers. A parallel, memory-bound pass comes
-first (``row_pass``): it writes aux = [1 | V·1 | 0…] per key and the hull [min; max] of V over
-the keys, and checks the norm and sum of the newest tokens' k and v rows against those of the
-projection outputs they came from (qkv_k, qkv_v). Checked in the attention kernel:
+first (``row_pass``): it writes aux = [1 | V·1 | 0…] per key (V·1 as two parts in V's dtype: the
+rounded sum and the rest) and the hull [min; max] of V over the keys, and checks the norm and sum of
+the newest tokens' k and v rows against those of the projection outputs they came from (qkv_k,
+qkv_v). Checked in the attention kernel:
 - the norm and sum of the q rows it loads against those of the rows q's projection computed, which
   it loads beside them: qkv_q;
 - O·1 against P(V·1) (the value rows' sums weighted by the same rounded P: P·aux, one small MMA per
   key block whose aux tile is loaded like V's, together with P·1): abft_output;
 - P·1 / l, the rounded weights' row sum over the normaliser: softmax;
 - O within the hull of V: output_bound.
-Tolerances are those of ``faults/fused.py`` and ``faults/qkv.py``. Each check's excess (> 0: failed)
+Tolerances follow from how the kernel computes: everything accumulates in float32 (eps₃₂), and the
+only other rounding is P's to the input dtype (eps) for the MMAs, the same P on both sides of the
+ABFT check. With S keys, head dim D and m = max |V|: softmax eps + 4·S·eps₃₂, output_bound that
+times m, abft_output (eps² + 4·(S + D)·eps₃₂)·D·m (eps²: V·1's two parts). q/k/v: ``faults/qkv.py``.
+Each check's excess (> 0: failed)
 is written per row, and the largest excess of the call to ``peak`` by an atomic max, so that a clean
 forward is confirmed with one reduction per layer. Causal masks (query i sees keys j <= i + S - T)
 and no mask are supported, for heads of up to MAX_HEAD_DIM; other masks and larger heads use the
@@ -68,7 +73,7 @@ def row_pass(
     """One parallel, memory-bound pass over k, v (B, H_kv, S, D) and the recorded projection outputs
     of their newest T tokens, before the attention kernel. Where ``bounds`` (B, H_kv, 2, D) float32,
     filled with -inf, is given, raises it to [-min; max] of V over the keys and returns it with aux
-    (B, H_kv, S, 16) = [1, V·1, 0…] per key in V's dtype (placeholders otherwise). Writes the newest
+    (B, H_kv, S, 16) = [1, V·1 (two parts), 0…] per key in V's dtype (placeholders otherwise). Writes the newest
     k's and v's excess over their recorded stats into ``kv_checks`` (2, B, H_kv, T) and raises ``peak``."""
     batch, kv_heads, keys, dim = value.shape
     summary = bounds is not None

@@ -3,6 +3,8 @@
 import triton
 import triton.language as tl
 
+FP32_EPS = tl.constexpr(2.0**-23)  # float32's eps: the accumulators' rounding
+
 
 @triton.jit
 def _row_stats(x, weights, WEIGHTED: tl.constexpr):
@@ -70,7 +72,7 @@ def _attend_block(
     ENABLED: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One key block of the online softmax: acc += P V, sums += P [1 | V·1 | 0…] (both rescaled)."""
+    """One key block of the online softmax: acc += P V, sums += P [1 | V·1 (two parts) | 0…] (both rescaled)."""
     cols = start + tl.arange(0, BLOCK_N)
     col_ok = cols < keys
     k = _load_rows(k_base, cols, stride_ks, dims, col_ok, dim_ok, MASKED, MASK_DIMS)
@@ -89,7 +91,7 @@ def _attend_block(
     l_i = l_i * alpha + tl.sum(p, 1)
     p_low = p.to(v.dtype)
     acc = tl.dot(p_low, v, acc * alpha[:, None], input_precision=PRECISION)
-    if ENABLED & 3:  # one small product on the tensor cores: P [1 | V·1 | 0…] (BLOCK_M, 16)
+    if ENABLED & 3:  # one small product on the tensor cores: P aux (BLOCK_M, 16)
         aux = _load_rows(aux_base, cols, 16, tl.arange(0, 16), col_ok, dim_ok, MASKED, False)
         sums = tl.dot(p_low, aux, sums * alpha[:, None], input_precision=PRECISION)
     return acc, sums, m_new, l_i
@@ -200,18 +202,19 @@ def checked_attention_kernel(
     v_low = -tl.load(bounds + dims, mask=hull_ok, other=0.0)
     v_high = tl.load(bounds + D + dims, mask=hull_ok, other=0.0)
     v_abs = tl.max(tl.maximum(tl.abs(v_low), tl.abs(v_high)), 0)
+    rounding = eps + 4 * keys * FP32_EPS  # of P·1 / l: P's rounding to the input dtype, float32 sums
     abft = none
     if ENABLED & 1:
-        checksum = tl.sum(tl.where(aux_cols[None, :] == 1, sums, 0.0), 1)
-        abft = tl.abs(tl.sum(o, 1) - checksum / l_i) - 4 * (keys + D) * eps * D * v_abs
+        checksum = tl.sum(tl.where((aux_cols[None, :] == 1) | (aux_cols[None, :] == 2), sums, 0.0), 1)  # P(V·1)
+        abft = tl.abs(tl.sum(o, 1) - checksum / l_i) - (eps * eps + 4 * (keys + D) * FP32_EPS) * D * v_abs
     softmax = none
     if ENABLED & 2:
         weight_sum = tl.sum(tl.where(aux_cols[None, :] == 0, sums, 0.0), 1) / l_i
-        softmax = tl.minimum(tl.abs(weight_sum - 1), tl.abs(weight_sum)) - 4 * keys * eps
+        softmax = tl.minimum(tl.abs(weight_sum - 1), tl.abs(weight_sum)) - rounding
     bound = none
     if ENABLED & 4:
         outside = tl.maximum(o - v_high[None, :], v_low[None, :] - o)
-        bound = tl.max(tl.maximum(outside, 0.0), 1) - 4 * keys * eps * v_abs  # padded dims: 0 in O and the hull
+        bound = tl.max(tl.maximum(outside, 0.0), 1) - rounding * v_abs  # padded dims: 0 in O and the hull
     tl.store(check_base, abft, mask=row_ok)
     tl.store(check_base + 1, softmax, mask=row_ok)
     tl.store(check_base + 2, bound, mask=row_ok)
@@ -272,7 +275,8 @@ def row_pass_kernel(
     """One block of BLOCK_S keys of one (sample, K/V head) of k, v (B, H_kv, S, D), the newest T of
     which came from the recorded projection outputs (B, T, H_kv·D), in one of two roles (more, smaller
     programs in flight for this memory-bound pass):
-    - 0: SUMMARY: aux rows [1, V·1, 0…] (B, H_kv, S, 16) in V's dtype, and [-min; max] of V over the
+    - 0: SUMMARY: aux rows [1, hi, lo, 0…] (B, H_kv, S, 16) in V's dtype, hi + lo = V·1 (V·1 rounded to
+      the dtype and the rest: the pair holds it to about eps² of it), and [-min; max] of V over the
       keys into ``bounds`` (B, H_kv, 2, D) by atomic max (it starts at -inf, like the peak: one fill);
       NV: the excess of the newest v rows over their recorded stats into ``kv_checks`` (2, B, H_kv, T);
     - 1: NK: the same for the newest k rows.
@@ -292,7 +296,10 @@ def row_pass_kernel(
         if SUMMARY:
             v = _load_rows(v_base, rows, stride_vs, dims, row_ok, dim_ok, True, MASK_DIMS).to(tl.float32)
             aux_cols = tl.arange(0, 16)
-            aux = tl.where(aux_cols[None, :] == 0, 1.0, tl.where(aux_cols[None, :] == 1, tl.sum(v, 1)[:, None], 0.0))
+            v_sum = tl.sum(v, 1)[:, None]  # (BLOCK_S, 1) float32
+            high = v_sum.to(aux_ptr.dtype.element_ty).to(tl.float32)  # V·1 as V's dtype holds it, and the rest
+            aux = tl.where(aux_cols[None, :] == 0, 1.0, 0.0)
+            aux = tl.where(aux_cols[None, :] == 1, high, tl.where(aux_cols[None, :] == 2, v_sum - high, aux))
             aux_offsets = (pid * keys + rows[:, None]) * 16 + aux_cols[None, :]
             tl.store(aux_ptr + aux_offsets, aux.to(aux_ptr.dtype.element_ty), mask=row_ok[:, None])
             ok = row_ok[:, None] & dim_ok[None, :]

@@ -16,11 +16,10 @@ Tolerances follow from how the kernel computes: everything accumulates in float3
 only other rounding is P's to the input dtype (eps) for the MMAs, the same P on both sides of the
 ABFT check. With S keys, head dim D and m = max |V|: softmax eps + 4·S·eps₃₂, output_bound that
 times m, abft_output (eps² + 4·(S + D)·eps₃₂)·D·m (eps²: V·1's two parts). q/k/v: ``faults/qkv.py``.
-Each check's excess (> 0: failed)
-is written per row, and the largest excess of the call to ``peak`` by an atomic max, so that a clean
-forward is confirmed with one reduction per layer. Causal masks (query i sees keys j <= i + S - T)
-and no mask are supported, for heads of up to MAX_HEAD_DIM; other masks and larger heads use the
-padded SDPA path.
+Each check's excess (> 0: failed) is written per row, and the largest excess of the call to ``peak``
+by an atomic max, so that a clean forward is confirmed with one reduction per layer. Causal masks
+(query i sees keys j <= i + S - T) and no mask are supported, for heads of up to MAX_HEAD_DIM; other
+masks and larger heads use the padded SDPA path.
 """
 
 from __future__ import annotations
@@ -73,8 +72,9 @@ def row_pass(
     """One parallel, memory-bound pass over k, v (B, H_kv, S, D) and the recorded projection outputs
     of their newest T tokens, before the attention kernel. Where ``bounds`` (B, H_kv, 2, D) float32,
     filled with -inf, is given, raises it to [-min; max] of V over the keys and returns it with aux
-    (B, H_kv, S, 16) = [1, V·1 (two parts), 0…] per key in V's dtype (placeholders otherwise). Writes the newest
-    k's and v's excess over their recorded stats into ``kv_checks`` (2, B, H_kv, T) and raises ``peak``."""
+    (B, H_kv, S, 16) = [1, V·1 (two parts), 0…] per key in V's dtype (placeholders otherwise). Writes
+    the newest k's and v's excess over their recorded stats into ``kv_checks`` (2, B, H_kv, T) and
+    raises ``peak``."""
     batch, kv_heads, keys, dim = value.shape
     summary = bounds is not None
     aux = value.new_empty(batch, kv_heads, keys, 16) if summary else peak  # (or never read)

@@ -37,9 +37,9 @@ for section in $SECTIONS; do
       python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 32 --seq 1024 --repeats 5 \
         --out "$OUT/faults-cuda-large.json" | tail -12
       # both again as CUDA-graph replays: the checks' GPU cost, without the host launching kernels
-      python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 8 --seq 512 --repeats 15 --graphs \
+      python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 8 --seq 512 --repeats 30 --graphs \
         --out "$OUT/faults-cuda-graphed.json" | tail -8
-      python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 32 --seq 1024 --repeats 9 --graphs \
+      python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 32 --seq 1024 --repeats 15 --graphs \
         --out "$OUT/faults-cuda-large-graphed.json" | tail -8 ;;
     profile)
       python3 benchmarks/faults_profile.py $BASE "$OUT/faults-profile-cuda.json" 32 1024 | tail -80

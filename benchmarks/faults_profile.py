@@ -1,7 +1,8 @@
 """Where a monitored forward's time goes on CUDA: per-kernel GPU time (torch.profiler) of the plain
-forward and of the forward with the fused checks, their wall time and GPU busy time (a forward whose
-wall time exceeds its GPU time is bound by the host launching kernels), and the GPU time per call of
-the checked-attention kernel with each check alone. Writes JSON.
+forward and of the forward with the fused checks, their wall time, GPU busy time and the host's time
+to enqueue them (a forward whose wall time exceeds its GPU time, or whose host time comes close to
+its wall time, is bound by the host launching kernels), and the GPU time per call of the
+checked-attention kernel with each check alone. Writes JSON.
 
     python benchmarks/faults_profile.py BASE_DIR OUT.json [BATCH SEQ]
 """
@@ -26,15 +27,19 @@ from adaplex.faults.session import armed
 from adaplex.models import load_base
 
 
-def wall_ms(step, repeats: int = 7) -> float:
-    times = []
+def timings(forward, resolve=lambda: None, repeats: int = 7) -> dict[str, float]:
+    """Median ms of the host enqueueing ``forward`` (until it returns, before any sync: close to the
+    wall time, the host sets the pace) and of the whole call, ``resolve`` and a sync included."""
+    host, wall = [], []
     for _ in range(repeats + 1):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        step()
+        forward()
+        host.append(time.perf_counter() - start)
+        resolve()
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:]) * 1e3
+        wall.append(time.perf_counter() - start)
+    return {"host_ms": statistics.median(host[1:]) * 1e3, "wall_ms": statistics.median(wall[1:]) * 1e3}
 
 
 def forward_profile(base_dir: str, batch: int, seq: int) -> dict:
@@ -42,17 +47,13 @@ def forward_profile(base_dir: str, batch: int, seq: int) -> dict:
     model.to("cuda").requires_grad_(False)
     Adapted.of(model)  # the plain forward runs through the same attention function, unarmed
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
-    inputs = {"input_ids": ids}
-    plain = kernel_us(lambda: logits_of(model, inputs), repeats=3)
-    result = {"plain": {"wall_ms": wall_ms(lambda: logits_of(model, inputs)), "gpu_ms": sum(plain.values()) / 1e3}}
+    forward = partial(logits_of, model, {"input_ids": ids})
+    plain = kernel_us(forward, repeats=3)
+    result = {"plain": {**timings(forward), "gpu_ms": sum(plain.values()) / 1e3}}
     with armed(model, None, FUSED) as hooks:
-
-        def checked_forward():
-            logits_of(model, inputs)
-            detections_of(hooks)
-
-        kernels = kernel_us(checked_forward, repeats=3)
-        result["checked"] = {"wall_ms": wall_ms(checked_forward), "gpu_ms": sum(kernels.values()) / 1e3}
+        resolve = partial(detections_of, hooks)
+        kernels = kernel_us(lambda: (forward(), resolve()), repeats=3)
+        result["checked"] = {**timings(forward, resolve), "gpu_ms": sum(kernels.values()) / 1e3}
     result["added_us_by_kernel"] = {
         name: kernels.get(name, 0.0) - plain.get(name, 0.0)
         for name in sorted(set(kernels) | set(plain), key=lambda n: -abs(kernels.get(n, 0.0) - plain.get(n, 0.0)))

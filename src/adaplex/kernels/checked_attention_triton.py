@@ -172,7 +172,7 @@ def checked_attention_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
-    sums = tl.zeros((BLOCK_M, 16), tl.float32)  # [P·1, P(V·1), 0…]: the rounded weights' row sums and checksums
+    sums = tl.zeros((BLOCK_M, 16), tl.float32)  # [P·1, P(V·1) in two parts, 0…]: row sums of the rounded weights
     aux_base = aux_ptr + kv_head * keys * 16
     scale2 = scaling * 1.4426950408889634  # exp(x) = exp2(x·log2 e)
     if CAUSAL:  # keys below lo are visible to every row of the block: no mask there

@@ -96,19 +96,14 @@ def check_costs(batch: int, seq: int) -> dict[str, dict[str, float]]:
 
 
 def compiled_resources() -> dict:
-    """Registers, spills, stages and shared memory of each compiled variant of the kernels (from
-    Triton's JIT cache, whose layout differs across Triton versions)."""
+    """Registers, spills, stages and shared memory of each compiled variant of the kernels that ran
+    (from their launchers' caches)."""
     found = {}
-    for name in ("checked_attention_kernel", "row_pass_kernel"):
-        try:
-            caches = getattr(checked._kernels(), name).device_caches.values()
-            found[name] = [
-                {"regs": k.n_regs, "spills": k.n_spills, "stages": k.metadata.num_stages, "shared": k.metadata.shared}
-                for cache in caches
-                for k in cache[0].values()
-            ]
-        except (AttributeError, IndexError, TypeError) as error:
-            found[name] = repr(error)
+    for launcher in checked._kernels():
+        found[launcher.kernel.__name__] = [
+            {"regs": k.n_regs, "spills": k.n_spills, "stages": k.metadata.num_stages, "shared": k.metadata.shared}
+            for k in launcher.compiled.values()
+        ]
     return found
 
 

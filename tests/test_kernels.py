@@ -119,14 +119,15 @@ for dim in (16, 24):
         k, v = torch.cat([cached_k, rotate(k_new, cos, sin)], 2), torch.cat([cached_v, v_new], 2)
         weights = qkv.rotated_sum_weights(cos, sin)
         sources = {{"q": recorded(q, weights), "k": recorded(k_new, weights), "v": recorded(v_new)}}
-        out, excess, peak = checked.checked_attention(
+        out, found = checked.checked_attention(
             rotate(q, cos, sin), k, v, dim**-0.5, causal, (True, True, True), sources
         )
         mask = torch.ones(5, keys, dtype=torch.bool).tril(keys - 5) if causal else None
         expected = torch.nn.functional.scaled_dot_product_attention(
             rotate(q, cos, sin), k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), mask, scale=dim**-0.5
         ).transpose(1, 2)
-        direct[f"{{dim}}-{{int(causal)}}"] = [(out - expected).abs().max().item(), peak.item(), sorted(excess)]
+        diff = (out - expected).abs().max().item()
+        direct[f"{{dim}}-{{int(causal)}}"] = [diff, found.peak().item(), sorted(found.excess())]
 result = {{}}
 calls = []
 launch = checked.checked_attention
@@ -167,9 +168,13 @@ for location, index, bit in [("q", 0, 30), ("k", 1, 30), ("v", 2, 29)]:
 checked.checked_attention = launch
 row_pass = checked.row_pass
 shift = torch.tensor([0.0, 4.0] + [0.0] * 14)  # added to V·1 in aux = [1, V·1, 0…]
-corruptions = {{"abft_output": lambda a, b: (a + shift, b), "output_bound": lambda a, b: (a, b * 0.25)}}
+def shrunk(key, value, checks, *args):  # the hull [-min; max] shrunk to a quarter
+    aux = row_pass(key, value, checks, *args)
+    checks.hull().mul_(0.25)
+    return aux
+corruptions = {{"abft_output": lambda *args: row_pass(*args) + shift, "output_bound": shrunk}}
 for name, corrupt in corruptions.items():
-    checked.row_pass = lambda *args, corrupt=corrupt: corrupt(*row_pass(*args))  # faulty checksum inputs
+    checked.row_pass = corrupt  # faulty checksum inputs
     with armed(model, None, DetectorConfig(fused=True)) as hooks:
         logits_of(model, {{"input_ids": tiny.tokens(batch=1, length=6)}})
     result[name] = sorted({{d.detector for h in hooks for d in h.detections}})
@@ -188,14 +193,14 @@ q, k, v = (torch.randn(1, h, t, 32, generator=gen).half() for h, t in ((2, 64), 
 row_pass = checked.row_pass
 def corrupted(column, change):  # aux = [1, V·1 (two parts), 0…] changed in one column
     def run(*args):
-        aux, bounds = row_pass(*args)
-        aux = aux.clone()
+        aux = row_pass(*args).clone()
         aux[..., column] = change(aux[..., column].float()).to(aux.dtype)
-        return aux, bounds
+        return aux
     return run
-def shrunk(*args):  # the hull shrunk to 0
-    aux, bounds = row_pass(*args)
-    return aux, bounds * 0
+def shrunk(key, value, checks, *args):  # the hull shrunk to 0
+    aux = row_pass(key, value, checks, *args)
+    checks.hull().zero_()
+    return aux
 cases = {
     "clean": row_pass,
     "abft_output": corrupted(1, lambda c: c + 0.05 * v.abs().max()),  # V·1 off by 5% of max |V|
@@ -208,8 +213,8 @@ expected = torch.nn.functional.scaled_dot_product_attention(
 result = {}
 for name, run in cases.items():
     checked.row_pass = run
-    out, excess, peak = checked.checked_attention(q, k, v, 32**-0.5, False, (True, True, True), {})
-    result[name] = {c: e.max().item() for c, e in excess.items()}
+    out, found = checked.checked_attention(q, k, v, 32**-0.5, False, (True, True, True), {})
+    result[name] = {c: e.max().item() for c, e in found.excess().items()}
     result[name]["diff"] = (out.float() - expected).abs().max().item()
 print(json.dumps(result))
 """

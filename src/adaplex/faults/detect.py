@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -33,14 +34,17 @@ class Detection:
 @dataclass(frozen=True)
 class Finding:
     """One check's excess over its tolerance, (B, H, ...), positive where it fails; abft findings also
-    carry the column checksums' excess, to locate the faulty element. ``peak`` (1,), where given, is the
-    largest excess of every finding that shares it (computed by the kernel that computed them)."""
+    carry the column checksums' excess, to locate the faulty element."""
 
     layer: int
     detector: str
     excess: torch.Tensor
     columns: torch.Tensor | None = None
-    peak: torch.Tensor | None = None
+
+    def peak(self) -> torch.Tensor:
+        """(0 to 2,): the largest excess of the rows and of the columns (none for an empty tensor)."""
+        parts = [t.amax().reshape(1) for t in (self.excess, self.columns) if t is not None and t.numel()]
+        return torch.cat(parts) if parts else self.excess.new_empty(0)
 
     def resolve(self) -> list[Detection]:
         if self.columns is None:
@@ -48,16 +52,19 @@ class Finding:
         return _locate(self.layer, self.detector, self.excess, self.columns)
 
 
-def any_failed(findings: Iterable[Finding]) -> bool:
-    """Whether any finding's excess is positive (or NaN): one reduction per finding (or per shared
-    peak) and one device sync."""
-    peaks: dict[int, torch.Tensor] = {}
-    for f in findings:
-        if f.peak is not None:
-            peaks[id(f.peak)] = f.peak
-        else:
-            peaks.update((id(t), t.amax().reshape(1)) for t in (f.excess, f.columns) if t is not None and t.numel())
-    return bool(peaks) and bool(torch.cat(list(peaks.values())).float().nan_to_num(nan=torch.inf).amax() > 0)
+class Resolvable(Protocol):
+    """What a hook keeps per check until the forward is over: a Finding, or several computed together."""
+
+    def peak(self) -> torch.Tensor: ...
+
+    def resolve(self) -> list[Detection]: ...
+
+
+def any_failed(findings: Iterable[Resolvable]) -> bool:
+    """Whether any finding's excess is positive (or NaN): one reduction per finding and one device sync."""
+    peaks = [f.peak() for f in findings]
+    joined = torch.cat(peaks).float() if peaks else torch.empty(0)
+    return joined.numel() > 0 and bool(joined.nan_to_num(nan=torch.inf).amax() > 0)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ injected and located.
 from __future__ import annotations
 
 from functools import cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from adaplex.faults import qkv
-from adaplex.faults.detect import Finding
+from adaplex.faults.detect import Detection, Finding
 from adaplex.faults.hook import FaultHook
 from adaplex.kernels import checked_attention as checked_kernel
 
@@ -76,6 +77,19 @@ def column_excess(
     return excess
 
 
+class KernelFindings(NamedTuple):
+    """The findings of one checked-attention kernel call, made from its ``Checks`` only when resolved."""
+
+    layer: int
+    checks: checked_kernel.Checks
+
+    def peak(self) -> torch.Tensor:
+        return self.checks.peak()
+
+    def resolve(self) -> list[Detection]:
+        return [d for name, e in self.checks.excess().items() for d in Finding(self.layer, name, e).resolve()]
+
+
 def fused_checked_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -100,10 +114,10 @@ def fused_checked_attention(
         and all(r is None or r.out.shape[1] == tokens for r in recorded.values())
     ):
         hook.reference.clear()  # taken: the kernel compares them (the padded path's qkv.check pops them)
-        out, excess, peak = checked_kernel.checked_attention(
+        out, found = checked_kernel.checked_attention(
             query, key, value, scaling, is_causal and tokens > 1, checks, recorded
         )
-        hook.findings += [Finding(hook.layer, name, e, peak=peak) for name, e in excess.items()]
+        hook.findings.append(KernelFindings(hook.layer, found))
         return out
     padded_q, padded_k, padded_v = padded_inputs(query, key, value)
     out = sdpa_attention_forward(

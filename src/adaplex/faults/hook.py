@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from adaplex.faults.bits import flip_bit
-from adaplex.faults.detect import DETECTORS, Detection, Finding, Tensors, any_failed
+from adaplex.faults.detect import DETECTORS, Detection, Resolvable, Tensors, any_failed
 
 if TYPE_CHECKING:
     from adaplex.faults.qkv import Recorded
@@ -59,7 +59,7 @@ class FaultHook:
     layer: int
     plan: FaultPlan | None
     detectors: DetectorConfig
-    findings: list[Finding] = field(default_factory=list)
+    findings: list[Resolvable] = field(default_factory=list)
     injected: list[tuple[int, ...]] = field(default_factory=list)
     corrected: bool = False
     reference: dict[str, Recorded] = field(default_factory=dict)  # q/k/v as their projections computed them

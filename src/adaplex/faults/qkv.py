@@ -95,10 +95,10 @@ def recorder(
         out = output if part is None else output.chunk(3, dim=-1)[part]  # (B, T, H·D) or Qwen3's (B, T, H, D)
         weights, columns = None, 2
         if location != "v" and rotary is not None:
-            weights = rotary.get("weights")
-            if weights is None or weights.shape[-1] != head_dim:  # partial rotary or no (cos, sin) seen
-                weights, columns = None, 1
-        hook.reference[location] = Recorded(out.flatten(2), weights, columns)
+            weights = rotary.get("weights")  # (B or 1, T, D)
+            if weights is None or weights.shape[-1] != head_dim or weights.shape[-2] != out.shape[1]:
+                weights, columns = None, 1  # partial rotary, or no (cos, sin) seen for these tokens
+        hook.reference[location] = Recorded(out if out.dim() == 3 else out.flatten(2), weights, columns)
 
     return record
 

@@ -25,11 +25,12 @@ masks and larger heads use the padded SDPA path.
 from __future__ import annotations
 
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from adaplex.kernels import INTERPRETED, dot_size
+from adaplex.kernels.launch import Launcher
 
 if TYPE_CHECKING:
     from adaplex.faults.qkv import Recorded
@@ -50,54 +51,105 @@ def available(x: torch.Tensor) -> bool:
     return (x.is_cuda or INTERPRETED) and _kernels() is not None
 
 
+class _Kernels(NamedTuple):
+    attention: Launcher
+    row_pass: Launcher
+
+
 @cache
-def _kernels():
-    """The Triton module (its kernels compile on first use), or None without Triton."""
+def _kernels() -> _Kernels | None:
+    """Launchers of the Triton kernels (they compile on first use), or None without Triton."""
     try:
-        from adaplex.kernels import checked_attention_triton
+        from adaplex.kernels import checked_attention_triton as source
     except ImportError:
         return None
-    return checked_attention_triton
+    return _Kernels(Launcher(source.checked_attention_kernel), Launcher(source.row_pass_kernel))
+
+
+class Checks(NamedTuple):
+    """What one call checked, in one float32 buffer filled with -inf, where the atomic maxima start:
+    [hull (B, H_kv, 2, D): [-min; max] of V | rows (B, H, T, 4): the CHECKS' excess per query row |
+    kv rows (2, B, H_kv, T): qkv_k's and qkv_v's per newest token | peak (1,)]. The views are made only
+    when asked for: each costs host time, which a host-bound forward pays in full."""
+
+    state: torch.Tensor
+    batch: int
+    heads: int
+    kv_heads: int
+    tokens: int
+    dim: int
+    names: tuple[str, ...]  # the checks that ran: CHECKS' names, then qkv_k and qkv_v
+
+    @classmethod
+    def allocate(cls, batch: int, heads: int, kv_heads: int, tokens: int, dim: int, names: tuple[str, ...], device):
+        size = batch * (kv_heads * 2 * dim + heads * tokens * 4 + 2 * kv_heads * tokens) + 1
+        state = torch.full((size,), float("-inf"), device=device)  # one fill
+        return cls(state, batch, heads, kv_heads, tokens, dim, names)
+
+    @property
+    def rows_at(self) -> int:
+        return self.batch * self.kv_heads * 2 * self.dim
+
+    @property
+    def kv_rows_at(self) -> int:
+        return self.rows_at + self.batch * self.heads * self.tokens * 4
+
+    @property
+    def peak_at(self) -> int:
+        return self.state.numel() - 1
+
+    def peak(self) -> torch.Tensor:
+        """(1,): the largest excess of every check of the call (> 0, or NaN: one failed)."""
+        return self.state[self.peak_at :]
+
+    def hull(self) -> torch.Tensor:
+        return self.state[: self.rows_at].view(self.batch, self.kv_heads, 2, self.dim)
+
+    def excess(self) -> dict[str, torch.Tensor]:
+        """Each check's excess over its tolerance: (B, H, T) for the CHECKS, (B, H_kv, T) for qkv_k, qkv_v."""
+        rows = self.state[self.rows_at : self.kv_rows_at].view(self.batch, self.heads, self.tokens, len(CHECKS))
+        kv_rows = self.state[self.kv_rows_at : self.peak_at].view(2, self.batch, self.kv_heads, self.tokens)
+        found = {name: rows[..., i] for i, name in enumerate(CHECKS) if name in self.names}
+        found.update({name: kv_rows[i] for i, name in enumerate(("qkv_k", "qkv_v")) if name in self.names})
+        return found
 
 
 def row_pass(
     key: torch.Tensor,
     value: torch.Tensor,
-    bounds: torch.Tensor | None,
+    checks: Checks,
+    summary: bool,
     recorded: dict[str, Recorded],
-    kv_checks: torch.Tensor,
-    peak: torch.Tensor,
     slack: tuple[float, float],
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """One parallel, memory-bound pass over k, v (B, H_kv, S, D) and the recorded projection outputs
-    of their newest T tokens, before the attention kernel. Where ``bounds`` (B, H_kv, 2, D) float32,
-    filled with -inf, is given, raises it to [-min; max] of V over the keys and returns it with aux
-    (B, H_kv, S, 16) = [1, V·1 (two parts), 0…] per key in V's dtype (placeholders otherwise). Writes
-    the newest k's and v's excess over their recorded stats into ``kv_checks`` (2, B, H_kv, T) and
-    raises ``peak``."""
+    of their newest T tokens, before the attention kernel. With ``summary``, raises the hull in
+    ``checks`` to [-min; max] of V over the keys and returns aux (B, H_kv, S, 16) = [1, V·1 (two
+    parts), 0…] per key in V's dtype (a placeholder otherwise). Writes the newest k's and v's excess
+    over their recorded stats into the kv rows of ``checks`` and raises its peak."""
     batch, kv_heads, keys, dim = value.shape
-    summary = bounds is not None
-    aux = value.new_empty(batch, kv_heads, keys, 16) if summary else peak  # (or never read)
-    bounds = peak if bounds is None else bounds
+    state = checks.state
+    aux = value.new_empty(batch, kv_heads, keys, 16) if summary else state  # (or never read)
     outputs = {loc: _unit_stride(recorded[loc].out) for loc in "kv" if loc in recorded}
-    weights = _rotary_weights(recorded.get("k"), batch, kv_checks.shape[-1], dim)
+    weights, *weight_strides = _rotary_weights(recorded.get("k"))
     block_s, warps = PASS_TILES
     roles = 1 + ("k" in recorded)  # V's summary and the v check; the k check
-    _kernels().row_pass_kernel[(batch * kv_heads, -(-keys // block_s), roles)](
+    _kernels().row_pass(
+        (batch * kv_heads, -(-keys // block_s), roles),
         key,
         value,
         aux,
-        bounds,
-        kv_checks,
-        peak,
-        *(outputs.get(loc, peak) for loc in "kv"),
-        peak if weights is None else weights,
+        state,
+        *(outputs.get(loc, state) for loc in "kv"),
+        state if weights is None else weights,
         *key.stride()[:3],
         *value.stride()[:3],
         *(stride for loc in "kv" for stride in (outputs[loc].stride()[:2] if loc in outputs else (0, 0))),
-        *(weights.stride()[:2] if weights is not None else (0, 0)),
+        *weight_strides,
+        checks.kv_rows_at,
+        checks.peak_at,
         keys,
-        kv_checks.shape[-1],
+        checks.tokens,
         *slack,
         KV_HEADS=kv_heads,
         D=dim,
@@ -109,18 +161,21 @@ def row_pass(
         WEIGHTED=weights is not None,
         num_warps=warps,
     )
-    return aux, bounds
+    return aux
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _rotary_weights(recorded: Recorded | None, batch: int, tokens: int, dim: int) -> torch.Tensor | None:
-    """The rotated-sum weights (B, T, D) of a recorded q or k (maybe a broadcast over the batch), or None
-    where its sum is plain (or nothing was recorded)."""
+def _rotary_weights(recorded: Recorded | None) -> tuple[torch.Tensor | None, int, int]:
+    """The rotated-sum weights (B or 1, T, D) of a recorded q or k and their (batch, token) strides (the
+    batch's 0 where one row serves every sample), or (None, 0, 0) where its sum is plain (or nothing was
+    recorded)."""
     weights = None if recorded is None else recorded.weights
-    return None if weights is None else weights.expand(batch, tokens, dim)
+    if weights is None:
+        return None, 0, 0
+    return weights, 0 if weights.shape[0] == 1 else weights.stride(0), weights.stride(1)
 
 
 def checked_attention(
@@ -132,50 +187,50 @@ def checked_attention(
     enabled: tuple[bool, bool, bool],
     recorded: dict[str, Recorded | None],
     tiles: tuple[int, int, int, int, int | None] | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """Attention output (B, T, H, D) of q (B, H, T, D) and k, v (B, H_kv, S, D), the excess of each
-    check that ran ((B, H, T) for the CHECKS, (B, H_kv, T) for qkv_k and qkv_v) and their peak (1,).
+) -> tuple[torch.Tensor, Checks]:
+    """Attention output (B, T, H, D) of q (B, H, T, D) and k, v (B, H_kv, S, D), and the ``Checks``
+    of the call.
 
     ``enabled``: abft_output, softmax, output_bound; ``recorded``: the projections' outputs that q and
-    the newest T tokens' k and v came from (qkv.Recorded, covering exactly those T tokens), or None
-    where there is none; ``tiles`` (BLOCK_M, BLOCK_N, warps, stages, register cap) overrides the
-    built-in choice, for tuning."""
+    the newest T tokens' k and v came from (qkv.Recorded, covering exactly those T tokens, as do the
+    rotary weights), or None where there is none; ``tiles`` (BLOCK_M, BLOCK_N, warps, stages, register
+    cap) overrides the built-in choice, for tuning."""
     batch, heads, tokens, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
-    query, key, value = (_unit_stride(t) for t in (query, key, value))
-    out = query.new_empty(batch, tokens, heads, dim)
-    checks = torch.empty(batch, heads, tokens, len(CHECKS), device=query.device)
-    kv_checks = torch.empty(2, batch, kv_heads, tokens, device=query.device)
-    summary = any(enabled)  # V's aux and hull, which the checks read
-    state = torch.full((1 + summary * batch * kv_heads * 2 * dim,), float("-inf"), device=query.device)  # one fill
-    peak = state[:1]
-    bounds = state[1:].view(batch, kv_heads, 2, dim) if summary else None
-    eps = torch.finfo(query.dtype).eps
-    slack = (8 * dim * eps, 8 * dim * eps * dim**0.5)
+    query, key, value = _unit_stride(query), _unit_stride(key), _unit_stride(value)
     given = {loc: r for loc, r in recorded.items() if r is not None}
-    aux = hull = peak  # placeholders (never read) when neither a check nor a k or v recording needs the pass
+    names = tuple(name for name, on in zip(CHECKS, (*enabled, "q" in given), strict=True) if on)
+    names += tuple(f"qkv_{loc}" for loc in "kv" if loc in given)
+    checks = Checks.allocate(batch, heads, kv_heads, tokens, dim, names, query.device)
+    state = checks.state
+    out = query.new_empty(batch, tokens, heads, dim)
+    summary = any(enabled)  # V's aux and hull, which the checks read
+    eps = torch.finfo(query.dtype).eps
+    slack = (8 * dim * eps, 8 * dim * eps * dim**0.5)  # q/k/v: qkv.check's, for the norm and the sum
+    aux = state  # a placeholder (never read) when no check needs the summary
     if summary or "k" in given or "v" in given:
-        aux, hull = row_pass(key, value, bounds, given, kv_checks, peak, slack)
-    q_rec = _unit_stride(given["q"].out) if "q" in given else peak  # (or never read)
-    q_weights = _rotary_weights(given.get("q"), batch, tokens, dim)
+        aux = row_pass(key, value, checks, summary, given, slack)
+    q_rec = _unit_stride(given["q"].out) if "q" in given else state  # (or never read)
+    q_weights, *q_weight_strides = _rotary_weights(given.get("q"))
     checked = (summary or "q" in given) and dim <= CHECKED_TILES_MAX_DIM
     block_m, block_n, warps, stages, max_registers = tiles or (CHECKED_TILES if checked else TILES)
-    _kernels().checked_attention_kernel[(-(-tokens // block_m), batch * heads)](
+    _kernels().attention(
+        (-(-tokens // block_m), batch * heads),
         query,
         key,
         value,
         out,
         aux,
-        hull,
+        state,
         q_rec,
-        peak if q_weights is None else q_weights,
-        checks,
-        peak,
+        state if q_weights is None else q_weights,
         *query.stride()[:3],
         *(q_rec.stride()[:2] if "q" in given else (0, 0)),
-        *(q_weights.stride()[:2] if q_weights is not None else (0, 0)),
+        *q_weight_strides,
         *key.stride()[:3],
         *value.stride()[:3],
+        checks.rows_at,
+        checks.peak_at,
         tokens,
         keys,
         scaling,
@@ -196,8 +251,4 @@ def checked_attention(
         num_stages=stages,
         **({"maxnreg": max_registers} if max_registers else {}),
     )
-    excess = {
-        name: checks[..., i] for i, (name, on) in enumerate(zip(CHECKS, (*enabled, "q" in given), strict=True)) if on
-    }
-    excess.update({f"qkv_{loc}": kv_checks[i] for i, loc in enumerate("kv") if loc in given})
-    return out, excess, peak
+    return out, checks

@@ -104,11 +104,9 @@ def checked_attention_kernel(
     v_ptr,
     o_ptr,
     aux_ptr,
-    bounds_ptr,
+    state_ptr,  # float32: [hull (B, H_kv, 2, D) | rows (B, H, T, 4) | kv rows | peak] (checked_attention.Checks)
     q_rec,
     weights_ptr,
-    checks_ptr,
-    peak_ptr,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -122,6 +120,8 @@ def checked_attention_kernel(
     stride_vb,
     stride_vh,
     stride_vs,
+    rows_at,
+    peak_at,
     tokens,
     keys,
     scaling,
@@ -155,7 +155,7 @@ def checked_attention_kernel(
     k_base = k_ptr + b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + (h // GROUP) * stride_vh
     q = _load_rows(q_base, rows, stride_qt, dims, row_ok, dim_ok, True, MASK_DIMS)
-    check_base = checks_ptr + (bh * tokens + rows) * 4  # (B, H, T, 4)
+    check_base = state_ptr + rows_at + (bh * tokens + rows) * 4  # (B, H, T, 4)
     none = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     q_worst = float("-inf")  # q's largest excess: a scalar, all that the key loop carries of the q check
     if NQ > 0:  # the q rows as this kernel loaded them, against the rows their projection computed (all loads first)
@@ -197,7 +197,7 @@ def checked_attention_kernel(
     tl.store(o_ptr + o_offsets, o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
     aux_cols = tl.arange(0, 16)
-    bounds = bounds_ptr + kv_head * 2 * D  # [-min; max] of V over the keys
+    bounds = state_ptr + kv_head * 2 * D  # [-min; max] of V over the keys
     hull_ok = dim_ok & ((ENABLED & 5) != 0)  # without abft_output and output_bound there is no hull to read
     v_low = -tl.load(bounds + dims, mask=hull_ok, other=0.0)
     v_high = tl.load(bounds + D + dims, mask=hull_ok, other=0.0)
@@ -219,7 +219,7 @@ def checked_attention_kernel(
     tl.store(check_base + 1, softmax, mask=row_ok)
     tl.store(check_base + 2, bound, mask=row_ok)
     worst = tl.maximum(_worst(tl.maximum(tl.maximum(abft, softmax), bound), row_ok), q_worst)
-    tl.atomic_max(peak_ptr, worst, sem="relaxed")  # relaxed: see _raise_peak
+    tl.atomic_max(state_ptr + peak_at, worst, sem="relaxed")  # relaxed: see _raise_peak
 
 
 @triton.jit
@@ -241,9 +241,7 @@ def row_pass_kernel(
     k_ptr,
     v_ptr,
     aux_ptr,
-    bounds_ptr,
-    kv_checks_ptr,
-    peak_ptr,
+    state_ptr,  # float32: [hull (B, H_kv, 2, D) | rows | kv rows (2, B, H_kv, T) | peak] (checked_attention.Checks)
     k_rec,
     v_rec,
     weights_ptr,
@@ -259,6 +257,8 @@ def row_pass_kernel(
     stride_rvt,
     stride_wb,
     stride_wt,
+    kv_rows_at,
+    peak_at,
     keys,
     tokens,
     slack_norm,
@@ -277,8 +277,8 @@ def row_pass_kernel(
     programs in flight for this memory-bound pass):
     - 0: SUMMARY: aux rows [1, hi, lo, 0…] (B, H_kv, S, 16) in V's dtype, hi + lo = V·1 (V·1 rounded to
       the dtype and the rest: the pair holds it to about eps² of it), and [-min; max] of V over the
-      keys into ``bounds`` (B, H_kv, 2, D) by atomic max (it starts at -inf, like the peak: one fill);
-      NV: the excess of the newest v rows over their recorded stats into ``kv_checks`` (2, B, H_kv, T);
+      keys into the state's hull (B, H_kv, 2, D) by atomic max (the state starts at -inf: one fill);
+      NV: the excess of the newest v rows over their recorded stats into its kv rows (2, B, H_kv, T);
     - 1: NK: the same for the newest k rows.
     Both raise the peak."""
     pid = tl.program_id(0).to(tl.int64)  # flat (sample, K/V head)
@@ -291,6 +291,8 @@ def row_pass_kernel(
     MASK_DIMS: tl.constexpr = D != D_PAD  # annotated: a plain local would become a runtime value
     new = rows - (keys - tokens)  # the index among the newest tokens (cached or prefix keys come first)
     new_ok = row_ok & (new >= 0)
+    kv_rows = state_ptr + kv_rows_at  # (2, B, H_kv, T): k's, then v's excess per newest token
+    peak = state_ptr + peak_at
     if tl.program_id(2) == 0:
         v_base = v_ptr + b * stride_vb + kv_head * stride_vh
         if SUMMARY:
@@ -303,19 +305,19 @@ def row_pass_kernel(
             aux_offsets = (pid * keys + rows[:, None]) * 16 + aux_cols[None, :]
             tl.store(aux_ptr + aux_offsets, aux.to(aux_ptr.dtype.element_ty), mask=row_ok[:, None])
             ok = row_ok[:, None] & dim_ok[None, :]
-            bounds = bounds_ptr + pid * 2 * D + dims
+            bounds = state_ptr + pid * 2 * D + dims
             tl.atomic_max(bounds, tl.max(tl.where(ok, -v, float("-inf")), 0), mask=dim_ok, sem="relaxed")
             tl.atomic_max(bounds + D, tl.max(tl.where(ok, v, float("-inf")), 0), mask=dim_ok, sem="relaxed")
         if NV > 0:  # (its v rows were just read: an L2 hit)
             _check_rows(v_base, stride_vs, rows, v_rec + b * stride_rvb + kv_head * D, stride_rvt, new, new_ok, dims,
-                        dim_ok, 0.0, kv_checks_ptr + (tl.num_programs(0) + pid) * tokens, peak_ptr, slack_norm,
+                        dim_ok, 0.0, kv_rows + (tl.num_programs(0) + pid) * tokens, peak, slack_norm,
                         slack_sum, NV, False, MASK_DIMS)  # fmt: skip
     elif NK > 0:
         weights = _rotary_weights(
             weights_ptr + b * stride_wb, new, stride_wt, dims, new_ok, dim_ok, WEIGHTED, MASK_DIMS
         )
         _check_rows(k_ptr + b * stride_kb + kv_head * stride_kh, stride_ks, rows, k_rec + b * stride_rkb + kv_head * D,
-                    stride_rkt, new, new_ok, dims, dim_ok, weights, kv_checks_ptr + pid * tokens, peak_ptr,
+                    stride_rkt, new, new_ok, dims, dim_ok, weights, kv_rows + pid * tokens, peak,
                     slack_norm, slack_sum, NK, WEIGHTED, MASK_DIMS)  # fmt: skip
 
 

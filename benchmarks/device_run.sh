@@ -31,7 +31,7 @@ for section in $SECTIONS; do
         --out "$OUT/route-decode-cuda.json" | tail -12 ;;
     faults)  # the checked-attention kernel against SDPA, then the overhead of the fused checks
       python3 benchmarks/faults_kernel_check.py $BASE "$OUT/faults-kernel-check-cuda.json" | tail -40
-      python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 8 --seq 512 --repeats 9 \
+      python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 8 --seq 512 --repeats 21 \
         --out "$OUT/faults-cuda.json" | tail -12
       # a shape where the H100, not the host's kernel launches, sets the pace of the 135M model
       python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 32 --seq 1024 --repeats 5 \

@@ -36,10 +36,16 @@ def test_flip_bit_flips_exactly_one_bit():
 def test_stepwise_attention_equals_the_fused_one_and_leaves_no_trace(family):
     model, ids = tiny.FAMILIES[family](), tiny.tokens(batch=3, length=9)
     reference = logits_of(model, {"input_ids": ids})
+
+    def wrapped() -> list[str]:  # modules whose forward the q/k/v recorders wrap
+        return [name for name, m in model.named_modules() if "forward" in m.__dict__]
+
     with armed(model, None, OFF):
         stepwise = logits_of(model, {"input_ids": ids})
+        assert wrapped()
     torch.testing.assert_close(stepwise, reference, atol=1e-5, rtol=0)
     assert torch.equal(logits_of(model, {"input_ids": ids}), reference)  # disarmed: bitwise the base again
+    assert not wrapped()
     assert model.config._attn_implementation != "adaplex"
 
 

@@ -1,19 +1,19 @@
 """Checksums that carry q, k and v from their projections into the attention function.
 
 A flip in q, k or v happens before the attention products, so the products' own checksums agree
-with it. Instead, forward hooks on the projections keep their outputs, and the attention function
-compares, per (batch, head, token), the norm and the sum of each head's vector there with those of
-the q, k, v it receives (on CUDA, the checked-attention kernel compares q as it loads it). The rotary
-embedding keeps norms but not sums, so for q and k of rotary models the sum is the one the rotated
-vector x·cos + rotate_half(x)·sin will have, a weighted sum of x whose weights come from the model's
-own (cos, sin), captured from its rotary module by another hook. Cost: two reductions over O(T·H·D)
-per tensor and side.
+with it. Instead, the projections pass their outputs on as they return them (``on_output``), and the
+attention function compares, per (batch, head, token), the norm and the sum of each head's vector
+there with those of the q, k, v it receives (on CUDA, the checked-attention kernel compares q as it
+loads it). The rotary embedding keeps norms but not sums, so for q and k of rotary models the sum is
+the one the rotated vector x·cos + rotate_half(x)·sin will have, a weighted sum of x whose weights
+come from the model's own (cos, sin), which its rotary module passes on the same way. Cost: two
+reductions over O(T·H·D) per tensor and side.
 
 What it covers: any change between the projection's output and what attention receives (the rotary
 embedding, a cache or prefix concatenation, copies, an injected flip). Where the received tensor is a
 view of the projection's own output (v in Llama-style models; q, k and v in GPT-2 and BERT), both
 sides read the same memory, so a fault in that memory after the projection is not caught; stats
-taken in the hooks would catch it, at one more pass over q, k and v per layer. On CUDA the attention
+taken as the projections return would catch it, at one more pass over q, k and v per layer. On CUDA the attention
 kernel compares the q rows it loads, so a fault in those loads is caught too; k and v are compared in
 the pass before it, from memory, so a fault in the kernel's own loads of k or v is not.
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -66,7 +66,7 @@ def sources(attention: nn.Module) -> dict[str, tuple[nn.Module, int | None]]:
 
 
 class Recorded(NamedTuple):
-    """A projection's output as its forward hook saw it, (B, T, H·D); the weights (B, T, D) of the sum its
+    """A projection's output as it returned it, (B, T, H·D); the weights (B, T, D) of the sum its
     rows will have after the rotary embedding (None: the plain sum); and how many stats can be
     compared: 2 (norm and sum) or 1 (the norm only: a partial rotary, or no (cos, sin) seen)."""
 
@@ -81,17 +81,41 @@ class Recorded(NamedTuple):
         return stats(heads, self.weights)[..., : self.columns]
 
 
+def on_output(module: nn.Module, record: Callable[[Any], None]) -> Callable[[], None]:
+    """Make ``module`` pass each output to ``record`` before returning it, as a forward hook would,
+    and return the undo (undo in the reverse order of wrapping). Not a hook: a module with hooks takes
+    nn.Module's slow call path, about 20 µs a call on an H100 host, three calls a layer here."""
+    inner = module.forward
+    own = "forward" in module.__dict__  # wrapped already
+
+    def forward(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        record(out)
+        return out
+
+    module.forward = forward
+
+    def undo() -> None:
+        if own:
+            module.forward = inner
+        else:
+            del module.forward
+
+    return undo
+
+
 def recorder(
     hook: FaultHook, location: str, part: int | None, head_dim: int, rotary: dict[str, torch.Tensor] | None
-) -> Callable:
-    """A forward hook keeping the output a projection computed for ``location`` in ``hook.reference``;
-    the attention function computes and compares its stats (in the kernel where it runs).
+) -> Callable[[torch.Tensor], None]:
+    """Keeps the output a projection computed for ``location`` (see ``on_output``) in
+    ``hook.reference``; the attention function computes and compares its stats (in the kernel where
+    it runs).
 
     ``rotary`` is None for models without a rotary embedding, else a dict whose "weights" holds the
     current forward's rotated-sum weights; the sum of q or k is kept only when it can be compared.
     """
 
-    def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    def record(output: torch.Tensor) -> None:
         out = output if part is None else output.chunk(3, dim=-1)[part]  # (B, T, H·D) or Qwen3's (B, T, H, D)
         weights, columns = None, 2
         if location != "v" and rotary is not None:

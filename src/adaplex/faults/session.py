@@ -42,27 +42,25 @@ def armed(model: nn.Module, plan: FaultPlan | None, detectors: DetectorConfig) -
     handle = Adapted.of(model)
     hooks = [FaultHook(i, plan if i in targets else None, detectors) for i in range(len(layers))]
     children = [attention.attention_child(model.get_submodule(path), handle.stack) for path in layers]
-    recorders = []
+    undo = []  # of the q/k/v recorders
     rotary_module = qkv.rotary_module(model) if detectors.qkv else None
     rotary: dict[str, torch.Tensor] | None = None
     if rotary_module is not None:
         rotary = {}
-        recorders.append(
-            rotary_module.register_forward_hook(lambda m, i, out: rotary.update(weights=qkv.rotated_sum_weights(*out)))
-        )
+        undo.append(qkv.on_output(rotary_module, lambda out: rotary.update(weights=qkv.rotated_sum_weights(*out))))
     head_dim = prefix_shape(model)[1]
     try:
         for path, child, hook in zip(layers, children, hooks, strict=True):
             child.fault_hook = hook
             if detectors.qkv:
-                recorders += [
-                    module.register_forward_hook(qkv.recorder(hook, location, part, head_dim, rotary))
+                undo += [
+                    qkv.on_output(module, qkv.recorder(hook, location, part, head_dim, rotary))
                     for location, (module, part) in qkv.sources(model.get_submodule(path)).items()
                 ]
         yield hooks
     finally:
-        for recorder in recorders:
-            recorder.remove()
+        for step in reversed(undo):
+            step()
         for child in children:
             child.fault_hook = None
         if fresh:

@@ -117,7 +117,8 @@ def fused_checked_attention(
         out, found = checked_kernel.checked_attention(
             query, key, value, scaling, is_causal and tokens > 1, checks, recorded
         )
-        hook.findings.append(KernelFindings(hook.layer, found))
+        if found.names:  # (a call with no check has nothing to report)
+            hook.findings.append(KernelFindings(hook.layer, found))
         return out
     padded_q, padded_k, padded_v = padded_inputs(query, key, value)
     out = sdpa_attention_forward(

@@ -67,10 +67,11 @@ def _kernels() -> _Kernels | None:
 
 
 class Checks(NamedTuple):
-    """What one call checked, in one float32 buffer filled with -inf, where the atomic maxima start:
-    [hull (B, H_kv, 2, D): [-min; max] of V | rows (B, H, T, 4): the CHECKS' excess per query row |
-    kv rows (2, B, H_kv, T): qkv_k's and qkv_v's per newest token | peak (1,)]. The views are made only
-    when asked for: each costs host time, which a host-bound forward pays in full."""
+    """What one call checked, in one float32 buffer: [hull (B, H_kv, 2, D): [-min; max] of V | peak
+    (1,) | 15 unused | rows (B, H, T, 4): the CHECKS' excess per query row | kv rows (2, B, H_kv, T):
+    qkv_k's and qkv_v's per newest token]. The hull and the peak, where atomic maxima start, are
+    filled with -inf; the kernels write every row that is read. The views are made only when asked
+    for: each costs host time, which a host-bound forward pays in full."""
 
     state: torch.Tensor
     batch: int
@@ -82,33 +83,34 @@ class Checks(NamedTuple):
 
     @classmethod
     def allocate(cls, batch: int, heads: int, kv_heads: int, tokens: int, dim: int, names: tuple[str, ...], device):
-        size = batch * (kv_heads * 2 * dim + heads * tokens * 4 + 2 * kv_heads * tokens) + 1
-        state = torch.full((size,), float("-inf"), device=device)  # one fill
+        layout = cls(None, batch, heads, kv_heads, tokens, dim, names)  # type: ignore[arg-type]
+        state = torch.empty(layout.kv_rows_at + 2 * batch * kv_heads * tokens, device=device)
+        state[: layout.peak_at + 1].fill_(float("-inf"))
         return cls(state, batch, heads, kv_heads, tokens, dim, names)
 
     @property
-    def rows_at(self) -> int:
+    def peak_at(self) -> int:
         return self.batch * self.kv_heads * 2 * self.dim
+
+    @property
+    def rows_at(self) -> int:
+        return self.peak_at + 16  # 64-byte aligned, like the hull
 
     @property
     def kv_rows_at(self) -> int:
         return self.rows_at + self.batch * self.heads * self.tokens * 4
 
-    @property
-    def peak_at(self) -> int:
-        return self.state.numel() - 1
-
     def peak(self) -> torch.Tensor:
         """(1,): the largest excess of every check of the call (> 0, or NaN: one failed)."""
-        return self.state[self.peak_at :]
+        return self.state[self.peak_at : self.peak_at + 1]
 
     def hull(self) -> torch.Tensor:
-        return self.state[: self.rows_at].view(self.batch, self.kv_heads, 2, self.dim)
+        return self.state[: self.peak_at].view(self.batch, self.kv_heads, 2, self.dim)
 
     def excess(self) -> dict[str, torch.Tensor]:
         """Each check's excess over its tolerance: (B, H, T) for the CHECKS, (B, H_kv, T) for qkv_k, qkv_v."""
         rows = self.state[self.rows_at : self.kv_rows_at].view(self.batch, self.heads, self.tokens, len(CHECKS))
-        kv_rows = self.state[self.kv_rows_at : self.peak_at].view(2, self.batch, self.kv_heads, self.tokens)
+        kv_rows = self.state[self.kv_rows_at :].view(2, self.batch, self.kv_heads, self.tokens)
         found = {name: rows[..., i] for i, name in enumerate(CHECKS) if name in self.names}
         found.update({name: kv_rows[i] for i, name in enumerate(("qkv_k", "qkv_v")) if name in self.names})
         return found

@@ -104,7 +104,7 @@ def checked_attention_kernel(
     v_ptr,
     o_ptr,
     aux_ptr,
-    state_ptr,  # float32: [hull (B, H_kv, 2, D) | rows (B, H, T, 4) | kv rows | peak] (checked_attention.Checks)
+    state_ptr,  # float32: [hull (B, H_kv, 2, D) | peak | rows (B, H, T, 4) | kv rows] (checked_attention.Checks)
     q_rec,
     weights_ptr,
     stride_qb,
@@ -241,7 +241,7 @@ def row_pass_kernel(
     k_ptr,
     v_ptr,
     aux_ptr,
-    state_ptr,  # float32: [hull (B, H_kv, 2, D) | rows | kv rows (2, B, H_kv, T) | peak] (checked_attention.Checks)
+    state_ptr,  # float32: [hull (B, H_kv, 2, D) | peak | rows | kv rows (2, B, H_kv, T)] (checked_attention.Checks)
     k_rec,
     v_rec,
     weights_ptr,
@@ -277,7 +277,7 @@ def row_pass_kernel(
     programs in flight for this memory-bound pass):
     - 0: SUMMARY: aux rows [1, hi, lo, 0…] (B, H_kv, S, 16) in V's dtype, hi + lo = V·1 (V·1 rounded to
       the dtype and the rest: the pair holds it to about eps² of it), and [-min; max] of V over the
-      keys into the state's hull (B, H_kv, 2, D) by atomic max (the state starts at -inf: one fill);
+      keys into the state's hull (B, H_kv, 2, D) by atomic max (it starts at -inf, like the peak);
       NV: the excess of the newest v rows over their recorded stats into its kv rows (2, B, H_kv, T);
     - 1: NK: the same for the newest k rows.
     Both raise the peak."""

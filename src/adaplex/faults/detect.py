@@ -60,11 +60,18 @@ class Resolvable(Protocol):
     def resolve(self) -> list[Detection]: ...
 
 
-def any_failed(findings: Iterable[Resolvable]) -> bool:
-    """Whether any finding's excess is positive (or NaN): one reduction per finding and one device sync."""
+def failed(findings: Iterable[Resolvable]) -> torch.Tensor | None:
+    """Whether any finding's excess is positive (or NaN), as a device bool (None without any excess):
+    one reduction per finding, no sync."""
     peaks = [f.peak() for f in findings]
     joined = torch.cat(peaks).float() if peaks else torch.empty(0)
-    return joined.numel() > 0 and bool(joined.nan_to_num(nan=torch.inf).amax() > 0)
+    return joined.nan_to_num(nan=torch.inf).amax() > 0 if joined.numel() else None
+
+
+def any_failed(findings: Iterable[Resolvable]) -> bool:
+    """``failed``, read back: one device sync."""
+    found = failed(findings)
+    return found is not None and bool(found)
 
 
 @dataclass(frozen=True)

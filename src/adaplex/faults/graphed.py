@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adaplex.faults.detect import Detection, any_failed
+from adaplex.faults.detect import Detection, failed
 from adaplex.faults.experiment import logits_of
 from adaplex.faults.hook import FaultHook, detections_of
 from adaplex.graphs import capture
@@ -24,15 +24,17 @@ class GraphedForward:
 
         def forward() -> None:
             result["logits"] = logits_of(model, inputs)
+            result["failed"] = failed(f for hook in self.hooks for f in hook.findings)  # in the graph too
 
         self.graph = capture(forward, reset=lambda: detections_of(self.hooks))  # warm-up findings dropped
-        self.logits = result["logits"]  # rewritten by every replay
+        self.logits, self.failed = result["logits"], result["failed"]  # rewritten by every replay
         self.findings = [f for hook in self.hooks for f in hook.findings]  # their excess tensors: rewritten too
         for hook in self.hooks:
             hook.findings = []
 
     def __call__(self) -> list[Detection]:
+        """One replay; its detections, read back with one sync when it is clean."""
         self.graph.replay()
-        if not self.findings or not any_failed(self.findings):
+        if self.failed is None or not bool(self.failed):
             return []
         return [d for f in self.findings for d in f.resolve()]

@@ -42,14 +42,14 @@ def armed(model: nn.Module, plan: FaultPlan | None, detectors: DetectorConfig) -
     handle = Adapted.of(model)
     hooks = [FaultHook(i, plan if i in targets else None, detectors) for i in range(len(layers))]
     children = [attention.attention_child(model.get_submodule(path), handle.stack) for path in layers]
+    head_dim = prefix_shape(model)[1]
     undo = []  # of the q/k/v recorders
     rotary_module = qkv.rotary_module(model) if detectors.qkv else None
     rotary: dict[str, torch.Tensor] | None = None
-    if rotary_module is not None:
-        rotary = {}
-        undo.append(qkv.on_output(rotary_module, lambda out: rotary.update(weights=qkv.rotated_sum_weights(*out))))
-    head_dim = prefix_shape(model)[1]
     try:
+        if rotary_module is not None:
+            rotary = {}
+            undo.append(qkv.on_output(rotary_module, lambda out: rotary.update(weights=qkv.rotated_sum_weights(*out))))
         for path, child, hook in zip(layers, children, hooks, strict=True):
             child.fault_hook = hook
             if detectors.qkv:

@@ -82,7 +82,9 @@ class Checks(NamedTuple):
     names: tuple[str, ...]  # the checks that ran: CHECKS' names, then qkv_k and qkv_v
 
     @classmethod
-    def allocate(cls, batch: int, heads: int, kv_heads: int, tokens: int, dim: int, names: tuple[str, ...], device):
+    def allocate(
+        cls, batch: int, heads: int, kv_heads: int, tokens: int, dim: int, names: tuple[str, ...], device: torch.device
+    ) -> Checks:
         layout = cls(None, batch, heads, kv_heads, tokens, dim, names)  # type: ignore[arg-type]
         state = torch.empty(layout.kv_rows_at + 2 * batch * kv_heads * tokens, device=device)
         state[: layout.peak_at + 1].fill_(float("-inf"))
@@ -94,7 +96,7 @@ class Checks(NamedTuple):
 
     @property
     def rows_at(self) -> int:
-        return self.peak_at + 16  # 64-byte aligned, like the hull
+        return self.peak_at + 16  # after the peak and 15 unused floats, which keep the rows 64-byte aligned
 
     @property
     def kv_rows_at(self) -> int:

@@ -13,9 +13,10 @@ What it covers: any change between the projection's output and what attention re
 embedding, a cache or prefix concatenation, copies, an injected flip). Where the received tensor is a
 view of the projection's own output (v in Llama-style models; q, k and v in GPT-2 and BERT), both
 sides read the same memory, so a fault in that memory after the projection is not caught; stats
-taken as the projections return would catch it, at one more pass over q, k and v per layer. On CUDA the attention
-kernel compares the q rows it loads, so a fault in those loads is caught too; k and v are compared in
-the pass before it, from memory, so a fault in the kernel's own loads of k or v is not.
+taken as the projections return would catch it, at one more pass over q, k and v per layer. On CUDA
+the attention kernel compares the q rows it loads, so a fault in those loads is caught too; k and v
+are compared in the pass before it, from memory, so a fault in the kernel's own loads of k or v is
+not.
 """
 
 from __future__ import annotations
@@ -151,7 +152,14 @@ def excess_over(received: torch.Tensor, reference: torch.Tensor, slack: torch.Te
     return torch.addcmul((got - reference).abs(), reference[..., :1], slack, value=-1).amax(-1)
 
 
+def slack(dim: int, dtype: torch.dtype) -> tuple[float, float]:
+    """Allowed |got - recorded| per unit of norm, for [norm, sum]: 8·D·eps · [1, √D] (the checked-attention
+    kernel's too)."""
+    unit = 8 * dim * torch.finfo(dtype).eps
+    return unit, unit * dim**0.5
+
+
 @cache
 def _slack(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allowed |got - recorded| per unit of norm, for [norm, sum]: 8·D·eps · [1, √D]."""
-    return 8 * dim * torch.finfo(dtype).eps * torch.tensor([1.0, dim**0.5], device=device)
+    """``slack`` as a tensor on ``device``."""
+    return torch.tensor(slack(dim, dtype), device=device)

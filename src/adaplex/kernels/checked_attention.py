@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from adaplex.faults.qkv import slack as qkv_slack
 from adaplex.kernels import INTERPRETED, dot_size
 from adaplex.kernels.launch import Launcher
 
@@ -210,7 +211,7 @@ def checked_attention(
     out = query.new_empty(batch, tokens, heads, dim)
     summary = any(enabled)  # V's aux and hull, which the checks read
     eps = torch.finfo(query.dtype).eps
-    slack = (8 * dim * eps, 8 * dim * eps * dim**0.5)  # q/k/v: qkv.check's, for the norm and the sum
+    slack = qkv_slack(dim, query.dtype)  # q/k/v, for the norm and the sum
     aux = state  # a placeholder (never read) when no check needs the summary
     if summary or "k" in given or "v" in given:
         aux = row_pass(key, value, checks, summary, given, slack)

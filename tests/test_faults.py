@@ -8,6 +8,7 @@ import torch
 import adaplex
 from adaplex import LoRAConfig, PrefixConfig
 from adaplex.errors import ConfigError
+from adaplex.faults import detect
 from adaplex.faults.bits import flip_bit
 from adaplex.faults.detect import Tensors, kv_tied
 from adaplex.faults.experiment import logits_of, run_once
@@ -283,3 +284,22 @@ def test_a_model_armed_once_reports_each_forwards_detections_once(monkeypatch):
         after = detections_of(hooks)
     assert clean == [] and after == []
     assert {d.detector for d in faulty} >= {"abft_output"}
+
+
+def test_output_bound_in_row_blocks_equals_it_in_one_block(monkeypatch):
+    """The stepwise hull check works through query rows in blocks that keep its temporary small (one
+    (B, H, T, S, D) float32 tensor would be 72 GiB at 32 x 1024 for SmolLM2); the result is the same,
+    a row that sees no key included."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=gen) for _ in "qkv")
+    visible = torch.ones(7, 7, dtype=torch.bool).tril()
+    visible[0] = False  # a row that sees nothing
+    weights = torch.softmax((q @ k.transpose(-1, -2)).masked_fill(~visible, -torch.inf), -1).nan_to_num()
+    output = weights @ v
+    output[1, 2, 4, 5] += 10  # outside the hull
+    tensors = Tensors(q, k, v, q @ k.transpose(-1, -2), weights, output, visible, 1.0)
+    whole = detect.output_bound(0, tensors)[0].excess
+    monkeypatch.setattr(detect, "CHUNK_BYTES", 4 * 2 * 3 * 7 * 8 * 2)  # two rows a block
+    blocks = detect.output_bound(0, tensors)[0].excess
+    assert torch.equal(whole, blocks)
+    assert whole.shape == (2, 3, 7) and (whole > 0).nonzero().tolist() == [[1, 2, 4]]

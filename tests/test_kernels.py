@@ -152,14 +152,14 @@ with armed(wide, None, DetectorConfig(fused=True)) as hooks:
 result["wide_heads"] = {{"kernel_calls": len(calls) - kernel_calls, "detections": len(detections_of(hooks))}}
 model = tiny.llama()  # q, k or v corrupted between its projection and the attention kernel
 for location, index, bit in [("q", 0, 30), ("k", 1, 30), ("v", 2, 29)]:
-    def faulty(query, key, value, *args, location=location, index=index, bit=bit):
+    def faulty(query, key, value, *args, location=location, index=index, bit=bit, **options):
         tensors = dict(q=query, k=key, v=value)
         if not faulty.done:  # layer 0 only: sample 0, head index % heads, token 3, feature 2
             t = tensors[location]
             flat = torch.arange(t.numel()).view(t.shape)[0, index % t.shape[1], 3, 2].reshape(1)
             tensors[location] = flip_bit(t, flat, bit).view_as(t)
             faulty.done = True
-        return launch(tensors["q"], tensors["k"], tensors["v"], *args)
+        return launch(tensors["q"], tensors["k"], tensors["v"], *args, **options)
     faulty.done = False
     checked.checked_attention = faulty
     with armed(model, None, DetectorConfig(fused=True)) as hooks:
@@ -220,6 +220,42 @@ print(json.dumps(result))
 """
 
 
+REUSED_BUFFERS = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+import adaplex.kernels.checked_attention as checked
+from adaplex.faults.bits import flip_bit
+from adaplex.faults.experiment import logits_of
+from adaplex.faults.hook import DetectorConfig, detections_of
+from adaplex.faults.session import armed
+import tiny
+model = tiny.llama()
+inputs = {{"input_ids": tiny.tokens(batch=2, length=6)}}
+launch, flips, calls = checked.checked_attention, [], [0]
+def faulty(query, key, value, *args, **options):  # k of layer 0 (sample 1, head 1, token 3) while flips holds one
+    if flips and calls[0] % model.config.num_hidden_layers == 0:
+        flat = torch.arange(key.numel()).view(key.shape)[1, 1, 3, 2].reshape(1)
+        key = flip_bit(key, flat, 30).view_as(key)
+    calls[0] += 1
+    return launch(query, key, value, *args, **options)
+checked.checked_attention = faulty
+def forward():
+    logits_of(model, inputs)
+    return [h.kernel_checks.state.data_ptr() for h in hooks]
+def found():
+    return sorted({{(d.layer, d.detector) for d in detections_of(hooks)}})
+result = {{}}
+with armed(model, None, DetectorConfig(fused=True)) as hooks:
+    first = forward(); result["clean"] = found()
+    flips.append(1); faulty_run = forward(); result["flipped"] = found()
+    flips.clear(); again = forward(); result["clean_again"] = found()
+    result["reused"] = first == faulty_run == again
+    flips.append(1); forward(); flips.clear()  # two forwards, their findings not yet resolved
+    unresolved = forward(); result["two_forwards"] = found()
+    result["fresh_while_unresolved"] = all(a != b for a, b in zip(again, unresolved))
+print(json.dumps(result))
+"""
+
 def _interpreted(code: str) -> object:
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -277,3 +313,15 @@ def test_checked_attention_tolerances_in_float16_are_tight_enough_to_catch_small
         assert result[check][check] > 0, check
         others = [c for c in ("softmax", "output_bound") if c != check]  # (a hull of 0 also zeroes abft's slack)
         assert all(result[check][c] <= 0 for c in others), (check, result[check])
+
+
+def test_a_monitored_layer_reuses_its_buffers_once_its_findings_are_resolved():
+    """Armed once, forward after forward: each layer's kernel writes the buffers of its last call when
+    that call's findings were resolved, and fresh ones while they are pending, so a flip is reported
+    in the forward it happened in, never lost or repeated."""
+    result = _interpreted(REUSED_BUFFERS.format(tests=str(TESTS)))
+    assert result["clean"] == [] and result["clean_again"] == []
+    assert result["flipped"] == [[0, "qkv_k"]]
+    assert result["reused"]
+    assert [0, "qkv_k"] in result["two_forwards"]  # the first forward's flip, read after the second
+    assert result["fresh_while_unresolved"]

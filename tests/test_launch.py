@@ -1,7 +1,8 @@
 """The launcher reuses a compiled kernel only for a call with the same arguments, up to what Triton
-reads of a tensor (its dtype and 16-byte alignment), and the same constexprs and options. A fake
-kernel stands in for Triton's (no GPU here); on CUDA the benchmarks compare the launched kernels'
-outputs with SDPA's and a cached launch's with the first (benchmarks/faults_kernel_check.py)."""
+reads of a tensor (its dtype and 16-byte alignment), and the same constants; a call with a tensor
+off 16-byte alignment always goes through the JIT. A fake kernel stands in for Triton's (no GPU
+here); on CUDA the benchmarks compare the launched kernels' outputs with SDPA's and a cached
+launch's with the first (benchmarks/faults_kernel_check.py)."""
 
 from __future__ import annotations
 
@@ -49,16 +50,17 @@ def kernel(monkeypatch):
 
 def test_a_repeated_call_launches_the_compiled_kernel_with_its_constexprs_in_order(kernel):
     launcher = Launcher(kernel)
+    constants = (("FLAG", True), ("D", 64), ("num_warps", 4))
     for x in (torch.zeros(64), torch.ones(64)):  # other data, same dtype and alignment
-        launcher((2, 3), x, 64, 0.5, FLAG=True, D=64, num_warps=4)
+        launcher((2, 3), (x,), (64, 0.5), constants)
     assert len(kernel.compiles) == 1
+    assert kernel.compiles[0][2] == {"FLAG": True, "D": 64, "num_warps": 4}
     assert kernel.launches[1] == ((2, 3, 1), (x, 64, 0.5), (64, True))  # D, FLAG: the kernel's order
 
 
 @pytest.mark.parametrize(
     "change",
     [
-        {"x": torch.zeros(65)[1:]},  # 4 bytes off 16-byte alignment
         {"x": torch.zeros(64, dtype=torch.float16)},
         {"n": 48},
         {"n": 1.0},  # equal to 1 in Python, but Triton would see a float
@@ -71,13 +73,22 @@ def test_any_other_call_goes_through_the_jit(kernel, change):
     launcher = Launcher(kernel)
     call = {"x": torch.zeros(64), "n": 1, "scale": 1.0, "D": 64, "num_warps": 4}
     for arguments in (call, {**call, **change}):
-        launcher((1,), arguments["x"], arguments["n"], arguments["scale"], D=arguments["D"], FLAG=False,
-                 num_warps=arguments["num_warps"])  # fmt: skip
+        constants = (("D", arguments["D"]), ("FLAG", False), ("num_warps", arguments["num_warps"]))
+        launcher((1,), (arguments["x"],), (arguments["n"], arguments["scale"]), constants)
     assert len(kernel.compiles) == 2
+
+
+def test_a_call_with_an_unaligned_tensor_always_goes_through_the_jit(kernel):
+    launcher = Launcher(kernel)
+    unaligned = torch.zeros(65)[1:]  # 4 bytes off 16-byte alignment
+    for _ in range(2):
+        launcher((1,), (torch.zeros(4), unaligned), (1, 0.5), (("D", 4), ("FLAG", False)))
+    assert len(kernel.compiles) == 2
+    assert not launcher.compiled
 
 
 def test_the_cache_is_bounded(kernel):
     launcher = Launcher(kernel)
     for n in range(launch.CACHED_CALLS + 10):  # a generation loop: the key count grows every step
-        launcher((1,), torch.zeros(4), n, 0.5, D=4, FLAG=False)
+        launcher((1,), (torch.zeros(4),), (n, 0.5), (("D", 4), ("FLAG", False)))
     assert len(launcher.compiled) <= launch.CACHED_CALLS

@@ -22,6 +22,9 @@ from typing import Protocol
 import torch
 
 
+CHUNK_BYTES = 1 << 28  # the largest temporary of output_bound, which would otherwise be (B, H, T, S, D)
+
+
 @dataclass(frozen=True)
 class Detection:
     layer: int
@@ -114,11 +117,23 @@ def softmax(layer: int, t: Tensors) -> list[Finding]:
     return [Finding(layer, "softmax", excess)]
 
 
+def _visible_extremes(v: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query row, the min and max (B, H, T, D) of v (B, H, S, D) over the keys it sees (±inf where
+    it sees none), a block of rows at a time: the (B, H, rows, S, D) temporary stays under CHUNK_BYTES."""
+    batch, heads, keys, dim = v.shape
+    v = v.float().unsqueeze(2)  # (B, H, 1, S, D)
+    visible = visible.unsqueeze(-1)  # (B, H, T, S, 1)
+    rows = max(1, CHUNK_BYTES // (4 * batch * heads * keys * dim))
+    lows, highs = [], []
+    for start in range(0, visible.shape[2], rows):
+        seen = visible[:, :, start : start + rows]
+        lows.append(torch.where(seen, v, torch.inf).amin(3))
+        highs.append(torch.where(seen, v, -torch.inf).amax(3))
+    return torch.cat(lows, 2), torch.cat(highs, 2)
+
+
 def output_bound(layer: int, t: Tensors) -> list[Finding]:
-    v = t.v.float().unsqueeze(2)  # (B, H, 1, S, D)
-    visible = t.visible.expand(t.scores.shape).unsqueeze(-1)  # (B, H, T, S, 1)
-    low = torch.where(visible, v, torch.inf).amin(3)  # (B, H, T, D)
-    high = torch.where(visible, v, -torch.inf).amax(3)
+    low, high = _visible_extremes(t.v, t.visible.expand(t.scores.shape))  # (B, H, T, D)
     o = t.output.float()
     tol = 4 * t.v.shape[2] * _eps(t.output) * t.v.float().abs().amax(dim=(2, 3), keepdim=True)
     excess = torch.maximum(low - o, o - high) - tol  # (B, H, T, D)

@@ -106,17 +106,19 @@ def fused_checked_attention(
     scaling = dim**-0.5 if scaling is None else scaling
     checks = (hook.detectors.abft, hook.detectors.softmax, hook.detectors.output_bound)
     tokens = query.shape[2]
-    recorded = {loc: hook.reference.get(loc) for loc in "qkv"} if hook.detectors.qkv else {}
+    recorded = hook.reference if hook.detectors.qkv else {}
     if (
         mask is None
         and checked_kernel.available(query)
         and dim <= checked_kernel.MAX_HEAD_DIM
-        and all(r is None or r.out.shape[1] == tokens for r in recorded.values())
+        and all(r.out.shape[1] == tokens for r in recorded.values())
     ):
-        hook.reference.clear()  # taken: the kernel compares them (the padded path's qkv.check pops them)
+        hook.reference = {}  # taken: the kernel compares them (the padded path's qkv.check pops them)
+        spare = None if hook.findings else hook.kernel_checks  # unresolved findings may still read its buffers
         out, found = checked_kernel.checked_attention(
-            query, key, value, scaling, is_causal and tokens > 1, checks, recorded
+            query, key, value, scaling, is_causal and tokens > 1, checks, recorded, reuse=spare
         )
+        hook.kernel_checks = found
         if found.names:  # (a call with no check has nothing to report)
             hook.findings.append(KernelFindings(hook.layer, found))
         return out

@@ -20,6 +20,7 @@ from adaplex.faults.detect import DETECTORS, Detection, Resolvable, Tensors, any
 
 if TYPE_CHECKING:
     from adaplex.faults.qkv import Recorded
+    from adaplex.kernels.checked_attention import Checks
 
 Location = Literal["q", "k", "v", "scores", "weights", "output"]
 LOCATIONS: tuple[str, ...] = get_args(Location)
@@ -63,6 +64,7 @@ class FaultHook:
     injected: list[tuple[int, ...]] = field(default_factory=list)
     corrected: bool = False
     reference: dict[str, Recorded] = field(default_factory=dict)  # q/k/v as their projections computed them
+    kernel_checks: Checks | None = None  # the buffers of the layer's last checked-attention call, for the next
     _resolved: list[Detection] = field(default_factory=list)
 
     @property

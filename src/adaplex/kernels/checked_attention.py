@@ -24,14 +24,14 @@ masks and larger heads use the padded SDPA path.
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, lru_cache
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from adaplex.faults.qkv import slack as qkv_slack
 from adaplex.kernels import INTERPRETED, dot_size
-from adaplex.kernels.launch import Launcher
+from adaplex.kernels.launch import Constants, Launcher
 
 if TYPE_CHECKING:
     from adaplex.faults.qkv import Recorded
@@ -67,29 +67,19 @@ def _kernels() -> _Kernels | None:
     return _Kernels(Launcher(source.checked_attention_kernel), Launcher(source.row_pass_kernel))
 
 
-class Checks(NamedTuple):
-    """What one call checked, in one float32 buffer: [hull (B, H_kv, 2, D): [-min; max] of V | peak
+class Layout(NamedTuple):
+    """Where a call's results lie in its float32 state: [hull (B, H_kv, 2, D): [-min; max] of V | peak
     (1,) | 15 unused | rows (B, H, T, 4): the CHECKS' excess per query row | kv rows (2, B, H_kv, T):
-    qkv_k's and qkv_v's per newest token]. The hull and the peak, where atomic maxima start, are
-    filled with -inf; the kernels write every row that is read. The views are made only when asked
-    for: each costs host time, which a host-bound forward pays in full."""
+    qkv_k's and qkv_v's per newest token], and the shape of its aux (B, H_kv, S, 16), in V's dtype
+    (None: no check reads V's summary)."""
 
-    state: torch.Tensor
     batch: int
     heads: int
     kv_heads: int
     tokens: int
     dim: int
-    names: tuple[str, ...]  # the checks that ran: CHECKS' names, then qkv_k and qkv_v
-
-    @classmethod
-    def allocate(
-        cls, batch: int, heads: int, kv_heads: int, tokens: int, dim: int, names: tuple[str, ...], device: torch.device
-    ) -> Checks:
-        layout = cls(None, batch, heads, kv_heads, tokens, dim, names)  # type: ignore[arg-type]
-        state = torch.empty(layout.kv_rows_at + 2 * batch * kv_heads * tokens, device=device)
-        state[: layout.peak_at + 1].fill_(float("-inf"))
-        return cls(state, batch, heads, kv_heads, tokens, dim, names)
+    names: tuple[str, ...]  # the checks that run: CHECKS' names, then qkv_k and qkv_v
+    aux: tuple[tuple[int, ...], torch.dtype] | None
 
     @property
     def peak_at(self) -> int:
@@ -103,74 +93,93 @@ class Checks(NamedTuple):
     def kv_rows_at(self) -> int:
         return self.rows_at + self.batch * self.heads * self.tokens * 4
 
+    @property
+    def size(self) -> int:
+        return self.kv_rows_at + 2 * self.batch * self.kv_heads * self.tokens
+
+
+class Checks(NamedTuple):
+    """A call's buffers: what it checked (``state``, laid out as ``layout`` says) and the row pass's aux
+    for the attention kernel (the state where there is none). ``start``, the hull and the peak, where
+    atomic maxima start, is filled with -inf by each call; the kernels write every row that is read.
+    The views of the results are made only when asked for: each costs host time, which a host-bound
+    forward pays in full. A later call of the same layout may reuse the buffers (``checked_attention``'s
+    ``reuse``) once these results are no longer needed."""
+
+    state: torch.Tensor
+    aux: torch.Tensor
+    start: torch.Tensor
+    layout: Layout
+
+    @classmethod
+    def allocate(cls, layout: Layout, device: torch.device) -> Checks:
+        state = torch.empty(layout.size, device=device)
+        aux = state if layout.aux is None else torch.empty(layout.aux[0], dtype=layout.aux[1], device=device)
+        return cls(state, aux, state[: layout.peak_at + 1], layout)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.layout.names
+
     def peak(self) -> torch.Tensor:
         """(1,): the largest excess of every check of the call (> 0, or NaN: one failed)."""
-        return self.state[self.peak_at : self.peak_at + 1]
+        return self.start[self.layout.peak_at :]
 
     def hull(self) -> torch.Tensor:
-        return self.state[: self.peak_at].view(self.batch, self.kv_heads, 2, self.dim)
+        batch, _, kv_heads, _, dim, *_ = self.layout
+        return self.start[:-1].view(batch, kv_heads, 2, dim)
 
     def excess(self) -> dict[str, torch.Tensor]:
         """Each check's excess over its tolerance: (B, H, T) for the CHECKS, (B, H_kv, T) for qkv_k, qkv_v."""
-        rows = self.state[self.rows_at : self.kv_rows_at].view(self.batch, self.heads, self.tokens, len(CHECKS))
-        kv_rows = self.state[self.kv_rows_at :].view(2, self.batch, self.kv_heads, self.tokens)
-        found = {name: rows[..., i] for i, name in enumerate(CHECKS) if name in self.names}
-        found.update({name: kv_rows[i] for i, name in enumerate(("qkv_k", "qkv_v")) if name in self.names})
+        batch, heads, kv_heads, tokens, _, names, _ = self.layout
+        rows = self.state[self.layout.rows_at : self.layout.kv_rows_at].view(batch, heads, tokens, len(CHECKS))
+        kv_rows = self.state[self.layout.kv_rows_at :].view(2, batch, kv_heads, tokens)
+        found = {name: rows[..., i] for i, name in enumerate(CHECKS) if name in names}
+        found.update({name: kv_rows[i] for i, name in enumerate(("qkv_k", "qkv_v")) if name in names})
         return found
 
 
-def row_pass(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    checks: Checks,
-    summary: bool,
-    recorded: dict[str, Recorded],
-    slack: tuple[float, float],
-) -> torch.Tensor:
+class _Launch(NamedTuple):
+    """What a kernel's launch takes that follows from the call's shapes and options alone."""
+
+    grid: tuple[int, ...]
+    scalars: tuple  # the kernel's last runtime arguments
+    constants: Constants
+
+
+class _Plan(NamedTuple):
+    layout: Layout
+    row_pass: _Launch | None  # None: nothing for the pass to do
+    attention: _Launch
+
+
+def row_pass(key: torch.Tensor, value: torch.Tensor, checks: Checks, launch: _Launch, recorded: dict[str, Recorded]):
     """One parallel, memory-bound pass over k, v (B, H_kv, S, D) and the recorded projection outputs
-    of their newest T tokens, before the attention kernel. With ``summary``, raises the hull in
-    ``checks`` to [-min; max] of V over the keys and returns aux (B, H_kv, S, 16) = [1, V·1 (two
-    parts), 0…] per key in V's dtype (a placeholder otherwise). Writes the newest k's and v's excess
-    over their recorded stats into the kv rows of ``checks`` and raises its peak."""
-    batch, kv_heads, keys, dim = value.shape
+    of their newest T tokens, before the attention kernel. Where a check reads V's summary, raises the
+    hull in ``checks`` to [-min; max] of V over the keys and returns its aux (B, H_kv, S, 16) = [1, V·1
+    (two parts), 0…] per key in V's dtype (otherwise its state, never read). Writes the newest k's and
+    v's excess over their recorded stats into the kv rows of ``checks`` and raises its peak."""
     state = checks.state
-    aux = value.new_empty(batch, kv_heads, keys, 16) if summary else state  # (or never read)
-    outputs = {loc: _unit_stride(recorded[loc].out) for loc in "kv" if loc in recorded}
+    k_out, v_out = (_unit_stride(recorded[loc].out) if loc in recorded else None for loc in "kv")
     weights, *weight_strides = _rotary_weights(recorded.get("k"))
-    block_s, warps = PASS_TILES
-    roles = 1 + ("k" in recorded)  # V's summary and the v check; the k check
     _kernels().row_pass(
-        (batch * kv_heads, -(-keys // block_s), roles),
-        key,
-        value,
-        aux,
-        state,
-        *(outputs.get(loc, state) for loc in "kv"),
-        state if weights is None else weights,
-        *key.stride()[:3],
-        *value.stride()[:3],
-        *(stride for loc in "kv" for stride in (outputs[loc].stride()[:2] if loc in outputs else (0, 0))),
-        *weight_strides,
-        checks.kv_rows_at,
-        checks.peak_at,
-        keys,
-        checks.tokens,
-        *slack,
-        KV_HEADS=kv_heads,
-        D=dim,
-        D_PAD=dot_size(dim),
-        BLOCK_S=block_s,
-        SUMMARY=summary,
-        NK=recorded["k"].columns if "k" in recorded else 0,
-        NV=recorded["v"].columns if "v" in recorded else 0,
-        WEIGHTED=weights is not None,
-        num_warps=warps,
-    )
-    return aux
+        launch.grid,
+        (key, value, checks.aux, state, state if k_out is None else k_out, state if v_out is None else v_out,
+         state if weights is None else weights),
+        (*key.stride()[:3], *value.stride()[:3], *_row_strides(k_out), *_row_strides(v_out), *weight_strides,
+         *launch.scalars),
+        launch.constants,
+    )  # fmt: skip
+    return checks.aux
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _row_strides(x: torch.Tensor | None) -> tuple[int, int]:
+    """The (batch, token) strides of a recorded (B, T, H·D) output, (0, 0) for none."""
+    return (0, 0) if x is None else x.stride()[:2]
 
 
 def _rotary_weights(recorded: Recorded | None) -> tuple[torch.Tensor | None, int, int]:
@@ -183,6 +192,68 @@ def _rotary_weights(recorded: Recorded | None) -> tuple[torch.Tensor | None, int
     return weights, 0 if weights.shape[0] == 1 else weights.stride(0), weights.stride(1)
 
 
+@lru_cache(maxsize=256)
+def _plan(
+    query: torch.Size,
+    key: torch.Size,
+    dtype: torch.dtype,
+    device: torch.device,
+    scaling: float,
+    causal: bool,
+    enabled: tuple[bool, bool, bool],
+    recorded: tuple[tuple[int, bool] | None, ...],
+    tiles: tuple[int, int, int, int, int | None] | None,
+) -> _Plan:
+    """Everything of a call that follows from its shapes and options (``recorded``: per q, k, v, None or
+    (columns compared, whether the sum is weighted)), worked out once per distinct call."""
+    batch, heads, tokens, dim = query
+    kv_heads, keys = key[1], key[2]
+    q_rec, k_rec, v_rec = recorded
+    names = tuple(name for name, on in zip(CHECKS, (*enabled, q_rec is not None), strict=True) if on)
+    names += tuple(f"qkv_{loc}" for loc, r in zip("kv", (k_rec, v_rec), strict=True) if r is not None)
+    summary = any(enabled)  # V's aux and hull, which the checks read
+    aux = ((batch, kv_heads, keys, 16), dtype) if summary else None
+    layout = Layout(batch, heads, kv_heads, tokens, dim, names, aux)
+    eps = torch.finfo(dtype).eps
+    slack = qkv_slack(dim, dtype)  # q/k/v, for the norm and the sum
+    sizes = (("D", dim), ("D_PAD", dot_size(dim)))
+    pass_launch = None
+    if summary or k_rec is not None or v_rec is not None:
+        block_s, warps = PASS_TILES
+        pass_constants = (
+            ("KV_HEADS", kv_heads),
+            *sizes,
+            ("BLOCK_S", block_s),
+            ("SUMMARY", summary),
+            ("NK", k_rec[0] if k_rec else 0),
+            ("NV", v_rec[0] if v_rec else 0),
+            ("WEIGHTED", bool(k_rec and k_rec[1])),
+            ("num_warps", warps),
+        )
+        roles = 1 + (k_rec is not None)  # V's summary and the v check; the k check
+        pass_grid = (batch * kv_heads, -(-keys // block_s), roles)
+        pass_launch = _Launch(pass_grid, (layout.kv_rows_at, layout.peak_at, keys, tokens, *slack), pass_constants)
+    checked = (summary or q_rec is not None) and dim <= CHECKED_TILES_MAX_DIM
+    block_m, block_n, warps, stages, max_registers = tiles or (CHECKED_TILES if checked else TILES)
+    constants = (
+        ("HEADS", heads),
+        ("GROUP", heads // kv_heads),
+        *sizes,
+        ("BLOCK_M", block_m),
+        ("BLOCK_N", block_n),
+        ("CAUSAL", causal),
+        ("ENABLED", sum(bit for bit, on in zip((1, 2, 4), enabled, strict=True) if on)),
+        ("NQ", q_rec[0] if q_rec else 0),
+        ("WEIGHTED", bool(q_rec and q_rec[1])),
+        ("PRECISION", "ieee" if dtype == torch.float32 else "tf32"),
+        ("num_warps", warps),
+        ("num_stages", stages),
+        *((("maxnreg", max_registers),) if max_registers else ()),
+    )
+    scalars = (layout.rows_at, layout.peak_at, tokens, keys, scaling, eps, *slack)
+    return _Plan(layout, pass_launch, _Launch((-(-tokens // block_m), batch * heads), scalars, constants))
+
+
 def checked_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -190,70 +261,41 @@ def checked_attention(
     scaling: float,
     causal: bool,
     enabled: tuple[bool, bool, bool],
-    recorded: dict[str, Recorded | None],
+    recorded: dict[str, Recorded],
     tiles: tuple[int, int, int, int, int | None] | None = None,
+    reuse: Checks | None = None,
 ) -> tuple[torch.Tensor, Checks]:
     """Attention output (B, T, H, D) of q (B, H, T, D) and k, v (B, H_kv, S, D), and the ``Checks``
     of the call.
 
-    ``enabled``: abft_output, softmax, output_bound; ``recorded``: the projections' outputs that q and
-    the newest T tokens' k and v came from (qkv.Recorded, covering exactly those T tokens, as do the
-    rotary weights), or None where there is none; ``tiles`` (BLOCK_M, BLOCK_N, warps, stages, register
-    cap) overrides the built-in choice, for tuning."""
-    batch, heads, tokens, dim = query.shape
-    kv_heads, keys = key.shape[1], key.shape[2]
+    ``enabled``: abft_output, softmax, output_bound; ``recorded``: by "q", "k", "v", the projections'
+    outputs that q and the newest T tokens' k and v came from, where they were recorded (qkv.Recorded,
+    covering exactly those T tokens, as do the rotary weights); ``tiles`` (BLOCK_M, BLOCK_N, warps, stages, register
+    cap) overrides the built-in choice, for tuning; ``reuse``: the Checks of an earlier call whose
+    results are no longer needed, whose buffers this call overwrites where its layout fits."""
     query, key, value = _unit_stride(query), _unit_stride(key), _unit_stride(value)
-    given = {loc: r for loc, r in recorded.items() if r is not None}
-    names = tuple(name for name, on in zip(CHECKS, (*enabled, "q" in given), strict=True) if on)
-    names += tuple(f"qkv_{loc}" for loc in "kv" if loc in given)
-    checks = Checks.allocate(batch, heads, kv_heads, tokens, dim, names, query.device)
-    state = checks.state
-    out = query.new_empty(batch, tokens, heads, dim)
-    summary = any(enabled)  # V's aux and hull, which the checks read
-    eps = torch.finfo(query.dtype).eps
-    slack = qkv_slack(dim, query.dtype)  # q/k/v, for the norm and the sum
-    aux = state  # a placeholder (never read) when no check needs the summary
-    if summary or "k" in given or "v" in given:
-        aux = row_pass(key, value, checks, summary, given, slack)
-    q_rec = _unit_stride(given["q"].out) if "q" in given else state  # (or never read)
-    q_weights, *q_weight_strides = _rotary_weights(given.get("q"))
-    checked = (summary or "q" in given) and dim <= CHECKED_TILES_MAX_DIM
-    block_m, block_n, warps, stages, max_registers = tiles or (CHECKED_TILES if checked else TILES)
-    _kernels().attention(
-        (-(-tokens // block_m), batch * heads),
-        query,
-        key,
-        value,
-        out,
-        aux,
-        state,
-        q_rec,
-        state if q_weights is None else q_weights,
-        *query.stride()[:3],
-        *(q_rec.stride()[:2] if "q" in given else (0, 0)),
-        *q_weight_strides,
-        *key.stride()[:3],
-        *value.stride()[:3],
-        checks.rows_at,
-        checks.peak_at,
-        tokens,
-        keys,
-        scaling,
-        eps,
-        *slack,
-        HEADS=heads,
-        GROUP=heads // kv_heads,
-        D=dim,
-        D_PAD=dot_size(dim),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        CAUSAL=causal,
-        ENABLED=sum(bit for bit, on in zip((1, 2, 4), enabled, strict=True) if on),
-        NQ=given["q"].columns if "q" in given else 0,
-        WEIGHTED=q_weights is not None,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=warps,
-        num_stages=stages,
-        **({"maxnreg": max_registers} if max_registers else {}),
+    signature = tuple(
+        (recorded[loc].columns, recorded[loc].weights is not None) if loc in recorded else None for loc in "qkv"
     )
+    plan = _plan(query.shape, key.shape, query.dtype, query.device, scaling, causal, enabled, signature, tiles)
+    checks = reuse if reuse is not None and reuse.layout is plan.layout else Checks.allocate(plan.layout, query.device)
+    if plan.layout.names:
+        checks.start.fill_(float("-inf"))
+    batch, heads, tokens, dim = query.shape
+    out = query.new_empty(batch, tokens, heads, dim)
+    aux = checks.aux  # the state (never read) when no check needs V's summary
+    if plan.row_pass is not None:
+        aux = row_pass(key, value, checks, plan.row_pass, recorded)
+    state = checks.state
+    q_rec = _unit_stride(recorded["q"].out) if "q" in recorded else None
+    q_weights, *q_weight_strides = _rotary_weights(recorded.get("q"))
+    launch = plan.attention
+    _kernels().attention(
+        launch.grid,
+        (query, key, value, out, aux, state, state if q_rec is None else q_rec,
+         state if q_weights is None else q_weights),
+        (*query.stride()[:3], *_row_strides(q_rec), *q_weight_strides, *key.stride()[:3], *value.stride()[:3],
+         *launch.scalars),
+        launch.constants,
+    )  # fmt: skip
     return out, checks

@@ -256,6 +256,7 @@ with armed(model, None, DetectorConfig(fused=True)) as hooks:
 print(json.dumps(result))
 """
 
+
 def _interpreted(code: str) -> object:
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

@@ -21,7 +21,6 @@ from typing import Protocol
 
 import torch
 
-
 CHUNK_BYTES = 1 << 28  # the largest temporary of output_bound, which would otherwise be (B, H, T, S, D)
 
 

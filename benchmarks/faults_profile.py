@@ -81,19 +81,25 @@ def check_costs(batch: int, seq: int) -> dict[str, dict[str, float]]:
     }
     costs = {"sdpa": {"call": gpu_us(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))}}
     for name, (enabled, given) in variants.items():
-        kernels = kernel_us(lambda e=enabled, g=given: checked.checked_attention(q, k, v, 0.125, True, e, g))
+        kernels = kernel_us(
+            lambda e=enabled, g=given: checked.checked_attention(q, k, v, 0.125, True, e, g, folded=False)
+        )
         costs[name] = {"attention": kernels.get("checked_attention_kernel", 0.0), "call": sum(kernels.values())}
     for tiles in ((64, 64, 4, 3, None), (64, 64, 4, 2, None), (64, 64, 4, 3, 128), (64, 32, 4, 3, 128)):
-        step = partial(checked.checked_attention, q, k, v, 0.125, True, (True, True, True), recorded, tiles=tiles)
+        step = partial(
+            checked.checked_attention, q, k, v, 0.125, True, (True, True, True), recorded, tiles=tiles, folded=False
+        )
         costs["all_" + "x".join(map(str, tiles))] = {"call": gpu_us(step)}
     built_in = checked.PASS_TILES
     for pass_tiles in ((16, 2), (64, 4), (32, 4), (64, 8), (128, 4)):
         checked.PASS_TILES = pass_tiles
         checked._plan.cache_clear()  # plans hold the pass's tiles
-        step = partial(checked.checked_attention, q, k, v, 0.125, True, (True, True, True), recorded)
+        step = partial(checked.checked_attention, q, k, v, 0.125, True, (True, True, True), recorded, folded=False)
         costs["all_pass_" + "x".join(map(str, pass_tiles))] = {"call": gpu_us(step)}
     checked.PASS_TILES = built_in
     checked._plan.cache_clear()
+    step = partial(checked.checked_attention, q, k, v, 0.125, True, (True, True, True), recorded, folded=True)
+    costs["all_folded"] = {"call": gpu_us(step)}
     return costs
 
 

@@ -94,7 +94,7 @@ print(json.dumps({{
 """
 
 CHECKED_ATTENTION = """
-import json, sys, torch
+import itertools, json, sys, torch
 sys.path.insert(0, {tests!r})
 import adaplex.kernels.checked_attention as checked
 from adaplex.faults.bits import flip_bit
@@ -119,30 +119,41 @@ for dim in (16, 24):
         k, v = torch.cat([cached_k, rotate(k_new, cos, sin)], 2), torch.cat([cached_v, v_new], 2)
         weights = qkv.rotated_sum_weights(cos, sin)
         sources = {{"q": recorded(q, weights), "k": recorded(k_new, weights), "v": recorded(v_new)}}
-        out, found = checked.checked_attention(
-            rotate(q, cos, sin), k, v, dim**-0.5, causal, (True, True, True), sources
-        )
         mask = torch.ones(5, keys, dtype=torch.bool).tril(keys - 5) if causal else None
         expected = torch.nn.functional.scaled_dot_product_attention(
             rotate(q, cos, sin), k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), mask, scale=dim**-0.5
         ).transpose(1, 2)
-        diff = (out - expected).abs().max().item()
-        direct[f"{{dim}}-{{int(causal)}}"] = [diff, found.peak().item(), sorted(found.excess())]
+        excess = {{}}
+        for folded in (False, True):
+            out, found = checked.checked_attention(
+                rotate(q, cos, sin), k, v, dim**-0.5, causal, (True, True, True), sources, folded=folded
+            )
+            diff = (out - expected).abs().max().item()
+            excess[folded] = found.excess()
+            case = f"{{dim}}-{{int(causal)}}-{{int(folded)}}"
+            direct[case] = [diff, found.peak().max().item(), sorted(excess[folded])]
+        # the same checks either way; the hull (output_bound's slack and abft's) is the keys' each program saw
+        agree = [name for name in excess[False] if causal and name in ("abft_output", "output_bound")
+                 or torch.allclose(excess[False][name], excess[True][name], rtol=1e-5, atol=1e-6)]
+        direct[f"{{dim}}-{{int(causal)}}-agree"] = sorted(agree)
 result = {{}}
 calls = []
 launch = checked.checked_attention
 checked.checked_attention = lambda *a, **k: calls.append(1) or launch(*a, **k)
+fold_work = checked.FOLD_WORK  # tiny models fold; 0: none does
 for family in ("llama", "qwen3", "gpt2", "bert"):  # qwen3: q and k recorded after a per-head norm
     model = tiny.FAMILIES[family]()
-    worst, found = 0.0, []
-    for seed in range(3):
-        inputs = {{"input_ids": tiny.tokens(batch=2, length=12, seed=seed)}}
-        plain = logits_of(model, inputs)
-        with armed(model, None, DetectorConfig(fused=True)) as hooks:
-            checked_logits = logits_of(model, inputs)
-        worst = max(worst, (checked_logits - plain).abs().max().item())
-        found += [d.detector for h in hooks for d in h.detections]
-    result[family] = {{"max_diff": worst, "false_positives": found}}
+    for checked.FOLD_WORK in (fold_work, 0):
+        worst, found = 0.0, []
+        for seed in range(3):
+            inputs = {{"input_ids": tiny.tokens(batch=2, length=12, seed=seed)}}
+            plain = logits_of(model, inputs)
+            with armed(model, None, DetectorConfig(fused=True)) as hooks:
+                checked_logits = logits_of(model, inputs)
+            worst = max(worst, (checked_logits - plain).abs().max().item())
+            found += [d.detector for h in hooks for d in h.detections]
+        result[f"{{family}}-{{int(checked.FOLD_WORK > 0)}}"] = {{"max_diff": worst, "false_positives": found}}
+checked.FOLD_WORK = fold_work
 kernel_calls = len(calls)
 from transformers import LlamaConfig, LlamaForCausalLM  # heads above MAX_HEAD_DIM keep the padded path
 wide = LlamaForCausalLM(LlamaConfig(**{{**tiny.LLAMA_LIKE, "head_dim": 2 * checked.MAX_HEAD_DIM}})).eval()
@@ -150,8 +161,9 @@ inputs = {{"input_ids": tiny.tokens(batch=1, length=6)}}
 with armed(wide, None, DetectorConfig(fused=True)) as hooks:
     logits_of(wide, inputs)
 result["wide_heads"] = {{"kernel_calls": len(calls) - kernel_calls, "detections": len(detections_of(hooks))}}
-model = tiny.llama()  # q, k or v corrupted between its projection and the attention kernel
-for location, index, bit in [("q", 0, 30), ("k", 1, 30), ("v", 2, 29)]:
+model = tiny.llama()  # q, k or v corrupted between its projection and the attention kernel, folded or not
+flips = [("q", 0, 30), ("k", 1, 30), ("v", 2, 29)]
+for (location, index, bit), checked.FOLD_WORK in itertools.product(flips, (0, fold_work)):
     def faulty(query, key, value, *args, location=location, index=index, bit=bit, **options):
         tensors = dict(q=query, k=key, v=value)
         if not faulty.done:  # layer 0 only: sample 0, head index % heads, token 3, feature 2
@@ -164,8 +176,11 @@ for location, index, bit in [("q", 0, 30), ("k", 1, 30), ("v", 2, 29)]:
     checked.checked_attention = faulty
     with armed(model, None, DetectorConfig(fused=True)) as hooks:
         logits_of(model, {{"input_ids": tiny.tokens(batch=1, length=6)}})
-    result[location] = [[d.layer, d.head, d.detector, list(d.location)] for h in hooks for d in h.detections]
+    result[f"{{location}}-{{int(checked.FOLD_WORK > 0)}}"] = [
+        [d.layer, d.head, d.detector, list(d.location)] for h in hooks for d in h.detections
+    ]
 checked.checked_attention = launch
+checked.FOLD_WORK = 0  # the row pass's outputs corrupted: calls with a pass
 row_pass = checked.row_pass
 shift = torch.tensor([0.0, 4.0] + [0.0] * 14)  # added to V·1 in aux = [1, V·1, 0…]
 def shrunk(key, value, checks, *args):  # the hull [-min; max] shrunk to a quarter
@@ -179,7 +194,7 @@ for name, corrupt in corruptions.items():
         logits_of(model, {{"input_ids": tiny.tokens(batch=1, length=6)}})
     result[name] = sorted({{d.detector for h in hooks for d in h.detections}})
 checked.row_pass = row_pass
-flips = {{k: result.pop(k) for k in ("q", "k", "v", "abft_output", "output_bound", "wide_heads")}}
+flips = {{k: result.pop(k) for k in list(result) if not k.split("-")[0] in tiny.FAMILIES}}
 found = {{"families": result, "kernel_calls": kernel_calls, "direct": direct}}
 print(json.dumps({{**found, **flips}}))
 """
@@ -213,7 +228,7 @@ expected = torch.nn.functional.scaled_dot_product_attention(
 result = {}
 for name, run in cases.items():
     checked.row_pass = run
-    out, found = checked.checked_attention(q, k, v, 32**-0.5, False, (True, True, True), {})
+    out, found = checked.checked_attention(q, k, v, 32**-0.5, False, (True, True, True), {}, folded=False)
     result[name] = {c: e.max().item() for c, e in found.excess().items()}
     result[name]["diff"] = (out.float() - expected).abs().max().item()
 print(json.dumps(result))
@@ -285,18 +300,26 @@ def test_siblings_on_one_input_share_one_launch_and_equal_the_matmul_path():
 
 
 def test_checked_attention_kernel_matches_sdpa_and_catches_corrupted_qkv():
+    """With a row pass and folded (the attention kernel computing V's summary and hull and checking k
+    and v itself): outputs equal SDPA's, clean calls pass, and the checks compute the same excess."""
     result = _interpreted(CHECKED_ATTENTION.format(tests=str(TESTS)))
-    assert len(result["direct"]) == 4
-    for case, (diff, peak, checks) in result["direct"].items():
+    direct = {case: found for case, found in result["direct"].items() if not case.endswith("agree")}
+    assert len(direct) == 8
+    for case, (diff, peak, checks) in direct.items():
         assert diff < 1e-5 and peak <= 0, case
         assert checks == ["abft_output", "output_bound", "qkv_k", "qkv_q", "qkv_v", "softmax"], case
-    assert result["kernel_calls"] == 4 * 3 * 2  # families x seeds x layers: every checked call ran the kernel
+    for case, agree in result["direct"].items():
+        if case.endswith("agree"):
+            assert agree == ["abft_output", "output_bound", "qkv_k", "qkv_q", "qkv_v", "softmax"], case
+    assert result["kernel_calls"] == 4 * 2 * 3 * 2  # families x modes x seeds x layers: every call ran the kernel
+    assert len(result["families"]) == 8
     for family, found in result["families"].items():
         assert found["max_diff"] < 1e-5, family
         assert found["false_positives"] == [], family
-    assert [0, 0, "qkv_q", [0, 3]] in result["q"]
-    assert [0, 1, "qkv_k", [0, 3]] in result["k"]
-    assert [0, 0, "qkv_v", [0, 3]] in result["v"]
+    for folded in "01":
+        assert [0, 0, "qkv_q", [0, 3]] in result[f"q-{folded}"]
+        assert [0, 1, "qkv_k", [0, 3]] in result[f"k-{folded}"]
+        assert [0, 0, "qkv_v", [0, 3]] in result[f"v-{folded}"]
     assert result["abft_output"] == ["abft_output"]  # checksums that disagree with V·1
     assert result["output_bound"] == ["output_bound"]  # a hull that does not hold the output
     assert result["wide_heads"] == {"kernel_calls": 0, "detections": 0}

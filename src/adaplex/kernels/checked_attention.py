@@ -44,6 +44,8 @@ MAX_HEAD_DIM = 128  # larger heads exceed the tiles' registers and shared memory
 TILES = (64, 64, 4, 3, None)
 CHECKED_TILES = (64, 64, 4, 2, 128)
 CHECKED_TILES_MAX_DIM = 64
+FOLDED_TILES = (64, 64, 8, 2, None)  # a folded call's: it keeps V's summary and hull in registers too (no spills)
+FOLD_WORK = 2**31  # B·H·T·S·D up to which a call folds its row pass into the attention kernel (``folds``)
 PASS_TILES = (32, 2)  # BLOCK_S, warps of the pass over the keys (from the sweep in faults_profile.py)
 CHECKS = ("abft_output", "softmax", "output_bound", "qkv_q")  # the columns of ``checks``
 
@@ -70,8 +72,9 @@ def _kernels() -> _Kernels | None:
 class Layout(NamedTuple):
     """Where a call's results lie in its float32 state: [hull (B, H_kv, 2, D): [-min; max] of V | peak
     (1,) | 15 unused | rows (B, H, T, 4): the CHECKS' excess per query row | kv rows (2, B, H_kv, T):
-    qkv_k's and qkv_v's per newest token], and the shape of its aux (B, H_kv, S, 16), in V's dtype
-    (None: no check reads V's summary)."""
+    qkv_k's and qkv_v's per newest token | worst (programs,): a folded call's largest excess per
+    program, in place of the hull and the peak], and the shape of its aux (B, H_kv, S, 16), in V's
+    dtype (None: no row pass writes one)."""
 
     batch: int
     heads: int
@@ -80,6 +83,7 @@ class Layout(NamedTuple):
     dim: int
     names: tuple[str, ...]  # the checks that run: CHECKS' names, then qkv_k and qkv_v
     aux: tuple[tuple[int, ...], torch.dtype] | None
+    programs: int  # of a folded call's attention kernel; 0: the call has a row pass
 
     @property
     def peak_at(self) -> int:
@@ -94,14 +98,19 @@ class Layout(NamedTuple):
         return self.rows_at + self.batch * self.heads * self.tokens * 4
 
     @property
-    def size(self) -> int:
+    def worst_at(self) -> int:
         return self.kv_rows_at + 2 * self.batch * self.kv_heads * self.tokens
+
+    @property
+    def size(self) -> int:
+        return self.worst_at + self.programs
 
 
 class Checks(NamedTuple):
     """A call's buffers: what it checked (``state``, laid out as ``layout`` says) and the row pass's aux
     for the attention kernel (the state where there is none). ``start``, the hull and the peak, where
-    atomic maxima start, is filled with -inf by each call; the kernels write every row that is read.
+    atomic maxima start, is filled with -inf by each call with a row pass; the kernels write every row
+    that is read, and a folded call's every worst slot.
     The views of the results are made only when asked for: each costs host time, which a host-bound
     forward pays in full. A later call of the same layout may reuse the buffers (``checked_attention``'s
     ``reuse``) once these results are no longer needed."""
@@ -109,21 +118,24 @@ class Checks(NamedTuple):
     state: torch.Tensor
     aux: torch.Tensor
     start: torch.Tensor
+    peaks: torch.Tensor  # the peak, or a folded call's worst slots: made once, as every forward reads them
     layout: Layout
 
     @classmethod
     def allocate(cls, layout: Layout, device: torch.device) -> Checks:
         state = torch.empty(layout.size, device=device)
         aux = state if layout.aux is None else torch.empty(layout.aux[0], dtype=layout.aux[1], device=device)
-        return cls(state, aux, state[: layout.peak_at + 1], layout)
+        peaks = state[layout.worst_at :] if layout.programs else state[layout.peak_at : layout.peak_at + 1]
+        return cls(state, aux, state[: layout.peak_at + 1], peaks, layout)
 
     @property
     def names(self) -> tuple[str, ...]:
         return self.layout.names
 
     def peak(self) -> torch.Tensor:
-        """(1,): the largest excess of every check of the call (> 0, or NaN: one failed)."""
-        return self.start[self.layout.peak_at :]
+        """(1,), or one per program of a folded call: the largest excess of the call's checks (> 0, or
+        NaN: one failed)."""
+        return self.peaks
 
     def hull(self) -> torch.Tensor:
         batch, _, kv_heads, _, dim, *_ = self.layout
@@ -131,9 +143,9 @@ class Checks(NamedTuple):
 
     def excess(self) -> dict[str, torch.Tensor]:
         """Each check's excess over its tolerance: (B, H, T) for the CHECKS, (B, H_kv, T) for qkv_k, qkv_v."""
-        batch, heads, kv_heads, tokens, _, names, _ = self.layout
+        batch, heads, kv_heads, tokens, _, names, *_ = self.layout
         rows = self.state[self.layout.rows_at : self.layout.kv_rows_at].view(batch, heads, tokens, len(CHECKS))
-        kv_rows = self.state[self.layout.kv_rows_at :].view(2, batch, kv_heads, tokens)
+        kv_rows = self.state[self.layout.kv_rows_at : self.layout.worst_at].view(2, batch, kv_heads, tokens)
         found = {name: rows[..., i] for i, name in enumerate(CHECKS) if name in names}
         found.update({name: kv_rows[i] for i, name in enumerate(("qkv_k", "qkv_v")) if name in names})
         return found
@@ -160,17 +172,23 @@ def row_pass(key: torch.Tensor, value: torch.Tensor, checks: Checks, launch: _La
     (two parts), 0…] per key in V's dtype (otherwise its state, never read). Writes the newest k's and
     v's excess over their recorded stats into the kv rows of ``checks`` and raises its peak."""
     state = checks.state
-    k_out, v_out = (_unit_stride(recorded[loc].out) if loc in recorded else None for loc in "kv")
-    weights, *weight_strides = _rotary_weights(recorded.get("k"))
+    sources, source_strides = _kv_sources(recorded, state)
     _kernels().row_pass(
         launch.grid,
-        (key, value, checks.aux, state, state if k_out is None else k_out, state if v_out is None else v_out,
-         state if weights is None else weights),
-        (*key.stride()[:3], *value.stride()[:3], *_row_strides(k_out), *_row_strides(v_out), *weight_strides,
-         *launch.scalars),
+        (key, value, checks.aux, state, *sources),
+        (*key.stride()[:3], *value.stride()[:3], *source_strides, *launch.scalars),
         launch.constants,
-    )  # fmt: skip
+    )
     return checks.aux
+
+
+def _kv_sources(recorded: dict[str, Recorded], placeholder: torch.Tensor) -> tuple[tuple, tuple]:
+    """The recorded k and v projection outputs and k's rotated-sum weights (``placeholder`` where there
+    are none), and their (batch, token) strides: what the kernels take to check the newest k and v."""
+    k_out, v_out = (_unit_stride(recorded[loc].out) if loc in recorded else None for loc in "kv")
+    weights, *weight_strides = _rotary_weights(recorded.get("k"))
+    tensors = tuple(placeholder if t is None else t for t in (k_out, v_out, weights))
+    return tensors, (*_row_strides(k_out), *_row_strides(v_out), *weight_strides)
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
@@ -203,6 +221,7 @@ def _plan(
     enabled: tuple[bool, bool, bool],
     recorded: tuple[tuple[int, bool] | None, ...],
     tiles: tuple[int, int, int, int, int | None] | None,
+    folded: bool,
 ) -> _Plan:
     """Everything of a call that follows from its shapes and options (``recorded``: per q, k, v, None or
     (columns compared, whether the sum is weighted)), worked out once per distinct call."""
@@ -212,29 +231,32 @@ def _plan(
     names = tuple(name for name, on in zip(CHECKS, (*enabled, q_rec is not None), strict=True) if on)
     names += tuple(f"qkv_{loc}" for loc, r in zip("kv", (k_rec, v_rec), strict=True) if r is not None)
     summary = any(enabled)  # V's aux and hull, which the checks read
-    aux = ((batch, kv_heads, keys, 16), dtype) if summary else None
-    layout = Layout(batch, heads, kv_heads, tokens, dim, names, aux)
+    checked = (summary or q_rec is not None) and dim <= CHECKED_TILES_MAX_DIM
+    block_m, block_n, warps, stages, max_registers = tiles or (
+        FOLDED_TILES if folded else CHECKED_TILES if checked else TILES
+    )
+    grid = (-(-tokens // block_m), batch * heads)
+    aux = ((batch, kv_heads, keys, 16), dtype) if summary and not folded else None
+    layout = Layout(batch, heads, kv_heads, tokens, dim, names, aux, grid[0] * grid[1] if folded else 0)
     eps = torch.finfo(dtype).eps
     slack = qkv_slack(dim, dtype)  # q/k/v, for the norm and the sum
     sizes = (("D", dim), ("D_PAD", dot_size(dim)))
+    kv_checks = (("NK", k_rec[0] if k_rec else 0), ("NV", v_rec[0] if v_rec else 0))
     pass_launch = None
-    if summary or k_rec is not None or v_rec is not None:
+    if not folded and (summary or k_rec is not None or v_rec is not None):
         block_s, warps = PASS_TILES
         pass_constants = (
             ("KV_HEADS", kv_heads),
             *sizes,
             ("BLOCK_S", block_s),
             ("SUMMARY", summary),
-            ("NK", k_rec[0] if k_rec else 0),
-            ("NV", v_rec[0] if v_rec else 0),
+            *kv_checks,
             ("WEIGHTED", bool(k_rec and k_rec[1])),
             ("num_warps", warps),
         )
         roles = 1 + (k_rec is not None)  # V's summary and the v check; the k check
         pass_grid = (batch * kv_heads, -(-keys // block_s), roles)
         pass_launch = _Launch(pass_grid, (layout.kv_rows_at, layout.peak_at, keys, tokens, *slack), pass_constants)
-    checked = (summary or q_rec is not None) and dim <= CHECKED_TILES_MAX_DIM
-    block_m, block_n, warps, stages, max_registers = tiles or (CHECKED_TILES if checked else TILES)
     constants = (
         ("HEADS", heads),
         ("GROUP", heads // kv_heads),
@@ -246,12 +268,25 @@ def _plan(
         ("NQ", q_rec[0] if q_rec else 0),
         ("WEIGHTED", bool(q_rec and q_rec[1])),
         ("PRECISION", "ieee" if dtype == torch.float32 else "tf32"),
+        ("FOLDED", folded),
+        *(kv_checks if folded else (("NK", 0), ("NV", 0))),
+        ("WEIGHTED_K", folded and bool(k_rec and k_rec[1])),
         ("num_warps", warps),
         ("num_stages", stages),
         *((("maxnreg", max_registers),) if max_registers else ()),
     )
-    scalars = (layout.rows_at, layout.peak_at, tokens, keys, scaling, eps, *slack)
-    return _Plan(layout, pass_launch, _Launch((-(-tokens // block_m), batch * heads), scalars, constants))
+    scalars = (layout.rows_at, layout.peak_at, layout.kv_rows_at, layout.worst_at, tokens, keys, scaling, eps, *slack)
+    return _Plan(layout, pass_launch, _Launch(grid, scalars, constants))
+
+
+def folds(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether a call folds the row pass into the attention kernel: where the attention is small
+    (B·H·T·S·D up to FOLD_WORK) and 16-bit, so that the host's launch of the pass would cost more than
+    the GPU time the fold adds, and never while a CUDA graph is captured, whose replays launch nothing."""
+    batch, heads, tokens, dim = query.shape
+    if query.dtype == torch.float32 or batch * heads * tokens * key.shape[2] * dim > FOLD_WORK:
+        return False  # (float32 tiles would spill registers with the fold's)
+    return not (query.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def checked_attention(
@@ -264,6 +299,7 @@ def checked_attention(
     recorded: dict[str, Recorded],
     tiles: tuple[int, int, int, int, int | None] | None = None,
     reuse: Checks | None = None,
+    folded: bool | None = None,
 ) -> tuple[torch.Tensor, Checks]:
     """Attention output (B, T, H, D) of q (B, H, T, D) and k, v (B, H_kv, S, D), and the ``Checks``
     of the call.
@@ -272,14 +308,17 @@ def checked_attention(
     outputs that q and the newest T tokens' k and v came from, where they were recorded (qkv.Recorded,
     covering exactly those T tokens, as do the rotary weights); ``tiles`` (BLOCK_M, BLOCK_N, warps, stages, register
     cap) overrides the built-in choice, for tuning; ``reuse``: the Checks of an earlier call whose
-    results are no longer needed, whose buffers this call overwrites where its layout fits."""
+    results are no longer needed, whose buffers this call overwrites where its layout fits; ``folded``
+    overrides ``folds``: one launch, the attention kernel computing V's summary and hull from the V
+    blocks it loads (over the keys each program sees) and checking the newest k and v rows itself."""
     query, key, value = _unit_stride(query), _unit_stride(key), _unit_stride(value)
     signature = tuple(
         (recorded[loc].columns, recorded[loc].weights is not None) if loc in recorded else None for loc in "qkv"
     )
-    plan = _plan(query.shape, key.shape, query.dtype, query.device, scaling, causal, enabled, signature, tiles)
+    folded = folds(query, key) if folded is None else folded
+    plan = _plan(query.shape, key.shape, query.dtype, query.device, scaling, causal, enabled, signature, tiles, folded)
     checks = reuse if reuse is not None and reuse.layout is plan.layout else Checks.allocate(plan.layout, query.device)
-    if plan.layout.names:
+    if plan.layout.names and not folded:
         checks.start.fill_(float("-inf"))
     batch, heads, tokens, dim = query.shape
     out = query.new_empty(batch, tokens, heads, dim)
@@ -290,12 +329,13 @@ def checked_attention(
     q_rec = _unit_stride(recorded["q"].out) if "q" in recorded else None
     q_weights, *q_weight_strides = _rotary_weights(recorded.get("q"))
     launch = plan.attention
+    kv_sources, kv_strides = _kv_sources(recorded if folded else {}, state)
     _kernels().attention(
         launch.grid,
         (query, key, value, out, aux, state, state if q_rec is None else q_rec,
-         state if q_weights is None else q_weights),
+         state if q_weights is None else q_weights, *kv_sources),
         (*query.stride()[:3], *_row_strides(q_rec), *q_weight_strides, *key.stride()[:3], *value.stride()[:3],
-         *launch.scalars),
+         *kv_strides, *launch.scalars),
         launch.constants,
     )  # fmt: skip
     return out, checks

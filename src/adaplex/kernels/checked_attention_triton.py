@@ -56,6 +56,8 @@ def _attend_block(
     k_base,
     v_base,
     aux_base,
+    hull_low,
+    hull_high,
     start,
     rows,
     dims,
@@ -71,8 +73,12 @@ def _attend_block(
     MASK_DIMS: tl.constexpr,
     ENABLED: tl.constexpr,
     PRECISION: tl.constexpr,
+    FOLDED: tl.constexpr,
 ):
-    """One key block of the online softmax: acc += P V, sums += P [1 | V·1 (two parts) | 0…] (both rescaled)."""
+    """One key block of the online softmax: acc += P V, sums += P [1 | V·1 (two parts) | 0…] (both
+    rescaled). FOLDED: the summary rows come from the V block just loaded, and the hull (hull_low: -min,
+    hull_high: max, (D_PAD,)) of V over the blocks seen is raised by this one (else the row pass's aux
+    is loaded)."""
     cols = start + tl.arange(0, BLOCK_N)
     col_ok = cols < keys
     k = _load_rows(k_base, cols, stride_ks, dims, col_ok, dim_ok, MASKED, MASK_DIMS)
@@ -92,9 +98,35 @@ def _attend_block(
     p_low = p.to(v.dtype)
     acc = tl.dot(p_low, v, acc * alpha[:, None], input_precision=PRECISION)
     if ENABLED & 3:  # one small product on the tensor cores: P aux (BLOCK_M, 16)
-        aux = _load_rows(aux_base, cols, 16, tl.arange(0, 16), col_ok, dim_ok, MASKED, False)
+        if FOLDED:
+            aux = _summary(v.to(tl.float32), v.dtype).to(v.dtype)
+        else:
+            aux = _load_rows(aux_base, cols, 16, tl.arange(0, 16), col_ok, dim_ok, MASKED, False)
         sums = tl.dot(p_low, aux, sums * alpha[:, None], input_precision=PRECISION)
-    return acc, sums, m_new, l_i
+    if FOLDED and (ENABLED & 5):  # the hull that abft_output's slack and output_bound read
+        neg_low, high = _block_hull(v.to(tl.float32), col_ok[:, None], MASKED)
+        hull_low, hull_high = tl.maximum(hull_low, neg_low), tl.maximum(hull_high, high)
+    return acc, sums, m_new, l_i, hull_low, hull_high
+
+
+@triton.jit
+def _summary(v, dtype):
+    """The summary rows [1, hi, lo, 0…] (BLOCK, 16), float32, of value rows v (BLOCK, D) float32:
+    hi + lo = V·1, hi being V·1 rounded to ``dtype`` (the pair holds V·1 to about eps² of it)."""
+    cols = tl.arange(0, 16)[None, :]
+    v_sum = tl.sum(v, 1)[:, None]  # (BLOCK, 1)
+    high = v_sum.to(dtype).to(tl.float32)
+    aux = tl.where(cols == 0, 1.0, 0.0)
+    return tl.where(cols == 1, high, tl.where(cols == 2, v_sum - high, aux))
+
+
+@triton.jit
+def _block_hull(v, ok, MASKED: tl.constexpr):
+    """-min and max (D,) of value rows v (BLOCK, D) float32 over its ok rows (all unless MASKED); zero
+    padding columns give 0, as they are in O."""
+    if MASKED:
+        return tl.max(tl.where(ok, -v, float("-inf")), 0), tl.max(tl.where(ok, v, float("-inf")), 0)
+    return tl.max(-v, 0), tl.max(v, 0)
 
 
 @triton.jit
@@ -104,9 +136,12 @@ def checked_attention_kernel(
     v_ptr,
     o_ptr,
     aux_ptr,
-    state_ptr,  # float32: [hull (B, H_kv, 2, D) | peak | rows (B, H, T, 4) | kv rows] (checked_attention.Checks)
+    state_ptr,  # float32: [hull | peak | rows (B, H, T, 4) | kv rows | worst] (checked_attention.Layout)
     q_rec,
     weights_ptr,
+    k_rec,  # FOLDED: k's and v's recorded projection outputs and k's rotated-sum weights
+    v_rec,
+    k_weights_ptr,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -120,8 +155,16 @@ def checked_attention_kernel(
     stride_vb,
     stride_vh,
     stride_vs,
+    stride_rkb,
+    stride_rkt,
+    stride_rvb,
+    stride_rvt,
+    stride_wkb,
+    stride_wkt,
     rows_at,
     peak_at,
+    kv_rows_at,
+    worst_at,
     tokens,
     keys,
     scaling,
@@ -139,7 +182,14 @@ def checked_attention_kernel(
     NQ: tl.constexpr,  # stats compared per q row with the recorded q's: 0 (none recorded), 1 (norm) or 2 (and sum)
     WEIGHTED: tl.constexpr,  # the recorded q's sum is weighted (the rotary embedding's rotated sum)
     PRECISION: tl.constexpr,
+    FOLDED: tl.constexpr,  # no row pass: V's summary and hull come from the V blocks loaded, k, v are checked here
+    NK: tl.constexpr,  # FOLDED: as NQ, for the newest k and v rows
+    NV: tl.constexpr,
+    WEIGHTED_K: tl.constexpr,
 ):
+    """Flash attention with the checks (module docstring of checked_attention). Each program writes its
+    rows' excess and either raises the call's peak (after a row pass, which raises it too) or, FOLDED,
+    writes its largest excess to its own slot of ``worst``: no atomics, nothing to fill before."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal rows first: a shorter tail
     bh = tl.program_id(1)
     b = bh // HEADS
@@ -169,8 +219,20 @@ def checked_attention_kernel(
         tl.store(check_base + 3, q_excess, mask=row_ok)
         q_worst = _worst(q_excess, row_ok)
 
+    if FOLDED:  # the first head of each group checks the newest k and v rows of its tokens (masked off in the rest)
+        q_worst = tl.maximum(q_worst, _check_kv(
+            k_base, v_base, stride_ks, stride_vs, rows + offset,
+            k_rec + b.to(tl.int64) * stride_rkb + (h // GROUP) * D,
+            v_rec + b.to(tl.int64) * stride_rvb + (h // GROUP) * D, stride_rkt, stride_rvt,
+            k_weights_ptr + b.to(tl.int64) * stride_wkb, stride_wkt, rows, row_ok & (h % GROUP == 0), dims, dim_ok,
+            state_ptr + kv_rows_at, kv_head, tl.num_programs(1) // GROUP, tokens, slack_norm, slack_sum,
+            NK, NV, WEIGHTED_K, MASK_DIMS,
+        ))  # fmt: skip
+
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
+    hull_low = tl.full((D_PAD,), float("-inf"), tl.float32)  # FOLDED: -min and max of V over the keys seen
+    hull_high = tl.full((D_PAD,), float("-inf"), tl.float32)
     acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
     sums = tl.zeros((BLOCK_M, 16), tl.float32)  # [P·1, P(V·1) in two parts, 0…]: row sums of the rounded weights
     aux_base = aux_ptr + kv_head * keys * 16
@@ -187,9 +249,10 @@ def checked_attention_kernel(
         else:
             begin, stop = lo, end
         for start in tl.range(begin, stop, BLOCK_N):
-            acc, sums, m_i, l_i = _attend_block(
-                acc, sums, m_i, l_i, q, k_base, v_base, aux_base, start, rows, dims, dim_ok, keys, offset,
-                stride_ks, stride_vs, scale2, BLOCK_N, phase == 1, CAUSAL, MASK_DIMS, ENABLED, PRECISION,
+            acc, sums, m_i, l_i, hull_low, hull_high = _attend_block(
+                acc, sums, m_i, l_i, q, k_base, v_base, aux_base, hull_low, hull_high, start, rows, dims, dim_ok,
+                keys, offset, stride_ks, stride_vs, scale2, BLOCK_N, phase == 1, CAUSAL, MASK_DIMS, ENABLED,
+                PRECISION, FOLDED,
             )  # fmt: skip
 
     o = acc / l_i[:, None]  # (BLOCK_M, D_PAD) float32: the checks read it before its rounding for the store
@@ -197,10 +260,14 @@ def checked_attention_kernel(
     tl.store(o_ptr + o_offsets, o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
     aux_cols = tl.arange(0, 16)
-    bounds = state_ptr + kv_head * 2 * D  # [-min; max] of V over the keys
-    hull_ok = dim_ok & ((ENABLED & 5) != 0)  # without abft_output and output_bound there is no hull to read
-    v_low = -tl.load(bounds + dims, mask=hull_ok, other=0.0)
-    v_high = tl.load(bounds + D + dims, mask=hull_ok, other=0.0)
+    if FOLDED:  # the hull of the keys this program saw: it holds every row's visible keys
+        v_low = tl.where(dim_ok & ((ENABLED & 5) != 0), -hull_low, 0.0)
+        v_high = tl.where(dim_ok & ((ENABLED & 5) != 0), hull_high, 0.0)
+    else:
+        bounds = state_ptr + kv_head * 2 * D  # [-min; max] of V over the keys, from the row pass
+        hull_ok = dim_ok & ((ENABLED & 5) != 0)  # without abft_output and output_bound there is no hull to read
+        v_low = -tl.load(bounds + dims, mask=hull_ok, other=0.0)
+        v_high = tl.load(bounds + D + dims, mask=hull_ok, other=0.0)
     v_abs = tl.max(tl.maximum(tl.abs(v_low), tl.abs(v_high)), 0)
     rounding = eps + 4 * keys * FP32_EPS  # of P·1 / l: P's rounding to the input dtype, float32 sums
     abft = none
@@ -219,7 +286,12 @@ def checked_attention_kernel(
     tl.store(check_base + 1, softmax, mask=row_ok)
     tl.store(check_base + 2, bound, mask=row_ok)
     worst = tl.maximum(_worst(tl.maximum(tl.maximum(abft, softmax), bound), row_ok), q_worst)
-    tl.atomic_max(state_ptr + peak_at, worst, sem="relaxed")  # relaxed: see _raise_peak
+    if FOLDED:
+        tl.store(state_ptr + worst_at + bh * tl.num_programs(0) + pid_m, worst)
+    else:
+        # relaxed: no fence makes the program wait for its earlier stores (the peak is read after the
+        # kernel, which orders them)
+        tl.atomic_max(state_ptr + peak_at, worst, sem="relaxed")
 
 
 @triton.jit
@@ -227,13 +299,6 @@ def _worst(excess, ok):
     """The largest excess of the ok rows; NaN counts as failed (+inf)."""
     excess = tl.where(excess != excess, float("inf"), excess)
     return tl.max(tl.where(ok, excess, float("-inf")), 0)
-
-
-@triton.jit
-def _raise_peak(peak_ptr, excess, ok):
-    """peak = max(peak, ``_worst`` of the ok rows). Relaxed: no fence makes the program wait for its
-    earlier stores (the peak is read after the kernel, which orders them)."""
-    tl.atomic_max(peak_ptr, _worst(excess, ok), sem="relaxed")
 
 
 @triton.jit
@@ -298,27 +363,26 @@ def row_pass_kernel(
         if SUMMARY:
             v = _load_rows(v_base, rows, stride_vs, dims, row_ok, dim_ok, True, MASK_DIMS).to(tl.float32)
             aux_cols = tl.arange(0, 16)
-            v_sum = tl.sum(v, 1)[:, None]  # (BLOCK_S, 1) float32
-            high = v_sum.to(aux_ptr.dtype.element_ty).to(tl.float32)  # V·1 as V's dtype holds it, and the rest
-            aux = tl.where(aux_cols[None, :] == 0, 1.0, 0.0)
-            aux = tl.where(aux_cols[None, :] == 1, high, tl.where(aux_cols[None, :] == 2, v_sum - high, aux))
+            aux = _summary(v, aux_ptr.dtype.element_ty)
             aux_offsets = (pid * keys + rows[:, None]) * 16 + aux_cols[None, :]
             tl.store(aux_ptr + aux_offsets, aux.to(aux_ptr.dtype.element_ty), mask=row_ok[:, None])
-            ok = row_ok[:, None] & dim_ok[None, :]
+            neg_low, high = _block_hull(v, row_ok[:, None], True)
             bounds = state_ptr + pid * 2 * D + dims
-            tl.atomic_max(bounds, tl.max(tl.where(ok, -v, float("-inf")), 0), mask=dim_ok, sem="relaxed")
-            tl.atomic_max(bounds + D, tl.max(tl.where(ok, v, float("-inf")), 0), mask=dim_ok, sem="relaxed")
+            tl.atomic_max(bounds, neg_low, mask=dim_ok, sem="relaxed")
+            tl.atomic_max(bounds + D, high, mask=dim_ok, sem="relaxed")
         if NV > 0:  # (its v rows were just read: an L2 hit)
-            _check_rows(v_base, stride_vs, rows, v_rec + b * stride_rvb + kv_head * D, stride_rvt, new, new_ok, dims,
-                        dim_ok, 0.0, kv_rows + (tl.num_programs(0) + pid) * tokens, peak, slack_norm,
-                        slack_sum, NV, False, MASK_DIMS)  # fmt: skip
+            worst = _check_rows(v_base, stride_vs, rows, v_rec + b * stride_rvb + kv_head * D, stride_rvt, new, new_ok,
+                                dims, dim_ok, 0.0, kv_rows + (tl.num_programs(0) + pid) * tokens, slack_norm,
+                                slack_sum, NV, False, MASK_DIMS)  # fmt: skip
+            tl.atomic_max(peak, worst, sem="relaxed")  # relaxed: as the attention kernel's
     elif NK > 0:
         weights = _rotary_weights(
             weights_ptr + b * stride_wb, new, stride_wt, dims, new_ok, dim_ok, WEIGHTED, MASK_DIMS
         )
-        _check_rows(k_ptr + b * stride_kb + kv_head * stride_kh, stride_ks, rows, k_rec + b * stride_rkb + kv_head * D,
-                    stride_rkt, new, new_ok, dims, dim_ok, weights, kv_rows + pid * tokens, peak,
-                    slack_norm, slack_sum, NK, WEIGHTED, MASK_DIMS)  # fmt: skip
+        worst = _check_rows(k_ptr + b * stride_kb + kv_head * stride_kh, stride_ks, rows,
+                            k_rec + b * stride_rkb + kv_head * D, stride_rkt, new, new_ok, dims, dim_ok, weights,
+                            kv_rows + pid * tokens, slack_norm, slack_sum, NK, WEIGHTED, MASK_DIMS)  # fmt: skip
+        tl.atomic_max(peak, worst, sem="relaxed")
 
 
 @triton.jit
@@ -334,16 +398,37 @@ def _rotary_weights(base, rows, stride, dims, row_ok, dim_ok, WEIGHTED: tl.const
 @triton.jit
 def _check_rows(
     received, stride_received, received_rows, recorded, stride_recorded, new, new_ok, dims, dim_ok, weights,
-    out, peak_ptr, slack_norm, slack_sum,
+    out, slack_norm, slack_sum,
     NREF: tl.constexpr, WEIGHTED: tl.constexpr, MASK_DIMS: tl.constexpr,
 ):  # fmt: skip
     """out[new] = the excess of the received rows' [norm, sum] over the recorded rows'
     [norm, Σ w·x] (Σ x unless WEIGHTED), for the newest tokens' rows ``new`` (received as
-    ``received_rows``); raises the peak."""
+    ``received_rows``); returns the largest (``_worst``)."""
     ref_norm, ref_sum = _loaded_stats(
         recorded, new, stride_recorded, dims, new_ok, dim_ok, weights, WEIGHTED, MASK_DIMS
     )
     norm, total = _loaded_stats(received, received_rows, stride_received, dims, new_ok, dim_ok, 0.0, False, MASK_DIMS)
     excess = _stats_excess(norm, total, ref_norm, ref_sum, slack_norm, slack_sum, NREF)
     tl.store(out + new, excess, mask=new_ok)
-    _raise_peak(peak_ptr, excess, new_ok)
+    return _worst(excess, new_ok)
+
+
+@triton.jit
+def _check_kv(
+    k_base, v_base, stride_ks, stride_vs, key_rows, k_rec, v_rec, stride_rkt, stride_rvt, k_weights, stride_wkt,
+    new, new_ok, dims, dim_ok, kv_rows, kv_head, kv_pairs, tokens, slack_norm, slack_sum,
+    NK: tl.constexpr, NV: tl.constexpr, WEIGHTED_K: tl.constexpr, MASK_DIMS: tl.constexpr,
+):  # fmt: skip
+    """``_check_rows`` of the newest tokens ``new`` of one (sample, K/V head) of k and v (at
+    ``key_rows``) into their kv rows (2, B, H_kv, T) at ``kv_head`` (of ``kv_pairs``); the largest excess."""
+    worst = float("-inf")
+    if NK > 0:
+        weights = _rotary_weights(k_weights, new, stride_wkt, dims, new_ok, dim_ok, WEIGHTED_K, MASK_DIMS)
+        worst = _check_rows(k_base, stride_ks, key_rows, k_rec, stride_rkt, new, new_ok, dims, dim_ok, weights,
+                            kv_rows + kv_head * tokens, slack_norm, slack_sum, NK, WEIGHTED_K, MASK_DIMS)  # fmt: skip
+    if NV > 0:
+        worst = tl.maximum(worst, _check_rows(
+            v_base, stride_vs, key_rows, v_rec, stride_rvt, new, new_ok, dims, dim_ok, 0.0,
+            kv_rows + (kv_pairs + kv_head) * tokens, slack_norm, slack_sum, NV, False, MASK_DIMS,
+        ))  # fmt: skip
+    return worst

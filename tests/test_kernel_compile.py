@@ -16,7 +16,7 @@ from triton.compiler import ASTSource
 
 from adaplex.kernels import checked_attention_triton as attention
 from adaplex.kernels import dot_size
-from adaplex.kernels.checked_attention import CHECKED_TILES, CHECKED_TILES_MAX_DIM, FOLDED_TILES, PASS_TILES, TILES
+from adaplex.kernels.checked_attention import CHECKED_TILES_MAX_DIM, PASS_TILES, built_in_tiles
 from adaplex.kernels.gathered_lora import _kernel as gathered_lora_kernel
 
 H100 = GPUTarget("cuda", 90, 32)
@@ -82,7 +82,7 @@ FLOATS = ("scaling", "eps", "slack_norm", "slack_sum")
 )
 def test_checked_attention_compiles_for_h100(dtype, dim, causal, enabled, q_stats, folded):
     checked = (enabled or q_stats) and dim <= CHECKED_TILES_MAX_DIM
-    block_m, block_n, warps, stages, max_registers = FOLDED_TILES if folded else CHECKED_TILES if checked else TILES
+    block_m, block_n, warps, stages, max_registers = built_in_tiles(dim, checked, folded)
     constexprs = dict(
         HEADS=9, GROUP=3, D=dim, D_PAD=dot_size(dim), BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
         ENABLED=enabled, NQ=q_stats, WEIGHTED=q_stats == 2, PRECISION="ieee" if dtype == "fp32" else "tf32",

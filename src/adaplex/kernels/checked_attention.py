@@ -44,7 +44,10 @@ MAX_HEAD_DIM = 128  # larger heads exceed the tiles' registers and shared memory
 TILES = (64, 64, 4, 3, None)
 CHECKED_TILES = (64, 64, 4, 2, 128)
 CHECKED_TILES_MAX_DIM = 64
-FOLDED_TILES = (64, 64, 8, 2, None)  # a folded call's: it keeps V's summary and hull in registers too (no spills)
+# A folded call's, up to CHECKED_TILES_MAX_DIM and wider (V's summary and hull in registers too; no spills on
+# an H100; the fastest without spills in the sweep of scratch runs at 8x512 and 2x1024: 51 and 50 µs a call).
+FOLDED_TILES = (64, 64, 4, 2, None)
+FOLDED_WIDE_TILES = (64, 64, 8, 2, None)
 FOLD_WORK = 2**31  # B·H·T·S·D up to which a call folds its row pass into the attention kernel (``folds``)
 PASS_TILES = (32, 2)  # BLOCK_S, warps of the pass over the keys (from the sweep in faults_profile.py)
 CHECKS = ("abft_output", "softmax", "output_bound", "qkv_q")  # the columns of ``checks``
@@ -232,9 +235,7 @@ def _plan(
     names += tuple(f"qkv_{loc}" for loc, r in zip("kv", (k_rec, v_rec), strict=True) if r is not None)
     summary = any(enabled)  # V's aux and hull, which the checks read
     checked = (summary or q_rec is not None) and dim <= CHECKED_TILES_MAX_DIM
-    block_m, block_n, warps, stages, max_registers = tiles or (
-        FOLDED_TILES if folded else CHECKED_TILES if checked else TILES
-    )
+    block_m, block_n, warps, stages, max_registers = tiles or built_in_tiles(dim, checked, folded)
     grid = (-(-tokens // block_m), batch * heads)
     aux = ((batch, kv_heads, keys, 16), dtype) if summary and not folded else None
     layout = Layout(batch, heads, kv_heads, tokens, dim, names, aux, grid[0] * grid[1] if folded else 0)
@@ -244,7 +245,7 @@ def _plan(
     kv_checks = (("NK", k_rec[0] if k_rec else 0), ("NV", v_rec[0] if v_rec else 0))
     pass_launch = None
     if not folded and (summary or k_rec is not None or v_rec is not None):
-        block_s, warps = PASS_TILES
+        block_s, pass_warps = PASS_TILES
         pass_constants = (
             ("KV_HEADS", kv_heads),
             *sizes,
@@ -252,7 +253,7 @@ def _plan(
             ("SUMMARY", summary),
             *kv_checks,
             ("WEIGHTED", bool(k_rec and k_rec[1])),
-            ("num_warps", warps),
+            ("num_warps", pass_warps),
         )
         roles = 1 + (k_rec is not None)  # V's summary and the v check; the k check
         pass_grid = (batch * kv_heads, -(-keys // block_s), roles)
@@ -277,6 +278,13 @@ def _plan(
     )
     scalars = (layout.rows_at, layout.peak_at, layout.kv_rows_at, layout.worst_at, tokens, keys, scaling, eps, *slack)
     return _Plan(layout, pass_launch, _Launch(grid, scalars, constants))
+
+
+def built_in_tiles(dim: int, checked: bool, folded: bool) -> tuple[int, int, int, int, int | None]:
+    """The attention kernel's tiles for a head dim, with or without checks, folded or not."""
+    if folded:
+        return FOLDED_TILES if dim <= CHECKED_TILES_MAX_DIM else FOLDED_WIDE_TILES
+    return CHECKED_TILES if checked else TILES
 
 
 def folds(query: torch.Tensor, key: torch.Tensor) -> bool:

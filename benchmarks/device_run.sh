@@ -34,7 +34,7 @@ for section in $SECTIONS; do
       python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 8 --seq 512 --repeats 21 \
         --out "$OUT/faults-cuda.json" | tail -12
       # a shape where the H100, not the host's kernel launches, sets the pace of the 135M model
-      python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 32 --seq 1024 --repeats 5 \
+      python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 32 --seq 1024 --repeats 9 \
         --out "$OUT/faults-cuda-large.json" | tail -12
       # both again as CUDA-graph replays: the checks' GPU cost, without the host launching kernels
       python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 8 --seq 512 --repeats 30 --graphs \

@@ -10,8 +10,9 @@ O' = P V' = [O | P(V·1) | P·1 | 0…]:
   over each row's visible keys, but it needs only V and O).
 The padding costs 8/head_dim of the attention work. Where Triton runs (CUDA) and the mask is causal
 or absent, a flash-attention kernel computes the same checks in registers instead, without padding,
-after a pass that checks the k/v rows (kernels/checked_attention.py; the kernel checks the q rows it
-loads). Faults in the scores or weights need the step-by-step path (eager.py), where they can be
+after a pass that checks the k/v rows, or folding that pass in where the call is small
+(kernels/checked_attention.py; the kernel checks the q rows it loads). A layer reuses its last call's
+buffers once that call's findings are resolved (``FaultHook.kernel_checks``). Faults in the scores or weights need the step-by-step path (eager.py), where they can be
 injected and located.
 """
 

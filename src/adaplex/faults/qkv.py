@@ -15,8 +15,8 @@ view of the projection's own output (v in Llama-style models; q, k and v in GPT-
 sides read the same memory, so a fault in that memory after the projection is not caught; stats
 taken as the projections return would catch it, at one more pass over q, k and v per layer. On CUDA
 the attention kernel compares the q rows it loads, so a fault in those loads is caught too; k and v
-are compared in the pass before it, from memory, so a fault in the kernel's own loads of k or v is
-not.
+are compared in the pass before it (or, folded, by the kernel in loads of their own), from memory, so
+a fault in the key loop's loads of k or v is not.
 """
 
 from __future__ import annotations

@@ -17,7 +17,13 @@ only other rounding is P's to the input dtype (eps) for the MMAs, the same P on 
 ABFT check. With S keys, head dim D and m = max |V|: softmax eps + 4·S·eps₃₂, output_bound that
 times m, abft_output (eps² + 4·(S + D)·eps₃₂)·D·m (eps²: V·1's two parts). q/k/v: ``faults/qkv.py``.
 Each check's excess (> 0: failed) is written per row, and the largest excess of the call to ``peak``
-by an atomic max, so that a clean forward is confirmed with one reduction per layer. Causal masks
+by an atomic max, so that a clean forward is confirmed with one reduction per layer.
+Folded (``folds``: small 16-bit calls outside graph capture, where the host's launch of the pass costs
+more than the GPU time it saves), there is no pass: the attention kernel builds each V block's aux
+rows in registers and the hull over the keys each program sees, the first head of each K/V group
+checks the newest k and v rows of its tokens, and each program writes its largest excess to its own
+slot (no fill, no atomics). V·1 then comes from the same loaded V as the P·V product, so a fault in
+that load escapes abft_output. Causal masks
 (query i sees keys j <= i + S - T) and no mask are supported, for heads of up to MAX_HEAD_DIM; other
 masks and larger heads use the padded SDPA path.
 """

@@ -12,8 +12,8 @@ The padding costs 8/head_dim of the attention work. Where Triton runs (CUDA) and
 or absent, a flash-attention kernel computes the same checks in registers instead, without padding,
 after a pass that checks the k/v rows, or folding that pass in where the call is small
 (kernels/checked_attention.py; the kernel checks the q rows it loads). A layer reuses its last call's
-buffers once that call's findings are resolved (``FaultHook.kernel_checks``). Faults in the scores or weights need the step-by-step path (eager.py), where they can be
-injected and located.
+buffers once that call's findings are resolved (``FaultHook.kernel_checks``). Faults in the scores
+or weights need the step-by-step path (eager.py), where they can be injected and located.
 """
 
 from __future__ import annotations

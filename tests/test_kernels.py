@@ -14,6 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from adaplex.kernels import checked_attention
+
 TESTS = Path(__file__).parent
 
 KERNEL_CHECK = """
@@ -349,3 +354,30 @@ def test_a_monitored_layer_reuses_its_buffers_once_its_findings_are_resolved():
     assert result["reused"]
     assert [0, "qkv_k"] in result["two_forwards"]  # the first forward's flip, read after the second
     assert result["fresh_while_unresolved"]
+
+
+@pytest.mark.parametrize("folded", [False, True])
+@pytest.mark.parametrize("tiles", [None, (128, 32, 8, 3, 96)])
+def test_a_plan_launches_each_kernel_with_its_own_tiles(folded, tiles):
+    """The attention kernel gets the chosen tiles (the built-in ones, or those asked for) and the row
+    pass its own: neither's warps may leak into the other's launch."""
+    recorded = ((2, True), (2, True), (2, False))
+    plan = checked_attention._plan(
+        torch.Size((2, 9, 64, 64)), torch.Size((2, 3, 64, 64)), torch.bfloat16, torch.device("cpu"), 0.125, True,
+        (True, True, True), recorded, tiles, folded,
+    )  # fmt: skip
+    block_m, block_n, warps, stages, registers = tiles or (
+        checked_attention.FOLDED_TILES if folded else checked_attention.CHECKED_TILES
+    )
+    constants = dict(plan.attention.constants)
+    assert (constants["BLOCK_M"], constants["BLOCK_N"], constants["num_warps"], constants["num_stages"]) == (
+        block_m, block_n, warps, stages,
+    )  # fmt: skip
+    assert constants.get("maxnreg") == registers and constants["FOLDED"] == folded
+    assert plan.attention.grid == (-(-64 // block_m), 2 * 9)
+    if folded:
+        assert plan.row_pass is None and plan.layout.programs == plan.attention.grid[0] * plan.attention.grid[1]
+    else:
+        assert (
+            dict(plan.row_pass.constants)["num_warps"] == checked_attention.PASS_TILES[1] and plan.layout.programs == 0
+        )

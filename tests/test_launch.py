@@ -92,28 +92,3 @@ def test_the_cache_is_bounded(kernel):
     for n in range(launch.CACHED_CALLS + 10):  # a generation loop: the key count grows every step
         launcher((1,), (torch.zeros(4),), (n, 0.5), (("D", 4), ("FLAG", False)))
     assert len(launcher.compiled) <= launch.CACHED_CALLS
-
-
-@pytest.mark.parametrize("folded", [False, True])
-@pytest.mark.parametrize("tiles", [None, (128, 32, 8, 3, 96)])
-def test_a_plan_launches_each_kernel_with_its_own_tiles(folded, tiles):
-    """The attention kernel gets the chosen tiles (the built-in ones, or those asked for) and the row
-    pass its own: neither's warps may leak into the other's launch."""
-    from adaplex.kernels import checked_attention as checked
-
-    recorded = ((2, True), (2, True), (2, False))
-    plan = checked._plan(
-        torch.Size((2, 9, 64, 64)), torch.Size((2, 3, 64, 64)), torch.bfloat16, torch.device("cpu"), 0.125, True,
-        (True, True, True), recorded, tiles, folded,
-    )  # fmt: skip
-    block_m, block_n, warps, stages, registers = tiles or (checked.FOLDED_TILES if folded else checked.CHECKED_TILES)
-    constants = dict(plan.attention.constants)
-    assert (constants["BLOCK_M"], constants["BLOCK_N"], constants["num_warps"], constants["num_stages"]) == (
-        block_m, block_n, warps, stages,
-    )  # fmt: skip
-    assert constants.get("maxnreg") == registers and constants["FOLDED"] == folded
-    assert plan.attention.grid == (-(-64 // block_m), 2 * 9)
-    if folded:
-        assert plan.row_pass is None and plan.layout.programs == plan.attention.grid[0] * plan.attention.grid[1]
-    else:
-        assert dict(plan.row_pass.constants)["num_warps"] == checked.PASS_TILES[1] and plan.layout.programs == 0

@@ -174,7 +174,9 @@ class _Plan(NamedTuple):
     attention: _Launch
 
 
-def row_pass(key: torch.Tensor, value: torch.Tensor, checks: Checks, launch: _Launch, recorded: dict[str, Recorded]):
+def row_pass(
+    key: torch.Tensor, value: torch.Tensor, checks: Checks, launch: _Launch, recorded: dict[str, Recorded]
+) -> torch.Tensor:
     """One parallel, memory-bound pass over k, v (B, H_kv, S, D) and the recorded projection outputs
     of their newest T tokens, before the attention kernel. Where a check reads V's summary, raises the
     hull in ``checks`` to [-min; max] of V over the keys and returns its aux (B, H_kv, S, 16) = [1, V·1

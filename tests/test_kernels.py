@@ -167,8 +167,8 @@ with armed(wide, None, DetectorConfig(fused=True)) as hooks:
     logits_of(wide, inputs)
 result["wide_heads"] = {{"kernel_calls": len(calls) - kernel_calls, "detections": len(detections_of(hooks))}}
 model = tiny.llama()  # q, k or v corrupted between its projection and the attention kernel, folded or not
-flips = [("q", 0, 30), ("k", 1, 30), ("v", 2, 29)]
-for (location, index, bit), checked.FOLD_WORK in itertools.product(flips, (0, fold_work)):
+qkv_flips = [("q", 0, 30), ("k", 1, 30), ("v", 2, 29)]
+for (location, index, bit), checked.FOLD_WORK in itertools.product(qkv_flips, (0, fold_work)):
     def faulty(query, key, value, *args, location=location, index=index, bit=bit, **options):
         tensors = dict(q=query, k=key, v=value)
         if not faulty.done:  # layer 0 only: sample 0, head index % heads, token 3, feature 2

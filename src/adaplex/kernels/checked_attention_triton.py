@@ -260,12 +260,12 @@ def checked_attention_kernel(
     tl.store(o_ptr + o_offsets, o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
     aux_cols = tl.arange(0, 16)
+    hull_ok = dim_ok & ((ENABLED & 5) != 0)  # without abft_output and output_bound there is no hull to read
     if FOLDED:  # the hull of the keys this program saw: it holds every row's visible keys
-        v_low = tl.where(dim_ok & ((ENABLED & 5) != 0), -hull_low, 0.0)
-        v_high = tl.where(dim_ok & ((ENABLED & 5) != 0), hull_high, 0.0)
+        v_low = tl.where(hull_ok, -hull_low, 0.0)
+        v_high = tl.where(hull_ok, hull_high, 0.0)
     else:
         bounds = state_ptr + kv_head * 2 * D  # [-min; max] of V over the keys, from the row pass
-        hull_ok = dim_ok & ((ENABLED & 5) != 0)  # without abft_output and output_bound there is no hull to read
         v_low = -tl.load(bounds + dims, mask=hull_ok, other=0.0)
         v_high = tl.load(bounds + D + dims, mask=hull_ok, other=0.0)
     v_abs = tl.max(tl.maximum(tl.abs(v_low), tl.abs(v_high)), 0)

@@ -42,10 +42,7 @@ class Launcher:
             self.constexprs = [kernel.arg_names[i] for i in kernel.constexprs]
 
     def __call__(self, grid: tuple[int, ...], tensors: tuple[torch.Tensor, ...], scalars: tuple, constants: Constants):
-        if INTERPRETED:
-            self.kernel[grid](*tensors, *scalars, **dict(constants))
-            return
-        if reduce(or_, map(_data_ptr, tensors), 0) & 15:  # one of them is not 16-byte aligned
+        if INTERPRETED or reduce(or_, map(_data_ptr, tensors), 0) & 15:  # or one is not 16-byte aligned
             self.kernel[grid](*tensors, *scalars, **dict(constants))
             return
         key = (torch.cuda.current_device(), constants, tuple(map(_dtype, tensors)), scalars, tuple(map(type, scalars)))

@@ -26,6 +26,7 @@ demo: venv /usr/share/games/fortunes/computers
 	$(BIN)/adaplex demo
 
 test: venv
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 lint: venv

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from check_output import gpu_us, report
 
 import adaplex.kernels.checked_attention as checked
+from adaplex.core.models import load_base
 from adaplex.faults.bits import flip_bit
 from adaplex.faults.experiment import logits_of
 from adaplex.faults.graphed import GraphedForward
 from adaplex.faults.hook import DetectorConfig, detections_of
 from adaplex.faults.qkv import Recorded
 from adaplex.faults.session import armed
-from adaplex.models import load_base
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to the output's max
 FUSED = DetectorConfig(fused=True)

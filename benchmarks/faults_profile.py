@@ -20,11 +20,11 @@ from check_output import gpu_us, kernel_us, report
 from faults_kernel_check import FUSED, sources
 
 import adaplex.kernels.checked_attention as checked
-from adaplex.adapted import Adapted
+from adaplex.core.adapted import Adapted
+from adaplex.core.models import load_base
 from adaplex.faults.experiment import logits_of
 from adaplex.faults.hook import detections_of
 from adaplex.faults.session import armed
-from adaplex.models import load_base
 
 
 def timings(forward, resolve=lambda: None, repeats: int = 7) -> dict[str, float]:

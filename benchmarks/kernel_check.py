@@ -13,10 +13,10 @@ import torch
 from check_output import report
 
 from adaplex.bench.route import build
-from adaplex.graphs import static_generate
+from adaplex.compose.route import route
+from adaplex.core.graphs import static_generate
+from adaplex.core.models import load_base
 from adaplex.kernels import gathered_lora
-from adaplex.models import load_base
-from adaplex.routing import route
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to the output's max
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from adaplex.models import load_base
-from adaplex.realdata import prepare
-from adaplex.routing import route
-from adaplex.storage import load
+from adaplex.apps.realdata import prepare
+from adaplex.compose.route import route
+from adaplex.core.models import load_base
+from adaplex.io.storage import load
 from adaplex.train.config import TrainConfig, short_cpu_run
 from adaplex.train.data import collate, token_blocks
 from adaplex.train.run import train

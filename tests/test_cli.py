@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adaplex.models import load_base
-from adaplex.storage import CONFIG_FILE, WEIGHTS_FILE, load, save_adapter, save_bundle
+from adaplex.core.models import load_base
+from adaplex.io.records import CONFIG_FILE, WEIGHTS_FILE
+from adaplex.io.storage import load, save_adapter, save_bundle
 
 import tiny
 from helpers import randomize

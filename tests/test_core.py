@@ -8,8 +8,9 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 import adaplex
 from adaplex import Adapted, BottleneckConfig, LoRAConfig, MoSLoRAConfig, PrefixConfig
+from adaplex.core.layers import AdaptedLinear
+from adaplex.core.weights import Constant
 from adaplex.errors import AdapterNameError, ConfigError, TargetError
-from adaplex.layers import AdaptedLinear
 from adaplex.methods import Adapter, method_config
 
 import tiny
@@ -170,12 +171,12 @@ def test_context_managers_restore_state_even_when_the_body_raises():
         with pytest.raises(RuntimeError), manager:
             assert not torch.equal(tiny.outputs(model, ids), both)
             raise RuntimeError("boom")
-        assert handle.stack.active == {"a": 1.0, "b": 1.0}
+        assert handle.stack.active == {"a": Constant(1.0), "b": Constant(1.0)}
         assert torch.equal(tiny.outputs(model, ids), both)
     with handle.disable():
         assert torch.equal(tiny.outputs(model, ids), tiny.outputs(tiny.llama(), ids))
         with handle.enable("b"):
-            assert handle.stack.active == {"b": 1.0}
+            assert handle.stack.active == {"b": Constant(1.0)}
 
 
 def test_unknown_adapter_names_are_errors():

@@ -45,7 +45,7 @@ ROUTED_CHECK = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
 import adaplex.kernels.gathered_lora as kernel
-from adaplex.routing import route
+from adaplex.compose.route import route
 from test_routing import routed
 import tiny
 model, handle = routed("llama", "orthogonal", key_ranks={{"i7": 2}})
@@ -66,7 +66,7 @@ import adaplex
 import adaplex.kernels.gathered_lora as kernel
 from adaplex import LoRAConfig
 from adaplex.methods import ExpertsConfig
-from adaplex.routing import route
+from adaplex.compose.route import route
 from helpers import randomize
 import tiny
 model = tiny.llama()

@@ -12,8 +12,8 @@ from peft import PeftModel, get_peft_model
 import adaplex
 from adaplex import LoRAConfig, MoSLoRAConfig
 from adaplex.errors import StorageError
-from adaplex.peft_io import export_peft
-from adaplex.storage import load
+from adaplex.io.peft import export_peft
+from adaplex.io.storage import load
 
 import tiny
 from helpers import randomize

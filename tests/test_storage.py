@@ -13,20 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import adaplex
 from adaplex import BottleneckConfig, LoRAConfig, MoSLoRAConfig, PrefixConfig
+from adaplex.compose.route import route
 from adaplex.errors import AdaplexError, StorageError
-from adaplex.storage import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    describe,
-    lineage,
-    load,
-    read_legacy,
-    save_adapter,
-    save_bundle,
-)
+from adaplex.io.records import CONFIG_FILE, WEIGHTS_FILE, read_legacy
+from adaplex.io.storage import describe, lineage, load, save_adapter, save_bundle
 
 import tiny
 from helpers import assert_same_state, randomize, snapshot
@@ -181,7 +175,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 import tiny, adaplex
 from adaplex import LoRAConfig
-from adaplex.storage import save_adapter
+from adaplex.io.storage import save_adapter
 model = tiny.llama()
 handle = adaplex.attach(model, "a", LoRAConfig(r=8))
 version = 0
@@ -233,3 +227,21 @@ def test_sigkill_while_saving_leaves_old_or_new_version_complete(tmp_path):
     handle = load(tiny.llama(), target)
     save_adapter(handle, "a", target, overwrite=True)  # the next write clears what the killed ones left
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+WRITTEN_BEFORE = Path(__file__).parent / "data" / "written-by-7cbfa60"
+
+
+@pytest.mark.parametrize("name", ["lora", "moslora", "prefix", "bottleneck", "bundle"])
+def test_files_written_by_an_earlier_version_load_and_give_its_outputs(name):
+    expected = load_file(WRITTEN_BEFORE / "outputs.safetensors")[name]
+    model = tiny.llama()
+    handle = load(model, WRITTEN_BEFORE / name)  # fingerprint, checksums and tensors all as written then
+    ids = tiny.tokens(batch=3)
+    if name == "bundle":
+        with route(handle, ["a100", "v100", None]):
+            torch.testing.assert_close(tiny.outputs(model, ids), expected, atol=1e-6, rtol=0)
+    else:
+        torch.testing.assert_close(tiny.outputs(model, ids), expected, atol=1e-6, rtol=0)
+    with handle.disable():
+        assert not torch.allclose(tiny.outputs(model, ids), expected, atol=1e-4)

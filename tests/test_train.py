@@ -14,13 +14,14 @@ import pytest
 import torch
 import yaml
 
+from adaplex.core.models import load_base
 from adaplex.errors import ConfigError, StorageError
-from adaplex.models import load_base
-from adaplex.storage import CONFIG_FILE, WEIGHTS_FILE, describe, load, read_adapter_record, read_tensors
+from adaplex.io.records import CONFIG_FILE, WEIGHTS_FILE, read_adapter_record, read_tensors
+from adaplex.io.storage import describe, load
 from adaplex.train.config import TrainConfig
 from adaplex.train.module import TrainingDiverged
 from adaplex.train.run import train
-from adaplex.yamlconfig import load_yaml
+from adaplex.util.yamlconfig import load_yaml
 
 import tiny
 
@@ -318,7 +319,7 @@ def test_joint_routed_training_then_a_new_key(workspace, tmp_path):
         assert all(torch.equal(before[k], after[k]) for k in before)  # frozen experts and shared unchanged
     model, _ = load_base(str(root / "base"))
     handle = load(model, grown)
-    from adaplex.routing import route
+    from adaplex.compose.route import route
 
     with route(handle, ["a100", "v100", None]):
         assert tiny.outputs(model, tiny.tokens(batch=3)).shape[0] == 3

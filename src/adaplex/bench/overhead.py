@@ -17,10 +17,11 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import nn
 
-from adaplex import Adapted, BottleneckConfig, LoRAConfig, MoSLoRAConfig, PrefixConfig
-from adaplex.bench.measure import interleaved_times, median_ratio, peak_memory_mib
-from adaplex.inject import select_sites
-from adaplex.models import load_base
+from adaplex.core.adapted import Adapted
+from adaplex.core.inject import select_sites
+from adaplex.core.models import load_base
+from adaplex.methods import BottleneckConfig, LoRAConfig, MoSLoRAConfig, PrefixConfig
+from adaplex.util.measure import interleaved_times, median_ratio, peak_memory_mib
 
 
 @dataclass

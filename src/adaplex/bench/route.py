@@ -21,14 +21,14 @@ from peft import get_peft_model
 from torch import nn
 from transformers import DynamicCache
 
-from adaplex import Adapted
-from adaplex.bench.measure import interleaved_times, median_ratio
 from adaplex.bench.overhead import peft_targets
-from adaplex.graphs import graphed_decode
+from adaplex.compose.route import route
+from adaplex.core.adapted import Adapted
+from adaplex.core.graphs import graphed_decode
+from adaplex.core.models import load_base
 from adaplex.kernels import gathered_lora
 from adaplex.methods import ExpertsConfig
-from adaplex.models import load_base
-from adaplex.routing import route
+from adaplex.util.measure import interleaved_times, median_ratio
 
 
 def _randomize(params, seed: int) -> None:

@@ -22,11 +22,12 @@ from peft import get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader
 
-from adaplex import Adapted, LoRAConfig, MoSLoRAConfig
-from adaplex.bench.measure import peak_memory_mib, sync
 from adaplex.bench.overhead import peft_targets
-from adaplex.models import load_base
+from adaplex.core.adapted import Adapted
+from adaplex.core.models import load_base
+from adaplex.methods import LoRAConfig, MoSLoRAConfig
 from adaplex.train.module import AdapterLM
+from adaplex.util.measure import peak_memory_mib, sync
 
 
 class StepTimer(L.Callback):

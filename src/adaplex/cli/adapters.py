@@ -23,15 +23,15 @@ from adaplex.errors import ConfigError, StorageError
 
 def base_for(paths: list[Path], base: str | None):
     """Load the base by the one rule: --base, else the base recorded in the first path, else the default."""
-    from adaplex.models import choose_base, load_base
-    from adaplex.storage import recorded_base
+    from adaplex.core.models import choose_base, load_base
+    from adaplex.io.storage import recorded_base
 
     recorded, relative_to = recorded_base(paths[0]) if paths else (None, None)
     return load_base(choose_base(base, recorded), relative_to=relative_to)
 
 
 def load_all(model, paths: list[Path], force: bool):
-    from adaplex.storage import load
+    from adaplex.io.storage import load
 
     handle = None
     for path in paths:
@@ -47,7 +47,7 @@ def info(
 ) -> None:
     """Show an adapter, bundle or PEFT directory (members, sizes, base, versions), or a base model."""
     if path is not None:
-        from adaplex.storage import describe
+        from adaplex.io.storage import describe
 
         result = describe(path)
         if as_json:
@@ -70,7 +70,7 @@ def info(
                 )
             console.print(table)
         return
-    from adaplex.inject import all_sites, family_of, names_hint
+    from adaplex.core.inject import all_sites, family_of, names_hint
 
     model, _ = base_for([], base)
     family = family_of(model)
@@ -102,18 +102,16 @@ def export(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Export to PEFT LoRA: one directory per adapter (OUT/<name>), or one combined adapter."""
-    from adaplex.atomic import atomic_directory, refuse_existing
-    from adaplex.peft_io import export_peft
+    from adaplex.io.atomic import atomic_directory, refuse_existing
+    from adaplex.io.peft import export_key, export_peft
 
     if to != "peft":
         raise ConfigError(f"unknown export format {to!r}; the only one is 'peft'")
     refuse_existing(out, overwrite)
     model, _ = base_for([path], base)
     handle = load_all(model, [path], force)
-    from adaplex.routing import banks, export_key
-
-    if banks(handle):  # a routed bundle: one PEFT adapter per key, shared ⊕ expert
-        keys = key or [k for bank in banks(handle).values() for k in bank.keys]
+    if handle.banks():  # a routed bundle: one PEFT adapter per key, shared ⊕ expert
+        keys = key or [k for bank in handle.banks().values() for k in bank.keys]
         with atomic_directory(out, overwrite) as staging:
             for k in keys:
                 export_key(handle, k, staging / k)
@@ -130,6 +128,40 @@ def export(
     console.print(f"wrote {len(names)} PEFT LoRA adapters under {out}: {', '.join(names)}")
 
 
+def parse_experts(specs: list[str]) -> dict[str, Path]:
+    """KEY=DIR options as {key: directory}; a missing '=' or a repeated key is an error."""
+    experts: dict[str, Path] = {}
+    for spec in specs:
+        key, sep, directory = spec.partition("=")
+        if not sep or not key or not directory:
+            raise ConfigError(f"--expert {spec!r} is not KEY=DIR (e.g. --expert v100=runs/v100/adapter)")
+        if key in experts:
+            raise ConfigError(f"--expert gives key {key!r} twice; give each key one directory")
+        experts[key] = Path(directory)
+    return experts
+
+
+@app.command()
+def bundle(
+    expert: Annotated[list[str], typer.Option("--expert", help="KEY=DIR: the expert of a routing key, repeatable")],
+    out: Annotated[Path, typer.Option("--out", help="bundle directory to write")],
+    shared: Annotated[Path | None, typer.Option(help="adapter every sample also gets (adaplex or PEFT dir)")] = None,
+    base: BaseOption = None,
+    force: ForceOption = False,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """A routed bundle from existing adapters (adaplex or PEFT LoRA directories): one expert per key,
+    ranks and alphas may differ, plus an optional shared adapter; serve it with `adaplex infer`."""
+    from adaplex.io.atomic import refuse_existing
+    from adaplex.io.bundle import build_bundle
+
+    experts = parse_experts(expert)
+    refuse_existing(out, overwrite)
+    model, _ = base_for(list(experts.values()), base)
+    build_bundle(model, experts, out, shared, force=force, overwrite=overwrite)
+    console.print(f"wrote routed bundle {out}: keys {', '.join(experts)}" + (", shared adapter" if shared else ""))
+
+
 @app.command("import")
 def import_(
     peft_dir: Annotated[Path, typer.Argument(help="PEFT LoRA directory (e.g. a trainer's checkpoint-531/)")],
@@ -139,17 +171,16 @@ def import_(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Import a PEFT LoRA directory as an adaplex adapter directory (safetensors)."""
-    from adaplex.atomic import refuse_existing
-    from adaplex.peft_io import import_into, is_peft_dir
-    from adaplex.storage import save_adapter
+    from adaplex.core.adapted import Adapted
+    from adaplex.io.atomic import refuse_existing
+    from adaplex.io.peft import import_into, is_peft_dir
+    from adaplex.io.storage import save_adapter
 
     if not is_peft_dir(peft_dir):
         raise StorageError(f"{peft_dir} is not a PEFT directory (no adapter_config.json with a peft_type)")
     refuse_existing(out, overwrite)
     model, _ = base_for([peft_dir], base)
     adapter_name = import_into(model, peft_dir, name, trainable=False)
-    from adaplex.adapted import Adapted
-
     save_adapter(Adapted.of(model), adapter_name, out, overwrite=overwrite)
     console.print(f"imported {peft_dir} as adapter {adapter_name!r} into {out}")
 
@@ -163,7 +194,7 @@ def merge(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Merge adapters into the base: a plain transformers model directory (safetensors)."""
-    from adaplex.atomic import atomic_directory, refuse_existing
+    from adaplex.io.atomic import atomic_directory, refuse_existing
 
     refuse_existing(out, overwrite)
     model, tokenizer = base_for(paths, base)
@@ -184,7 +215,7 @@ def convert(
     """Convert a legacy .bin tensor file (read with weights_only=True) to safetensors, keys unchanged."""
     from safetensors.torch import save_file
 
-    from adaplex.storage import read_legacy
+    from adaplex.io.records import read_legacy
 
     if not source.is_file():
         raise StorageError(f"{source} is not a file")

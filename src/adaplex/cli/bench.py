@@ -35,7 +35,7 @@ def bench_overhead(
     import torch
 
     from adaplex.bench import overhead
-    from adaplex.models import choose_base
+    from adaplex.core.models import choose_base
 
     result = overhead.run(
         choose_base(base, None), batch, seq, rank, rounds, device, torch.bfloat16 if bf16 else torch.float32
@@ -71,7 +71,7 @@ def bench_train(
 ) -> None:
     """Training step time and peak memory: adaplex (Lightning) against PEFT in a plain loop."""
     from adaplex.bench import train as train_bench
-    from adaplex.models import choose_base
+    from adaplex.core.models import choose_base
 
     result = train_bench.run(choose_base(base, None), batch, seq, rank, steps, rounds, device)
     table = Table(title=f"training step on {result['base']} ({result['device']}, {result['precision']})")
@@ -101,7 +101,7 @@ def bench_route(
 ) -> None:
     """Mixed-key batches: adaplex routed experts against PEFT mixed-adapter batches and the base."""
     from adaplex.bench import route as route_bench
-    from adaplex.models import choose_base
+    from adaplex.core.models import choose_base
 
     result = route_bench.run(choose_base(base, None), tuple(adapters), batch, seq, rank, rounds, device, mode, bf16)
     table = Table(title=f"{mode} on {result['base']} ({result['device']}, batch {batch}, seq {seq}, rank {rank})")

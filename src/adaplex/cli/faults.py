@@ -23,7 +23,7 @@ def fault_inputs(base: str | None, batch: int, seq: int, count: int, bf16: bool 
     """The base model and ``count`` batches of real text (Python's reference docs) of (batch, seq) tokens."""
     import torch
 
-    from adaplex.models import choose_base, load_base
+    from adaplex.core.models import choose_base, load_base
     from adaplex.train.data import pydoc_topics, token_blocks
 
     model, tokenizer = load_base(choose_base(base, None), dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -64,7 +64,7 @@ def faults_run(
 
     from adaplex.faults.experiment import run_once
     from adaplex.faults.hook import FaultPlan
-    from adaplex.yamlconfig import validation_message
+    from adaplex.util.yamlconfig import validation_message
 
     try:
         plan = FaultPlan(
@@ -100,7 +100,7 @@ def faults_sweep(
     from rich.progress import Progress
 
     from adaplex.faults.sweep import SweepConfig, done_ids, sweep
-    from adaplex.yamlconfig import load_yaml
+    from adaplex.util.yamlconfig import load_yaml
 
     cfg = load_yaml(config, SweepConfig)
     model, batches = fault_inputs(cfg.base, cfg.batch, cfg.seq, max(1, len(cfg.seeds)))

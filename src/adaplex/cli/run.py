@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from adaplex.cli.common import (
     AdapterOption,
@@ -30,7 +29,7 @@ def train(
     """Train adapters on PyTorch Lightning as the YAML config describes (see configs/)."""
     from adaplex.train.config import TrainConfig
     from adaplex.train.run import train as run_training
-    from adaplex.yamlconfig import load_yaml
+    from adaplex.util.yamlconfig import load_yaml
 
     result = run_training(load_yaml(config, TrainConfig), source=str(config), resume=resume)
     console.print(f"trained adapter saved to {result}")
@@ -47,8 +46,8 @@ def generate(
     as_json: JsonOption = False,
 ) -> None:
     """Complete prompts with the base model plus the given adapters (none: the base alone)."""
-    from adaplex.infer import generate as complete
-    from adaplex.infer import load_stack
+    from adaplex.infer.generate import generate as complete
+    from adaplex.infer.generate import load_stack
 
     handle, tokenizer, names = load_stack(adapter, base)
     with handle.disable(*disable):
@@ -77,7 +76,7 @@ def infer(
     as_json: JsonOption = False,
 ) -> None:
     """Generate for every record with its key's expert, in mixed-key batches, across worker processes."""
-    from adaplex.batch_infer import Job, run
+    from adaplex.infer.batch import Job, run
 
     job = Job(bundle, base, batch_size, max_new_tokens, chat, device)
     summary = run(input_path, output, job, workers, registry, strict, overwrite)
@@ -104,26 +103,14 @@ def compare(
     as_json: JsonOption = False,
 ) -> None:
     """Base, stage 1, stage 1+2, ... side by side: completions and held-out perplexities."""
-    from adaplex.infer import compare as run_compare
-    from adaplex.infer import load_stack
+    from adaplex.infer.generate import compare as run_compare
+    from adaplex.infer.generate import comparison_table, load_stack
 
     handle, tokenizer, names = load_stack(adapter, base)
     rows = run_compare(handle, tokenizer, names, prompt, eval_file, chat, max_new_tokens)
-    print_comparison(rows, prompt)
+    console.print(comparison_table(rows, prompt))
     if as_json:
         emit_json({"rows": rows}, None)
-
-
-def print_comparison(rows: list[dict], prompts: list[str]) -> None:
-    table = Table(title="stages side by side", show_lines=True)
-    table.add_column("stage")
-    for name in rows[0]["perplexity"]:
-        table.add_column(f"ppl {Path(name).parent.name}/{Path(name).name}", justify="right")
-    for p in prompts:
-        table.add_column(p)
-    for row in rows:
-        table.add_row(row["stage"], *[f"{v:.2f}" for v in row["perplexity"].values()], *row["completions"])
-    console.print(table)
 
 
 @app.command()
@@ -132,7 +119,7 @@ def demo(
     steps: Annotated[int, typer.Option(help="training steps per stage")] = 30,
 ) -> None:
     """Stage-wise style + instruct training on the embedded model with real text, compared side by side."""
-    from adaplex import demo as demo_job
+    from adaplex.apps import demo as demo_job
 
     demo_job.run(out, steps=steps, console=console)
 
@@ -140,7 +127,7 @@ def demo(
 @data_app.command("prepare")
 def data_prepare(out: Annotated[Path, typer.Argument(help="directory to write the data into")]) -> None:
     """Prepare real-text training files (fortunes, Python reference Q&A) under OUT."""
-    from adaplex.realdata import prepare
+    from adaplex.apps.realdata import prepare
 
     for name, count in prepare(out).items():
         console.print(f"{out / name}: {count}")

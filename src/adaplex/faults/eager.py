@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from adaplex.core.attention import visible_mask
 from adaplex.faults import qkv
 from adaplex.faults.detect import Tensors
 from adaplex.faults.hook import FaultHook
@@ -32,12 +33,10 @@ def checked_attention(
     """Attention output (B, T, H, D) with the hook's faults injected and its detectors run."""
     groups = query.shape[1] // key.shape[1]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    from adaplex.attention import visible_mask  # attention imports this module
-
     visible = visible_mask(mask, query.shape[2], key.shape[2], is_causal, query.device)
     q, k, v = hook.inject("q", query), hook.inject("k", key), hook.inject("v", value)
     if hook.detectors.qkv:
-        hook.findings += qkv.check(hook, {"q": q, "k": k, "v": v})
+        hook.findings += qkv.check(hook.layer, hook.reference, {"q": q, "k": k, "v": v})
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, D)
     scores, weights, out = _attend(q, k, v, visible, scaling, hook.inject)
     before = len(hook.detections) if hook.detectors.correct else 0

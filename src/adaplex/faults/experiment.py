@@ -18,8 +18,12 @@ from functools import partial
 import torch
 from torch import nn
 
+from adaplex.core.adapted import Adapted
+from adaplex.errors import ConfigError
+from adaplex.faults.graphed import GraphedForward, logits_of
 from adaplex.faults.hook import DetectorConfig, FaultHook, FaultPlan, detections_of
 from adaplex.faults.session import armed
+from adaplex.util.measure import interleaved_times, median_ratio, peak_memory_mib
 
 
 @dataclass
@@ -36,12 +40,6 @@ class RunResult:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def logits_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**inputs)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 def logit_tolerance(dtype: torch.dtype) -> float:
@@ -115,10 +113,6 @@ def monitor(
     armed once (as a monitored model runs), so that every timed call is a forward and its check.
     ``graphed`` (CUDA) captures the baseline and the fused phases as CUDA graphs and times their
     replays (the step-by-step phases are left out): the checks' GPU cost without the host's."""
-    from adaplex.adapted import _HANDLES, Adapted
-    from adaplex.bench.measure import interleaved_times, median_ratio, peak_memory_mib
-    from adaplex.faults.graphed import GraphedForward
-
     off = DetectorConfig(**{name: False for name in DetectorConfig.model_fields})
     fused = detectors.model_copy(update={"fused": True})
     armings = {
@@ -132,12 +126,10 @@ def monitor(
     device = next(model.parameters()).device
     if graphed:
         if device.type != "cuda":
-            from adaplex.errors import ConfigError
-
             raise ConfigError("graphed timing captures CUDA graphs: run it with the model on CUDA (--device cuda)")
         armings = {name: arming for name, arming in armings.items() if name.startswith("fused")}
     copies = {name: deepcopy(model) for name in armings}
-    fresh = model not in _HANDLES
+    fresh = Adapted.find(model) is None
     handle = Adapted.of(model)  # the baseline runs through the same attention function, unarmed
     phases = {"baseline": GraphedForward(model, inputs) if graphed else partial(logits_of, model, inputs)}
     try:

@@ -107,14 +107,14 @@ def fused_checked_attention(
     scaling = dim**-0.5 if scaling is None else scaling
     checks = (hook.detectors.abft, hook.detectors.softmax, hook.detectors.output_bound)
     tokens = query.shape[2]
-    recorded = hook.reference if hook.detectors.qkv else {}
+    recorded = dict(hook.reference) if hook.detectors.qkv else {}
     if (
         mask is None
         and checked_kernel.available(query)
         and dim <= checked_kernel.MAX_HEAD_DIM
         and all(r.out.shape[1] == tokens for r in recorded.values())
     ):
-        hook.reference = {}  # taken: the kernel compares them (the padded path's qkv.check pops them)
+        hook.reference.clear()  # taken: the kernel compares them (the padded path's qkv.check pops them)
         spare = None if hook.findings else hook.kernel_checks  # unresolved findings may still read its buffers
         out, found = checked_kernel.checked_attention(
             query, key, value, scaling, is_causal and tokens > 1, checks, recorded, reuse=spare
@@ -128,7 +128,9 @@ def fused_checked_attention(
         module, padded_q, padded_k, padded_v, mask, scaling=scaling, is_causal=is_causal, **kwargs
     )[0]  # (B, T, H, D + 8)
     o = out[..., :dim]
-    found: list[Finding] = qkv.check(hook, {"q": query, "k": key, "v": value}) if hook.detectors.qkv else []
+    found: list[Finding] = (
+        qkv.check(hook.layer, hook.reference, {"q": query, "k": key, "v": value}) if hook.detectors.qkv else []
+    )
     if any(checks):
         excess = column_excess(out, value, *checks)
         found += [Finding(hook.layer, name, e.transpose(1, 2)) for name, e in excess.items()]

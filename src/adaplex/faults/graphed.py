@@ -7,10 +7,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from adaplex.core.graphs import capture
 from adaplex.faults.detect import Detection, failed
-from adaplex.faults.experiment import logits_of
 from adaplex.faults.hook import FaultHook, detections_of
-from adaplex.graphs import capture
+
+
+def logits_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits of a causal LM (an encoder: its last hidden states) for ``inputs``, without autograd."""
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 class GraphedForward:

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from adaplex.errors import ConfigError
 from adaplex.faults.bits import flip_bit
 from adaplex.faults.detect import DETECTORS, Detection, Resolvable, Tensors, any_failed
-
-if TYPE_CHECKING:
-    from adaplex.faults.qkv import Recorded
-    from adaplex.kernels.checked_attention import Checks
+from adaplex.faults.qkv import Recorded
+from adaplex.kernels.checked_attention import Checks
 
 Location = Literal["q", "k", "v", "scores", "weights", "output"]
 LOCATIONS: tuple[str, ...] = get_args(Location)
@@ -105,8 +104,6 @@ def detections_of(hooks: list[FaultHook]) -> list[Detection]:
 
 def _flat(shape: torch.Size, element: list[int]) -> int:
     if len(element) != len(shape) or any(not 0 <= i < n for i, n in zip(element, shape, strict=True)):
-        from adaplex.errors import ConfigError
-
         raise ConfigError(f"element {element} is outside the tensor of shape {tuple(shape)}")
     flat = 0
     for i, n in zip(element, shape, strict=True):
@@ -116,8 +113,6 @@ def _flat(shape: torch.Size, element: list[int]) -> int:
 
 def plan_layers(plan: FaultPlan, num_layers: int) -> list[int]:
     """The layers a plan injects into (mode first / all / random / an explicit list)."""
-    from adaplex.errors import ConfigError
-
     if plan.layers == "first":
         return [0]
     if plan.layers == "all":

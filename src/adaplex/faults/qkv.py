@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from adaplex.faults.detect import Finding
-from adaplex.faults.hook import FaultHook
+from adaplex.kernels.checked_attention import qkv_slack as slack
 
 
 def stats(heads: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,23 +47,6 @@ def rotated_sum_weights(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     model's: a bfloat16 model's weights cost half the reads, well within the bfloat16 slack)."""
     half = sin.shape[-1] // 2
     return (cos.float() + torch.cat([sin[..., half:], -sin[..., :half]], dim=-1).float()).to(cos.dtype)
-
-
-def rotary_module(model: nn.Module) -> nn.Module | None:
-    """The model's shared rotary-embedding module, if it has one (Llama-style families)."""
-    return next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
-
-
-def sources(attention: nn.Module) -> dict[str, tuple[nn.Module, int | None]]:
-    """Where q, k, v come from in one attention layer: (module, part of a fused q|k|v output or None)."""
-    children = dict(attention.named_children())
-    if "c_attn" in children:  # GPT-2: one fused projection
-        return {loc: (children["c_attn"], i) for i, loc in enumerate("qkv")}
-    if "query" in children:  # BERT
-        return {"q": (children["query"], None), "k": (children["key"], None), "v": (children["value"], None)}
-    q_src = children.get("q_norm", children["q_proj"])  # Qwen3 normalises each head after the projection
-    k_src = children.get("k_norm", children["k_proj"])
-    return {"q": (q_src, None), "k": (k_src, None), "v": (children["v_proj"], None)}
 
 
 class Recorded(NamedTuple):
@@ -106,10 +89,14 @@ def on_output(module: nn.Module, record: Callable[[Any], None]) -> Callable[[], 
 
 
 def recorder(
-    hook: FaultHook, location: str, part: int | None, head_dim: int, rotary: dict[str, torch.Tensor] | None
+    reference: dict[str, Recorded],
+    location: str,
+    part: int | None,
+    head_dim: int,
+    rotary: dict[str, torch.Tensor] | None,
 ) -> Callable[[torch.Tensor], None]:
-    """Keeps the output a projection computed for ``location`` (see ``on_output``) in
-    ``hook.reference``; the attention function computes and compares its stats (in the kernel where
+    """Keeps the output a projection computed for ``location`` (see ``on_output``) in ``reference``
+    (a fault hook's); the attention function computes and compares its stats (in the kernel where
     it runs).
 
     ``rotary`` is None for models without a rotary embedding, else a dict whose "weights" holds the
@@ -123,25 +110,26 @@ def recorder(
             weights = rotary.get("weights")  # (B or 1, T, D)
             if weights is None or weights.shape[-1] != head_dim or weights.shape[-2] != out.shape[1]:
                 weights, columns = None, 1  # partial rotary, or no (cos, sin) seen for these tokens
-        hook.reference[location] = Recorded(out if out.dim() == 3 else out.flatten(2), weights, columns)
+        reference[location] = Recorded(out if out.dim() == 3 else out.flatten(2), weights, columns)
 
     return record
 
 
-def check(hook: FaultHook, received: dict[str, torch.Tensor]) -> list[Finding]:
-    """Compare the stats of the received q, k, v (their newest T tokens) with the recorded ones.
+def check(layer: int, reference: dict[str, Recorded], received: dict[str, torch.Tensor]) -> list[Finding]:
+    """Compare the stats of the received q, k, v (their newest T tokens) with the ones recorded in
+    ``reference`` (taken from it).
 
     Tolerance: 8·D·eps of the dtype times the norm for the norm, times √D · norm (≥ Σ|x_d|) for the sum.
     """
     findings = []
     for location, tensor in received.items():
-        recorded = hook.reference.pop(location, None)
+        recorded = reference.pop(location, None)
         if recorded is None:
             continue
-        reference = recorded.stats(tensor.shape[-1])
-        newest = tensor[:, :, -reference.shape[-2] :]  # cached or prefix positions come first
-        slack = _slack(tensor.shape[-1], tensor.dtype, reference.device)[: reference.shape[-1]]
-        findings.append(Finding(hook.layer, f"qkv_{location}", excess_over(newest, reference, slack)))
+        then = recorded.stats(tensor.shape[-1])
+        newest = tensor[:, :, -then.shape[-2] :]  # cached or prefix positions come first
+        tolerance = _slack(tensor.shape[-1], tensor.dtype, then.device)[: then.shape[-1]]
+        findings.append(Finding(layer, f"qkv_{location}", excess_over(newest, then, tolerance)))
     return findings
 
 
@@ -150,13 +138,6 @@ def excess_over(received: torch.Tensor, reference: torch.Tensor, slack: torch.Te
     ``slack`` times the recorded norm."""
     got = stats(received)[..., : reference.shape[-1]]
     return torch.addcmul((got - reference).abs(), reference[..., :1], slack, value=-1).amax(-1)
-
-
-def slack(dim: int, dtype: torch.dtype) -> tuple[float, float]:
-    """Allowed |got - recorded| per unit of norm, for [norm, sum]: 8·D·eps · [1, √D] (the checked-attention
-    kernel's too)."""
-    unit = 8 * dim * torch.finfo(dtype).eps
-    return unit, unit * dim**0.5
 
 
 @cache

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
 
-from adaplex import attention
-from adaplex.adapted import _HANDLES, Adapted, prefix_shape
+from adaplex.core import attention
+from adaplex.core.adapted import Adapted
+from adaplex.core.inject import attention_shape, family_of, qkv_sources, rotary_module, select_attention
 from adaplex.faults import qkv
 from adaplex.faults.bits import check_bit
+from adaplex.faults.eager import checked_attention
+from adaplex.faults.fused import fused_checked_attention
 from adaplex.faults.hook import DetectorConfig, FaultHook, FaultPlan, plan_layers
-from adaplex.inject import family_of, select_attention
 
 _LAYERS: WeakKeyDictionary[nn.Module, list[str]] = WeakKeyDictionary()
 
@@ -25,6 +28,29 @@ def attention_layers(model: nn.Module) -> list[str]:
     if model not in _LAYERS:
         _LAYERS[model] = select_attention(model, family_of(model), ("attention",))
     return _LAYERS[model]
+
+
+@dataclass(frozen=True)
+class HookObserver:
+    """One attention layer computed through its fault hook (an ``attention.AttentionObserver``): the
+    fused kernel with its checks where the hook only checks, else step by step with injection."""
+
+    hook: FaultHook
+
+    def attend(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        scaling: float | None,
+        is_causal: bool,
+    ) -> torch.Tensor:
+        hook = self.hook
+        if hook.detectors.fused and hook.plan is None:
+            return fused_checked_attention(module, query, key, value, mask, scaling, is_causal, hook)
+        return checked_attention(query, key, value, mask, scaling, is_causal and query.shape[2] > 1, hook)
 
 
 @contextmanager
@@ -38,30 +64,30 @@ def armed(model: nn.Module, plan: FaultPlan | None, detectors: DetectorConfig) -
     targets = set(plan_layers(plan, len(layers))) if plan else set()
     if plan is not None:
         check_bit(plan.bit, next(model.parameters()).dtype)
-    fresh = model not in _HANDLES
+    fresh = Adapted.find(model) is None
     handle = Adapted.of(model)
     hooks = [FaultHook(i, plan if i in targets else None, detectors) for i in range(len(layers))]
-    children = [attention.attention_child(model.get_submodule(path), handle.stack) for path in layers]
-    head_dim = prefix_shape(model)[1]
+    children = [attention.attention_child(model.get_submodule(path), handle.stack, path) for path in layers]
+    head_dim = attention_shape(model)[1]
     undo = []  # of the q/k/v recorders
-    rotary_module = qkv.rotary_module(model) if detectors.qkv else None
+    rotary_source = rotary_module(model) if detectors.qkv else None
     rotary: dict[str, torch.Tensor] | None = None
     try:
-        if rotary_module is not None:
+        if rotary_source is not None:
             rotary = {}
-            undo.append(qkv.on_output(rotary_module, lambda out: rotary.update(weights=qkv.rotated_sum_weights(*out))))
+            undo.append(qkv.on_output(rotary_source, lambda out: rotary.update(weights=qkv.rotated_sum_weights(*out))))
         for path, child, hook in zip(layers, children, hooks, strict=True):
-            child.fault_hook = hook
+            child.observer = HookObserver(hook)
             if detectors.qkv:
                 undo += [
-                    qkv.on_output(module, qkv.recorder(hook, location, part, head_dim, rotary))
-                    for location, (module, part) in qkv.sources(model.get_submodule(path)).items()
+                    qkv.on_output(module, qkv.recorder(hook.reference, location, part, head_dim, rotary))
+                    for location, (module, part) in qkv_sources(model.get_submodule(path)).items()
                 ]
         yield hooks
     finally:
         for step in reversed(undo):
             step()
         for child in children:
-            child.fault_hook = None
+            child.observer = None
         if fresh:
             handle.detach()

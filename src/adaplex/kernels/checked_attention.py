@@ -31,16 +31,30 @@ masks and larger heads use the padded SDPA path.
 from __future__ import annotations
 
 from functools import cache, lru_cache
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
-from adaplex.faults.qkv import slack as qkv_slack
 from adaplex.kernels import INTERPRETED, dot_size
 from adaplex.kernels.launch import Constants, Launcher
 
-if TYPE_CHECKING:
-    from adaplex.faults.qkv import Recorded
+
+class Recorded(Protocol):
+    """A projection's output as it returned it (``adaplex.faults.qkv.Recorded``): out (B, T, H·D), the
+    weights (B, T, D) of the sum its rows have after the rotary embedding (None: the plain sum), and
+    how many stats can be compared (2: norm and sum; 1: the norm only)."""
+
+    out: torch.Tensor
+    weights: torch.Tensor | None
+    columns: int
+
+
+def qkv_slack(dim: int, dtype: torch.dtype) -> tuple[float, float]:
+    """Allowed |got - recorded| per unit of norm, for [norm, sum]: 8·D·eps · [1, √D] (the checked-attention
+    kernel's too)."""
+    unit = 8 * dim * torch.finfo(dtype).eps
+    return unit, unit * dim**0.5
+
 
 MAX_HEAD_DIM = 128  # larger heads exceed the tiles' registers and shared memory: the padded SDPA path
 # BLOCK_M, BLOCK_N, warps, pipeline stages, register cap (None: the compiler's choice), without and with checks

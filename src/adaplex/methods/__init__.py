@@ -6,13 +6,21 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from adaplex.errors import ConfigError
-from adaplex.methods.base import Adapter, MethodConfig, SiteAdapter
+from adaplex.errors import AdapterNameError, ConfigError
+from adaplex.methods.base import Adapter, Factors, MethodConfig, Scale, SiteAdapter, SiteWeight
 from adaplex.methods.bottleneck import Bottleneck, BottleneckConfig
-from adaplex.methods.experts import ExpertBank, ExpertsConfig, Route
-from adaplex.methods.lora import LoRA, LoRAConfig, MoSLoRAConfig
+from adaplex.methods.experts import ExpertBank, ExpertsConfig
+from adaplex.methods.lora import (
+    GivenLoRA,
+    GivenLoRAConfig,
+    LoRA,
+    LoRAConfig,
+    MoSLoRAConfig,
+    PerSampleLoRA,
+    per_sample_lora,
+)
 from adaplex.methods.prefix import Prefix, PrefixConfig
-from adaplex.yamlconfig import validation_message
+from adaplex.util.yamlconfig import validation_message
 
 METHODS: dict[str, type[MethodConfig]] = {
     "lora": LoRAConfig,
@@ -20,6 +28,7 @@ METHODS: dict[str, type[MethodConfig]] = {
     "bottleneck": BottleneckConfig,
     "prefix": PrefixConfig,
     "experts": ExpertsConfig,
+    "given-lora": GivenLoRAConfig,
 }
 
 
@@ -34,6 +43,21 @@ def method_config(fields: dict[str, Any], source: str = "config") -> MethodConfi
         raise ConfigError(validation_message(err, source)) from None
 
 
+def site_adapter(config: MethodConfig, in_features: int, out_features: int) -> SiteAdapter:
+    """The module of ``config``'s method at one linear site of shape (in, out)."""
+    for kind, module in SITE_MODULES.items():
+        if isinstance(config, kind):
+            return module(in_features, out_features, config)
+    raise AdapterNameError(f"method {config.method!r} is not applied beside linear layers")
+
+
+SITE_MODULES: dict[type[MethodConfig], Any] = {
+    LoRAConfig: LoRA,
+    BottleneckConfig: Bottleneck,
+    ExpertsConfig: ExpertBank,
+    GivenLoRAConfig: GivenLoRA,
+}
+
 __all__ = [
     "METHODS",
     "Adapter",
@@ -41,13 +65,20 @@ __all__ = [
     "BottleneckConfig",
     "ExpertBank",
     "ExpertsConfig",
+    "Factors",
+    "GivenLoRA",
+    "GivenLoRAConfig",
     "LoRA",
     "LoRAConfig",
     "MethodConfig",
     "MoSLoRAConfig",
+    "PerSampleLoRA",
     "Prefix",
     "PrefixConfig",
-    "Route",
+    "Scale",
     "SiteAdapter",
+    "SiteWeight",
     "method_config",
+    "per_sample_lora",
+    "site_adapter",
 ]

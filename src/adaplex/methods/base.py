@@ -1,14 +1,57 @@
-"""What every adapter method shares: a validated config and a marker base class.
+"""What every adapter method shares: a validated config, a marker base class, and the form in
+which a method receives its weight at a site.
 
 Adapters are found by type (``isinstance(m, Adapter)``), never by parameter names, so
 freezing, state dicts, merging and reports work on any model they are attached to.
+
+At a site each active adapter's weight (one of the kinds in ``adaplex.core.weights``) is resolved,
+with the site's input at hand, into a ``SiteWeight``:
+
+- a ``Scale``: a float, or a tensor in the input's dtype that broadcasts against the site's
+  (B, T, features) output: (B, 1, 1) per sample, (B, T, 1) per token;
+- ``Factors``: per-sample low-rank factors, down (B, in, r) and up (B, r, out), with every scale
+  folded into up, for the one functional LoRA ``out + (x @ down) @ up``.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+from adaplex.errors import AdapterNameError
+
+Scale = float | torch.Tensor
+
+
+class Factors(NamedTuple):
+    """Each sample's own low-rank update: Δ_b(x) = (x_b @ down_b) @ up_b."""
+
+    down: torch.Tensor  # (B, in, r)
+    up: torch.Tensor  # (B, r, out)
+
+    def contiguous(self) -> Factors:
+        return Factors(self.down.contiguous(), self.up.contiguous())
+
+
+SiteWeight = Scale | Factors
+
+
+def per_sample(scale: Scale, dims: int) -> Scale:
+    """A token-shaped scale ((B, T|1, 1) or a float) as one value per sample, shaped (B, 1, ...) with
+    ``dims`` dimensions: the mean over tokens (what a per-token gate means for a per-layer prefix)."""
+    if isinstance(scale, float):
+        return scale
+    return scale.mean(dim=1).reshape(scale.shape[0], *([1] * (dims - 1)))
+
+
+def scale_of(weight: SiteWeight, method: str) -> Scale:
+    """``weight`` as a Scale; per-sample factors are for methods that take them (banks, given LoRAs)."""
+    if isinstance(weight, Factors):
+        raise AdapterNameError(f"a {method} adapter takes a scale as its weight, not per-sample factors")
+    return weight
 
 
 class MethodConfig(BaseModel):
@@ -35,11 +78,12 @@ class Adapter(nn.Module):
 
 
 class SiteAdapter(Adapter):
-    """An adapter applied beside a base linear layer: y = base(x) + forward(x, base(x), w)."""
+    """An adapter applied beside a base linear layer: y = base(x) + w · Δ(x, base(x))."""
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight) -> torch.Tensor:
+        """out + w · Δ(x, base_out), with ``weight`` already resolved at this site."""
         raise NotImplementedError
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, weight: object) -> torch.Tensor:
-        """out + forward(x, base_out, weight); methods that can fuse the addition override this."""
-        return out + self(x, base_out, weight)
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight = 1.0) -> torch.Tensor:
+        """w · Δ(x, base_out) alone."""
+        return self.add_to(torch.zeros_like(base_out), x, base_out, weight)

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from adaplex.methods.base import MethodConfig, SiteAdapter
+from adaplex.methods.base import MethodConfig, SiteAdapter, SiteWeight, scale_of
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -46,5 +46,5 @@ class Bottleneck(SiteAdapter):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(base_out))) * weight  # (..., hidden)
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight) -> torch.Tensor:
+        return out + self.up(self.act(self.down(base_out))) * scale_of(weight, "bottleneck")  # (..., hidden)

@@ -3,23 +3,24 @@
 For sample b routed to key k(b):  Δ_b(x) = w · s_k · B_k M_k A_k x_b   (M_k = I for LoRA experts).
 The bank holds A: (K, r, in), B: (K, out, r) (and M: (K, r, r)); experts of smaller rank r_k are
 zero-padded to r and masked, so they stay exactly rank r_k. A forward gathers each sample's
-A and its B (with M, scale and weight folded in) and runs two batched matmuls: no Python loop over
-samples or keys. A sample routed to no key (index -1) gets no expert delta.
+A and its B (with M, scale and weight folded in) and applies them with the per-sample functional
+LoRA (``lora.per_sample_lora``): no Python loop over samples or keys. A sample routed to no key
+(index -1) gets no expert delta.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from adaplex.errors import AdapterNameError
-from adaplex.kernels import gathered_lora
-from adaplex.methods.base import MethodConfig, SiteAdapter
-from adaplex.methods.lora import ALL_LINEAR, init_mixer
+from adaplex.methods.base import Factors, MethodConfig
+from adaplex.methods.lora import ALL_LINEAR, PerSampleLoRA, init_mixer, lora_scaling
+
+KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a key names a directory of its bundle
 
 
 class ExpertsConfig(MethodConfig):
@@ -29,41 +30,40 @@ class ExpertsConfig(MethodConfig):
     alpha: float = Field(32.0, gt=0)
     rslora: bool = False
     key_ranks: dict[str, int] = Field(default_factory=dict, description="key -> rank of that expert")
+    key_alphas: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="key -> alpha of that expert"
+    )
     mixer_init: Literal["identity", "kaiming", "orthogonal"] | None = Field(None, description="MoSLoRA experts")
     targets: tuple[str, ...] = ALL_LINEAR
 
     @model_validator(mode="after")
     def _known_keys(self) -> ExpertsConfig:
-        unknown = set(self.key_ranks) - set(self.keys)
-        if unknown:
-            raise ValueError(f"key_ranks names keys that are not in keys: {sorted(unknown)}")
+        for field in ("key_ranks", "key_alphas"):
+            unknown = set(getattr(self, field)) - set(self.keys)
+            if unknown:
+                raise ValueError(f"{field} names keys that are not in keys: {sorted(unknown)}")
         if len(set(self.keys)) != len(self.keys):
             raise ValueError("keys repeat")
+        odd = [k for k in self.keys if not KEY_PATTERN.fullmatch(k)]
+        if odd:
+            raise ValueError(f"key {odd[0]!r} may hold only letters, digits, '.', '_' and '-' (not first)")
         return self
 
     def rank(self, key: str) -> int:
         return self.key_ranks.get(key, self.r)
 
+    def alpha_of(self, key: str) -> float:
+        return self.key_alphas.get(key, self.alpha)
+
     def scaling(self, key: str) -> float:
-        r = self.rank(key)
-        return self.alpha / (r**0.5 if self.rslora else r)
+        return lora_scaling(self.alpha_of(key), self.rank(key), self.rslora)
 
 
-@dataclass(frozen=True)
-class Route:
-    """Per-sample routing of one bank: expert index per sample (-1: none) and the bank's weight.
+class ExpertBank(PerSampleLoRA):
+    """K experts at one site; its weight is a route (``adaplex.core.weights.Routed``), which resolves
+    into each sample's gathered expert through ``gather``."""
 
-    Without autograd (inference, generation), each site's gathered per-sample weights are computed
-    once per route and reused for every forward inside it, e.g. every decode step of generate().
-    """
-
-    index: torch.Tensor  # (B,) long
-    weight: float = 1.0
-    gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, compare=False)
-
-
-class ExpertBank(SiteAdapter):
-    """K experts at one site; forward takes a Route as its weight."""
+    needs = "an expert bank needs per-sample keys: run the batch inside handle.route(keys)"
 
     def __init__(self, in_features: int, out_features: int, config: ExpertsConfig) -> None:
         super().__init__()
@@ -84,40 +84,19 @@ class ExpertBank(SiteAdapter):
             for m in self.mixer:
                 init_mixer(m, config.mixer_init)
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, weight: Route) -> torch.Tensor:  # type: ignore[override]
-        return self.add_to(torch.zeros_like(base_out), x, base_out, weight)
+    def gather(self, index: torch.Tensor, weight: float | torch.Tensor, dtype: torch.dtype) -> Factors:
+        """Each sample's (A_k^T, (w·s_k·B_k M_k)^T), rank-masked, in ``dtype``: (B, in, r) and (B, r, out).
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, weight: object) -> torch.Tensor:
-        """out + Δ(x): with autograd two batched matmuls (the addition fused into the second); without,
-        the route's cached gathered weights, in one fused kernel where Triton runs (CUDA)."""
-        if not isinstance(weight, Route):
-            raise AdapterNameError("an expert bank needs per-sample keys: run the batch inside handle.route(keys)")
-        if torch.is_grad_enabled():
-            down, up = self.gather(weight, x.dtype)
-        else:
-            down, up = self.gathered(weight, x.dtype)
-            if gathered_lora.available(x):
-                return gathered_lora.gathered_lora_add(out, x, down, up)
-        return torch.baddbmm(out, torch.bmm(x, down), up)  # (B, T, r) -> (B, T, out)
-
-    def gathered(self, route: Route, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``gather`` made contiguous, computed once per route (for use without autograd)."""
-        cached = route.gathered.get(id(self))
-        if cached is None:
-            down, up = self.gather(route, dtype)
-            cached = route.gathered[id(self)] = (down.contiguous(), up.contiguous())
-        return cached
-
-    def gather(self, route: Route, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each sample's (A_k^T, (w·s_k·B_k M_k)^T), rank-masked, in ``dtype``: (B, in, r) and (B, r, out)."""
-        index = route.index.clamp(min=0)  # (B,)
-        mask = self.rank_mask[index]  # (B, r)
-        gate = (route.index >= 0).to(self.scale.dtype) * self.scale[index] * route.weight  # (B,)
-        down = self.A[index] * mask.unsqueeze(-1)  # (B, r, in)
-        up = self.B[index] * mask.unsqueeze(1)  # (B, out, r)
+        ``index`` (B,) holds each sample's expert (-1: none, a zero update); ``weight`` is a float or
+        one value per sample (B,)."""
+        known = index.clamp(min=0)  # (B,)
+        mask = self.rank_mask[known]  # (B, r)
+        gate = (index >= 0).to(self.scale.dtype) * self.scale[known] * weight  # (B,)
+        down = self.A[known] * mask.unsqueeze(-1)  # (B, r, in)
+        up = self.B[known] * mask.unsqueeze(1)  # (B, out, r)
         if self.mixer is not None:
-            up = torch.bmm(up, self.mixer[index] * mask.unsqueeze(1) * mask.unsqueeze(-1))  # (B, out, r)
-        return down.transpose(1, 2).to(dtype), (up * gate.view(-1, 1, 1)).transpose(1, 2).to(dtype)
+            up = torch.bmm(up, self.mixer[known] * mask.unsqueeze(1) * mask.unsqueeze(-1))  # (B, out, r)
+        return Factors(down.transpose(1, 2).to(dtype), (up * gate.view(-1, 1, 1)).transpose(1, 2).to(dtype))
 
     def expert_state(self, k: int, rank: int) -> dict[str, torch.Tensor]:
         """Expert k as a plain LoRA/MoSLoRA state dict of rank ``rank`` (keys A, B, mixer)."""

@@ -1,8 +1,10 @@
-"""LoRA (Hu et al. 2021, arXiv:2106.09685) and MoSLoRA (Wu et al. 2024, arXiv:2406.11909).
+"""LoRA (Hu et al. 2021, arXiv:2106.09685), MoSLoRA (Wu et al. 2024, arXiv:2406.11909), and the one
+functional per-sample LoRA that expert banks and given (generated) adapters share.
 
 LoRA:    Δ(x) = s · B A x,      A: (r, in), B: (out, r), s = α/r (rsLoRA: α/√r, Kalajdzievski 2023).
 MoSLoRA: Δ(x) = s · B M A x,    with a learnable r×r mixer M between the two projections.
 B starts at zero, so a fresh adapter changes nothing.
+Per sample: y_b = out_b + (x_b @ down_b) @ up_b, down: (B, in, r), up: (B, r, out) (``per_sample_lora``).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from adaplex.methods.base import MethodConfig, SiteAdapter
-from adaplex.names import name_matches
+from adaplex.errors import AdapterNameError
+from adaplex.kernels import gathered_lora
+from adaplex.methods.base import Factors, MethodConfig, SiteAdapter, SiteWeight, scale_of
+from adaplex.util.names import name_matches
 
 ALL_LINEAR = ("all-linear",)
 
@@ -42,7 +46,12 @@ class LoRAConfig(MethodConfig):
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+        return lora_scaling(self.alpha, self.r, self.rslora)
+
+
+def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
+    """s = α/r, or α/√r with rank-stabilised scaling."""
+    return alpha / (math.sqrt(r) if rslora else r)
 
 
 class MoSLoRAConfig(LoRAConfig):
@@ -78,11 +87,11 @@ class LoRA(SiteAdapter):
             init_mixer(self.mixer, config.mixer_init)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight) -> torch.Tensor:
         h = F.linear(self.dropout(x), self.A)  # (..., r)
         if self.mixer is not None:
             h = F.linear(h, self.mixer)  # (..., r)
-        return F.linear(h, self.B) * (self.scaling * weight)  # (..., out)
+        return out + F.linear(h, self.B) * (self.scaling * scale_of(weight, "LoRA"))  # (..., out)
 
     def folded_B(self) -> torch.Tensor:
         """B with the mixer folded in (B·M), so that Δ = s · folded_B · A is plain LoRA."""
@@ -90,3 +99,60 @@ class LoRA(SiteAdapter):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.folded_B() @ self.A) * self.scaling  # (out, in)
+
+
+def per_sample_lora(out: torch.Tensor, x: torch.Tensor, factors: Factors) -> torch.Tensor:
+    """out + (x @ down) @ up for every sample with its own factors: (B, T, out), (B, T, in), (B, in, r),
+    (B, r, out). One fused kernel where it runs (CUDA, no autograd), else two batched matmuls with the
+    addition fused into the second; never a loop over samples."""
+    if not torch.is_grad_enabled() and gathered_lora.available(x):
+        return gathered_lora.gathered_lora_add(out, x, factors.down, factors.up)
+    return torch.baddbmm(out, torch.bmm(x, factors.down), factors.up)  # (B, T, r) -> (B, T, out)
+
+
+class PerSampleLoRA(SiteAdapter):
+    """An adapter whose weight at a site resolves to per-sample factors (an expert bank's gathered
+    experts, or a given adapter's A and B), applied by ``per_sample_lora``."""
+
+    needs: str  # what to do when the weight is not per-sample factors
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight) -> torch.Tensor:
+        if not isinstance(weight, Factors):
+            raise AdapterNameError(self.needs)
+        return per_sample_lora(out, x, weight)
+
+
+class GivenLoRAConfig(MethodConfig):
+    """LoRA sites whose A and B are given per sample at forward time (a hypernetwork's output)."""
+
+    method: Literal["given-lora"] = "given-lora"
+    r: int = Field(8, gt=0, description="rank of the given A and B")
+    alpha: float = Field(16.0, gt=0, description="scale numerator: s = alpha / r (or / sqrt(r))")
+    rslora: bool = False
+    targets: tuple[str, ...] = ALL_LINEAR
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.alpha, self.r, self.rslora)
+
+
+class GivenLoRA(PerSampleLoRA):
+    """A LoRA site without parameters: sample b's A_b (r, in) and B_b (out, r) come with the batch
+    (``adaplex.core.weights.Given``): Δ_b(x) = w · s · B_b A_b x_b."""
+
+    needs = "a given-lora adapter needs each sample's A and B: run the batch inside handle.given(name, weights)"
+
+    def __init__(self, in_features: int, out_features: int, config: GivenLoRAConfig) -> None:
+        super().__init__()
+        self.shape = (config.r, in_features, out_features)
+        self.scaling = config.scaling
+
+    def factors(self, site: str, A: torch.Tensor, B: torch.Tensor, weight: float, dtype: torch.dtype) -> Factors:
+        """(A_b^T, (w·s·B_b)^T) for A: (B, r, in), B: (B, out, r), checked against this site's shape."""
+        r, n_in, n_out = self.shape
+        if A.dim() != 3 or B.dim() != 3 or A.shape[1:] != (r, n_in) or B.shape[1:] != (n_out, r):
+            raise AdapterNameError(
+                f"given weights for {site} have shapes {tuple(A.shape)} and {tuple(B.shape)}; "
+                f"expected (batch, {r}, {n_in}) and (batch, {n_out}, {r})"
+            )
+        return Factors(A.transpose(1, 2).to(dtype), (B * (self.scaling * weight)).transpose(1, 2).to(dtype))

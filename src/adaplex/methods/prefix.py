@@ -3,7 +3,9 @@
 Each attention layer gets L learned key/value vectors per key-value head, prepended to the
 keys and values of every sequence: attention(q, [P_k; K], [P_v; V]). With the optional
 reparameterisation, P = MLP(E) for a learned embedding E: (L, hidden), as in the paper §4.3.
-The prefix is scaled by its weight (the UniPELT gate): P_k, P_v -> w·P_k, w·P_v.
+The prefix is scaled by its weight: P_k, P_v -> w·P_k, w·P_v, with w one value per sample where the
+weight varies (a per-token gate becomes its mean over the tokens, as UniPELT's prefix gate is); where
+w = 0 the attention function masks the prefix out, so that a weight of 0 is the prefix absent.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from adaplex.methods.base import Adapter, MethodConfig
+from adaplex.methods.base import Adapter, MethodConfig, SiteWeight, per_sample, scale_of
 
 
 class PrefixConfig(MethodConfig):
@@ -42,12 +44,12 @@ class Prefix(Adapter):
                 nn.Linear(config.reparam_hidden, 2 * num_kv_heads * head_dim),
             )
 
-    def forward(self, weight: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return w·P_k, w·P_v, each (H_kv, L, D)."""
+    def forward(self, weight: SiteWeight) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return w·P_k, w·P_v: each (H_kv, L, D) for a float weight, (B, H_kv, L, D) for one per sample."""
         if self.mlp is None:
             kv = self.kv  # (2, H_kv, L, D)
         else:
             heads, length, dim = self.shape
             kv = self.mlp(self.kv).view(length, 2, heads, dim).permute(1, 2, 0, 3)  # (2, H_kv, L, D)
-        kv = kv * weight
-        return kv[0], kv[1]
+        kv = kv * per_sample(scale_of(weight, "prefix"), dims=5)  # (2, H_kv, L, D), per sample (B, 2, H_kv, L, D)
+        return kv.unbind(-4)

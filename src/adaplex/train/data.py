@@ -145,7 +145,7 @@ def _keys(records: list[tuple[str, dict[str, Any]]], config: DataConfig) -> list
         return [None] * len(records)
     registry = None
     if config.registry is not None:
-        from adaplex.registry import load_registry
+        from adaplex.compose.registry import load_registry
 
         registry = load_registry(config.registry)
     keys = []

@@ -9,9 +9,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from adaplex.adapted import Adapted
+from adaplex.compose.route import route
+from adaplex.core.adapted import Adapted
 from adaplex.errors import AdaplexError
-from adaplex.routing import route
 from adaplex.train.data import IGNORE
 
 

@@ -19,11 +19,11 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from adaplex.adapted import Adapted
+from adaplex.core.adapted import Adapted
+from adaplex.core.models import choose_base, load_base
 from adaplex.errors import StorageError
+from adaplex.io.storage import attach, recorded_base, save_adapter, save_bundle
 from adaplex.methods import method_config
-from adaplex.models import choose_base, load_base
-from adaplex.storage import attach, recorded_base, save_adapter, save_bundle
 from adaplex.train.config import TrainConfig
 from adaplex.train.data import CausalLMData, build_examples
 from adaplex.train.module import AdapterLM
@@ -135,14 +135,12 @@ def train(config: TrainConfig, source: str = "config", resume: bool = False) -> 
 def save_result(handle: Adapted, config: TrainConfig, produced: dict[str, list[str]], target: Path) -> Path:
     """One trained adapter: an adapter directory. Several, or any expert bank: a bundle holding every
     adapter of the run (frozen ones too, so a routed bundle stays whole: shared/ + experts/<key>/)."""
-    from adaplex.routing import banks
-
     trained = [n for spec in config.adapters if spec.train for n in produced[spec.name]]
     lineage = {"version": config.version, "parent": config.parent}
-    if len(trained) == 1 and not banks(handle):
+    if len(trained) == 1 and not handle.banks():
         return save_adapter(handle, trained[0], target, role=trained[0], overwrite=True, **lineage)
-    members = [n for n in handle.configs if n not in banks(handle)]
-    if banks(handle):
+    members = [n for n in handle.configs if n not in handle.banks()]
+    if handle.banks():
         return save_bundle(
             handle, target, {n: n for n in members}, roles={n: "shared" for n in members}, overwrite=True, **lineage
         )

@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adaplex.errors import AdaplexError
-from adaplex.yamlconfig import load_yaml
+from adaplex.util.yamlconfig import load_yaml
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from adaplex.infer import compare, load_stack
-from adaplex.realdata import fortunes_available, prepare
+from adaplex.apps.realdata import fortunes_available, prepare
+from adaplex.infer.generate import compare, comparison_table, load_stack
 from adaplex.train.config import TrainConfig, short_cpu_run
 from adaplex.train.run import train
 
@@ -92,9 +92,7 @@ def run(out: Path, steps: int = 30, console: Console | None = None) -> list[dict
         chat=True,
         max_new_tokens=48,
     )
-    from adaplex.cli.run import print_comparison
-
-    print_comparison(rows, list(PROMPTS))
+    console.print(comparison_table(rows, list(PROMPTS)))
 
     merged = handle.merged_model().eval()
     probe = tokenizer(PROMPTS[0], return_tensors="pt")

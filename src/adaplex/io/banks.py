@@ -1,53 +1,26 @@
-"""Routed adapters: one shared adapter plus an expert bank, every sample routed to its key.
-
-On disk a routed bundle is ``shared/`` (role "shared") and ``experts/<key>/`` (role "expert"), each
-a plain LoRA/MoSLoRA adapter directory, so one expert loads alone as an ordinary adapter. In memory
-the experts form one ``ExpertBank`` adapter per site so that a mixed batch runs in one pass.
+"""Expert banks on disk: a bank is saved as one plain LoRA/MoSLoRA adapter directory per key
+(``experts/<key>/`` in a bundle, role "expert"), so one expert loads alone as an ordinary adapter;
+in memory the experts form one ``ExpertBank`` per site so that a mixed batch runs in one pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
+from pydantic import ValidationError
 
-from adaplex.adapted import Adapted
+from adaplex.core.adapted import Adapted
 from adaplex.errors import AdapterNameError, StorageError
 from adaplex.methods import ExpertBank, ExpertsConfig, LoRAConfig, MoSLoRAConfig, method_config
-
-UNROUTED = (None, "__base__")
-
-
-def banks(handle: Adapted) -> dict[str, ExpertsConfig]:
-    return {n: c for n, c in handle.configs.items() if isinstance(c, ExpertsConfig)}
-
-
-def route(handle: Adapted, keys: Sequence[str | None], unrouted: str = "shared") -> AbstractContextManager[None]:
-    """Route sample b of the batch to expert ``keys[b]`` (in whichever bank holds that key); None or
-    "__base__" routes to no expert, and then to the shared adapter alone (``unrouted="shared"``) or to
-    nothing ("base")."""
-    if unrouted not in ("shared", "base"):
-        raise AdapterNameError(f"unrouted must be 'shared' or 'base', not {unrouted!r}")
-    found = banks(handle)
-    if not found:
-        raise AdapterNameError("this model has no expert bank to route; add an 'experts' adapter or load a bundle")
-    device = next(handle.model.parameters()).device
-    known = {key for config in found.values() for key in config.keys}
-    unknown = [k for k in keys if k not in UNROUTED and k not in known]
-    if unknown:
-        raise AdapterNameError(f"unknown routing key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
-    routes = {}
-    for name, config in found.items():  # a key lives in one bank; the others give that sample no expert
-        index = [config.keys.index(k) if k in config.keys else -1 for k in keys]
-        routes[name] = torch.tensor(index, dtype=torch.long, device=device)
-    return handle.stack.route(routes, unrouted_base=unrouted == "base")
+from adaplex.util.yamlconfig import validation_message
 
 
 def expert_config(bank: ExpertsConfig, key: str) -> LoRAConfig:
     """The plain LoRA (or MoSLoRA) config of one expert of a bank."""
-    fields = {"r": bank.rank(key), "alpha": bank.alpha, "rslora": bank.rslora, "targets": bank.targets}
+    fields = {"r": bank.rank(key), "alpha": bank.alpha_of(key), "rslora": bank.rslora, "targets": bank.targets}
     if bank.mixer_init is not None:
         return MoSLoRAConfig(mixer_init=bank.mixer_init, **fields)
     return LoRAConfig(**fields)
@@ -65,13 +38,20 @@ def _bank_modules(handle: Adapted, name: str) -> dict[str, ExpertBank]:
 
 def expert_state(handle: Adapted, name: str, key: str) -> dict[str, torch.Tensor]:
     """Tensors of one expert, keyed exactly as a LoRA adapter with the same targets would be."""
-    config = banks(handle)[name]
+    config = handle.banks()[name]
     k, rank = config.keys.index(key), config.rank(key)
     return {
         prefix + part: tensor
         for prefix, bank in _bank_modules(handle, name).items()
         for part, tensor in bank.expert_state(k, rank).items()
     }
+
+
+def expert_bank_config(source: str, **fields: Any) -> ExpertsConfig:
+    try:
+        return ExpertsConfig(**fields)
+    except ValidationError as err:
+        raise StorageError(validation_message(err, source)) from None
 
 
 def add_bank_from_experts(
@@ -87,18 +67,24 @@ def add_bank_from_experts(
     for key, config in configs.items():
         if not isinstance(config, LoRAConfig):
             raise StorageError(f"{source}: expert {key!r} is {config.method}; experts must be LoRA or MoSLoRA")
-        for field in ("method", "alpha", "rslora", "targets"):
+        if config.rank_pattern or config.alpha_pattern:
+            raise StorageError(
+                f"{source}: expert {key!r} has per-site ranks or alphas; an expert has one rank and alpha at every site"
+            )
+        for field in ("method", "rslora", "targets"):
             if getattr(config, field) != getattr(first, field):
                 raise StorageError(
                     f"{source}: expert {key!r} has {field}={getattr(config, field)!r} but expert {first_key!r} has "
-                    f"{getattr(first, field)!r}; experts of one bundle differ only in rank"
+                    f"{getattr(first, field)!r}; experts of one bank differ only in rank and alpha"
                 )
-    bank = ExpertsConfig(
+    bank = expert_bank_config(
+        source,
         keys=tuple(configs),
         r=max(c.r for c in configs.values()),
         alpha=first.alpha,
         rslora=first.rslora,
         key_ranks={k: c.r for k, c in configs.items()},
+        key_alphas={k: c.alpha for k, c in configs.items() if c.alpha != first.alpha},
         targets=first.targets,
         mixer_init=first.mixer_init if isinstance(first, MoSLoRAConfig) else None,
     )
@@ -125,7 +111,7 @@ def add_bank_from_experts(
 def expert_as_adapter(handle: Adapted, bank_name: str, key: str) -> Iterator[str]:
     """Inside the block, expert ``key`` of a bank is also a plain adapter (returned name), so that
     everything a plain LoRA can do (merge, PEFT export) works on it; it is removed on exit."""
-    bank = banks(handle).get(bank_name)
+    bank = handle.banks().get(bank_name)
     if bank is None or key not in bank.keys:
         raise AdapterNameError(f"no expert {key!r} in bank {bank_name!r}")
     name = f"{bank_name}-{key}"
@@ -134,15 +120,3 @@ def expert_as_adapter(handle: Adapted, bank_name: str, key: str) -> Iterator[str
         yield name
     finally:
         handle.remove(name)
-
-
-def export_key(handle: Adapted, key: str, out: Path, overwrite: bool = False) -> Path:
-    """One key as a PEFT LoRA directory: the non-expert adapters ⊕ that key's expert by rank concatenation."""
-    from adaplex.peft_io import export_peft
-
-    bank_name = next((n for n, c in banks(handle).items() if key in c.keys), None)
-    if bank_name is None:
-        raise AdapterNameError(f"unknown routing key {key!r}")
-    shared = [n for n in handle.stack.active if n not in banks(handle)]
-    with expert_as_adapter(handle, bank_name, key) as name:
-        return export_peft(handle, [*shared, name], out, weights=handle.stack.weights, overwrite=overwrite)

@@ -117,27 +117,3 @@ def load_base(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
-
-
-def fingerprint(model: nn.Module) -> str:
-    """Cheap identity of a base model: its type, every parameter's name and shape, and a hash of
-    a fixed sample (up to 4096 evenly spaced values, rounded to bfloat16 so that float32 and
-    bfloat16 copies agree) of each base linear weight. Adapters attached to it do not count."""
-    import hashlib
-
-    from adaplex.inject import base_linears
-    from adaplex.layers import AdaptedLinear
-
-    digest = hashlib.sha256(str(getattr(model.config, "model_type", "")).encode())
-    for name, p in model.named_parameters():
-        if not any(part.startswith(("adapters", "adaplex_attention")) for part in name.split(".")):
-            digest.update(f"{name.replace('.base.', '.')}:{tuple(p.shape)};".encode())
-    wrapped = {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
-    for path, layer in base_linears(model).items():
-        weight = layer.weight
-        if path in wrapped and wrapped[path]._original_weight is not None:
-            weight = wrapped[path]._original_weight  # merged: fingerprint the base, not the sum
-        flat = weight.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)][:4096]
-        digest.update(sample.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]

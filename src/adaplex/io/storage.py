@@ -1,110 +1,44 @@
-"""Adapter directories and bundles on disk.
+"""Saving and loading adapter directories and bundles (``adaplex.io.records`` has their files).
 
-Adapter directory: ``adapter_config.json`` (method, hyper-parameters, targets, role, base
-identity, version lineage, SHA-256 of the weights, and a checksum of the config itself) beside
-``adapter.safetensors`` (tensors keyed '<site path>.<parameter>'). A bundle is a directory with
-``bundle.json`` and one adapter directory per member, each loadable alone.
-
-Every write is atomic (``adaplex.atomic``); every read is verified before anything is attached,
-and a load that fails leaves the model exactly as it was.
+Every write is atomic (``adaplex.io.atomic``); every read is verified before anything is attached,
+and a load that fails leaves the model exactly as it was. Wherever an adapter directory is taken, a
+bundle or a PEFT LoRA directory works too.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import struct
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save_file
 from torch import nn
 
-import adaplex
-from adaplex.adapted import _HANDLES, Adapted
-from adaplex.atomic import atomic_directory
+from adaplex.core.adapted import Adapted
 from adaplex.errors import StorageError
-from adaplex.methods import MethodConfig, method_config
-from adaplex.models import fingerprint
+from adaplex.io import peft
+from adaplex.io.atomic import atomic_directory
+from adaplex.io.banks import add_bank_from_experts, expert_config, expert_state
+from adaplex.io.fingerprint import fingerprint
+from adaplex.io.records import (
+    BUNDLE_FILE,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    BundleRecord,
+    Record,
+    read_adapter_record,
+    read_bundle_record,
+    read_record,
+    read_tensors,
+    safetensors_shapes,
+    write_files,
+    write_record,
+)
+from adaplex.methods import method_config
+from adaplex.util.version import VERSION
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter.safetensors"
-LEGACY_WEIGHTS = "adapter.bin"
-BUNDLE_FILE = "bundle.json"
-
-
-class Record(BaseModel):
-    """Fields shared by adapter and bundle records; ``checksum`` covers all the others."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    base: str
-    base_model_type: str
-    base_fingerprint: str
-    adaplex_version: str
-    created: str
-    version: str | None = None
-    parent: str | None = None
-    checksum: str = ""
-
-    def content_hash(self) -> str:
-        fields = self.model_dump(exclude={"checksum"})
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-
-
-class AdapterRecord(Record):
-    format: Literal["adaplex-adapter"] = "adaplex-adapter"
-    role: str = "adapter"
-    config: dict[str, Any]
-    dtype: str
-    weights_sha256: str
-
-
-class BundleRecord(Record):
-    format: Literal["adaplex-bundle"] = "adaplex-bundle"
-    members: dict[str, str]  # member directory (relative) -> role
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_record(record: Record, path: Path) -> None:
-    record.checksum = record.content_hash()
-    path.write_text(json.dumps(record.model_dump(), indent=2) + "\n")
-
-
-def _read_record(path: Path, kind: type[Record]) -> Record:
-    if not path.is_file():
-        raise StorageError(f"{path} not found; is {path.parent} an adaplex adapter or bundle directory?")
-    try:
-        record = kind.model_validate_json(path.read_bytes())
-    except (ValidationError, UnicodeDecodeError) as err:
-        raise StorageError(f"{path} is corrupt or not an adaplex file ({_first_error(err)}); restore it") from None
-    if record.checksum != record.content_hash():
-        raise StorageError(f"{path} fails its checksum: the file was changed or damaged; restore it")
-    return record
-
-
-def _first_error(err: Exception) -> str:
-    if isinstance(err, ValidationError):
-        first = err.errors()[0]
-        return f"{'.'.join(str(p) for p in first['loc']) or 'file'}: {first['msg']}"
-    return type(err).__name__
 
 
 def _base_fields(model: nn.Module, version: str | None, parent: str | None) -> dict[str, Any]:
@@ -112,7 +46,7 @@ def _base_fields(model: nn.Module, version: str | None, parent: str | None) -> d
         "base": str(model.config.name_or_path or model.config.model_type),
         "base_model_type": model.config.model_type,
         "base_fingerprint": fingerprint(model),
-        "adaplex_version": adaplex.__version__,
+        "adaplex_version": VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "version": version,
         "parent": parent,
@@ -122,29 +56,6 @@ def _base_fields(model: nn.Module, version: str | None, parent: str | None) -> d
 def write_adapter(handle: Adapted, name: str, directory: Path, role: str, base_fields: dict[str, Any]) -> None:
     """Write adapter ``name`` into an existing, empty ``directory`` (no atomicity here)."""
     write_files(directory, name, role, handle.configs[name], handle.state_dict(name), base_fields)
-
-
-def write_files(
-    directory: Path,
-    name: str,
-    role: str,
-    config: MethodConfig,
-    tensors: dict[str, torch.Tensor],
-    base_fields: dict[str, Any],
-) -> None:
-    """adapter.safetensors and its verified adapter_config.json."""
-    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-    dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
-    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
-    record = AdapterRecord(
-        name=name,
-        role=role,
-        config=config.model_dump(mode="json"),
-        dtype=dtypes.pop() if len(dtypes) == 1 else "mixed",
-        weights_sha256=_sha256(directory / WEIGHTS_FILE),
-        **base_fields,
-    )
-    _write_record(record, directory / CONFIG_FILE)
 
 
 def save_adapter(
@@ -180,9 +91,7 @@ def save_bundle(
     An expert bank is written as one member per key, ``experts/<key>/`` (role "expert"), each a
     plain LoRA/MoSLoRA adapter directory that loads alone.
     """
-    from adaplex.routing import banks, expert_config, expert_state
-
-    members = members or {name: name for name in handle.configs if name not in banks(handle)}
+    members = members or {name: name for name in handle.configs if name not in handle.banks()}
     roles = roles or {}
     handle.stack.check(*members.values())
     directory = Path(directory)
@@ -193,7 +102,7 @@ def save_bundle(
             (staging / member).mkdir(parents=True)
             write_adapter(handle, name, staging / member, roles.get(name, "member"), fields)
             written[member] = roles.get(name, "member")
-        for bank_name, bank in banks(handle).items():
+        for bank_name, bank in handle.banks().items():
             for key in bank.keys:
                 member = f"experts/{key}"
                 if member in written:
@@ -208,71 +117,8 @@ def save_bundle(
                     fields,
                 )
                 written[member] = "expert"
-        _write_record(BundleRecord(name=directory.name, members=written, **fields), staging / BUNDLE_FILE)
+        write_record(BundleRecord(name=directory.name, members=written, **fields), staging / BUNDLE_FILE)
     return directory
-
-
-def read_adapter_record(directory: Path) -> AdapterRecord:
-    return _read_record(directory / CONFIG_FILE, AdapterRecord)  # type: ignore[return-value]
-
-
-def read_bundle_record(directory: Path) -> BundleRecord:
-    return _read_record(directory / BUNDLE_FILE, BundleRecord)  # type: ignore[return-value]
-
-
-def read_safetensors(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file; with ``sha256``, the file must match it first."""
-    data = path.read_bytes()
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise StorageError(f"{path} does not match the checksum in {CONFIG_FILE}: damaged or replaced; restore it")
-    try:
-        return load_safetensors_bytes(data)
-    except (SafetensorError, struct.error, ValueError, RuntimeError) as err:
-        raise StorageError(f"{path} is truncated or corrupt ({err}); restore it") from None
-
-
-def read_tensors(directory: Path, record: AdapterRecord) -> dict[str, torch.Tensor]:
-    """Tensors of an adapter directory, verified against the record's SHA-256 and dtype.
-
-    safetensors is the format; a legacy ``adapter.bin`` is read with ``weights_only=True``.
-    """
-    path = directory / WEIGHTS_FILE
-    if path.is_file():
-        tensors = read_safetensors(path, record.weights_sha256)
-    elif (directory / LEGACY_WEIGHTS).is_file():
-        path = directory / LEGACY_WEIGHTS
-        if _sha256(path) != record.weights_sha256:
-            raise StorageError(f"{path} does not match the checksum in {CONFIG_FILE}: damaged or replaced; restore it")
-        tensors = read_legacy(path)
-    else:
-        raise StorageError(f"{directory} has no {WEIGHTS_FILE}; is it an adapter directory?")
-    if record.dtype != "mixed":
-        for key, tensor in tensors.items():
-            if str(tensor.dtype).removeprefix("torch.") != record.dtype:
-                raise StorageError(f"{path}: tensor {key!r} is {tensor.dtype}, the config says {record.dtype}")
-    return tensors
-
-
-def read_legacy(path: Path) -> dict[str, torch.Tensor]:
-    """A PyTorch ``.bin`` state dict, read safely (``weights_only=True``: no code runs)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise StorageError(
-            f"{path} is not a readable PyTorch weights file ({type(err).__name__}); restore it"
-        ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise StorageError(f"{path} does not hold a flat dict of tensors")
-    return state
-
-
-def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from a safetensors header, without reading the data."""
-    try:
-        with safe_open(path, "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as err:
-        raise StorageError(f"{path} is truncated or corrupt ({err}); restore it") from None
 
 
 def check_base(model: nn.Module, own_fingerprint: str, record: Record, source: Path, force: bool) -> None:
@@ -293,10 +139,8 @@ def _attach_verified(
     model: nn.Module, own_fingerprint: str, directory: Path, name: str | None, force: bool, trainable: bool
 ) -> list[str]:
     """Read, verify and attach every adapter under ``directory``; returns the names attached."""
-    from adaplex import peft_io
-
-    if peft_io.is_peft_dir(directory):
-        return [peft_io.import_into(model, directory, name=name, trainable=trainable)]
+    if peft.is_peft_dir(directory):
+        return [peft.import_into(model, directory, name=name, trainable=trainable)]
     if (directory / BUNDLE_FILE).is_file():
         bundle = read_bundle_record(directory)
         check_base(model, own_fingerprint, bundle, directory, force)
@@ -310,8 +154,6 @@ def _attach_verified(
             else:
                 loaded += _attach_verified(model, own_fingerprint, directory / member, None, force, trainable)
         if experts:
-            from adaplex.routing import add_bank_from_experts
-
             add_bank_from_experts(Adapted.of(model), "experts", experts, str(directory), trainable)
             loaded.append("experts")
         return loaded
@@ -332,16 +174,16 @@ def attach(
     path = Path(path)
     if not path.is_dir():
         raise StorageError(f"{path} is not a directory; give an adapter, bundle or PEFT LoRA directory")
-    fresh = model not in _HANDLES
-    before = list(_HANDLES[model].configs) if not fresh else []
+    existing = Adapted.find(model)
+    before = list(existing.configs) if existing is not None else []
     try:
         return _attach_verified(model, fingerprint(model), path, name, force, trainable)
     except BaseException:
-        if model in _HANDLES:
-            handle = _HANDLES[model]
+        handle = Adapted.find(model)
+        if handle is not None:
             for added in [n for n in handle.configs if n not in before]:
                 handle.remove(added)
-            if fresh:
+            if existing is None:
                 handle.detach()
         raise
 
@@ -354,20 +196,10 @@ def load(
     return Adapted.of(model)
 
 
-def read_record(directory: Path) -> Record | None:
-    """The verified record of a bundle or adapter directory; None when it holds neither file."""
-    for file, kind in ((BUNDLE_FILE, BundleRecord), (CONFIG_FILE, AdapterRecord)):
-        if (directory / file).is_file():
-            return _read_record(directory / file, kind)
-    return None
-
-
 def recorded_base(path: Path) -> tuple[str | None, Path]:
     """The base recorded in an adapter, bundle or PEFT directory, and the directory it is relative to."""
-    from adaplex import peft_io
-
-    if peft_io.is_peft_dir(path):
-        return peft_io.recorded_base(path), path
+    if peft.is_peft_dir(path):
+        return peft.recorded_base(path), path
     record = read_record(path)
     if record is None:
         raise StorageError(f"{path} is not an adapter, bundle or PEFT LoRA directory")
@@ -402,13 +234,11 @@ def lineage(directory: Path) -> list[str]:
 
 def describe(path: Path) -> dict[str, Any]:
     """What an adapter, bundle or PEFT directory holds, read from its files without a model."""
-    from adaplex import peft_io
-
     if not path.is_dir():
         raise StorageError(f"{path} is not a directory; give an adapter, bundle or PEFT LoRA directory")
-    if peft_io.is_peft_dir(path):
-        config = peft_io.read_peft_config(path)
-        weights = path / peft_io.PEFT_WEIGHTS
+    if peft.is_peft_dir(path):
+        config = peft.read_peft_config(path)
+        weights = path / peft.PEFT_WEIGHTS
         shapes = safetensors_shapes(weights) if weights.is_file() else {}
         return {
             "kind": "peft-lora",

@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from adaplex.attention import AttentionAdapters
-from adaplex.compose import Stack
+from adaplex.core.attention import AttentionAdapters
+from adaplex.core.layers import LINEAR_TYPES, AdaptedLinear, SharedInputGroup, linear_shape
+from adaplex.core.stack import Stack
 from adaplex.errors import TargetError
-from adaplex.layers import LINEAR_TYPES, AdaptedLinear, linear_shape
-from adaplex.methods.base import Adapter
-from adaplex.names import name_matches
-from adaplex.shared_input import SharedInputGroup
+from adaplex.methods import Adapter
+from adaplex.util.names import name_matches
 
 LINEAR_ALIASES = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -196,7 +195,7 @@ def wrap(model: nn.Module, path: str, stack: Stack) -> AdaptedLinear:
     layer = model.get_submodule(path)
     if isinstance(layer, AdaptedLinear):
         return layer
-    wrapper = AdaptedLinear(layer, stack)
+    wrapper = AdaptedLinear(layer, stack, path)
     parent, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent), child, wrapper)
     return wrapper
@@ -234,3 +233,28 @@ def wrappers(model: nn.Module) -> dict[str, AdaptedLinear]:
 def attention_adapters(model: nn.Module) -> dict[str, AttentionAdapters]:
     """AttentionAdapters children keyed by their attention layer's path."""
     return {n.rpartition(".")[0]: m for n, m in model.named_modules() if isinstance(m, AttentionAdapters)}
+
+
+def attention_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(key-value heads, head dim, hidden size) from a transformers config."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return getattr(cfg, "num_key_value_heads", None) or heads, head_dim, cfg.hidden_size
+
+
+def rotary_module(model: nn.Module) -> nn.Module | None:
+    """The model's shared rotary-embedding module, if it has one (Llama-style families)."""
+    return next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
+
+
+def qkv_sources(attention: nn.Module) -> dict[str, tuple[nn.Module, int | None]]:
+    """Where q, k, v come from in one attention layer: (module, part of a fused q|k|v output or None)."""
+    children = dict(attention.named_children())
+    if "c_attn" in children:  # GPT-2: one fused projection
+        return {loc: (children["c_attn"], i) for i, loc in enumerate("qkv")}
+    if "query" in children:  # BERT
+        return {"q": (children["query"], None), "k": (children["key"], None), "v": (children["value"], None)}
+    q_src = children.get("q_norm", children["q_proj"])  # Qwen3 normalises each head after the projection
+    k_src = children.get("k_norm", children["k_proj"])
+    return {"q": (q_src, None), "k": (k_src, None), "v": (children["v_proj"], None)}

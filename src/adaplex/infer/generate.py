@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from rich.table import Table
 from transformers import PreTrainedTokenizerBase
 
-from adaplex.adapted import Adapted
+from adaplex.core.adapted import Adapted
+from adaplex.core.models import choose_base, load_base
 from adaplex.errors import ConfigError
-from adaplex.models import choose_base, load_base
-from adaplex.storage import attach, recorded_base
+from adaplex.io.storage import attach, recorded_base
 from adaplex.train.config import DataConfig
 from adaplex.train.data import build_examples, perplexity, read_lines
 
@@ -88,3 +89,16 @@ def compare(
                 }
             )
     return rows
+
+
+def comparison_table(rows: list[dict], prompts: list[str]) -> Table:
+    """``compare``'s rows as one table: a row per stage, its perplexities, then its completions."""
+    table = Table(title="stages side by side", show_lines=True)
+    table.add_column("stage")
+    for name in rows[0]["perplexity"]:
+        table.add_column(f"ppl {Path(name).parent.name}/{Path(name).name}", justify="right")
+    for p in prompts:
+        table.add_column(p)
+    for row in rows:
+        table.add_row(row["stage"], *[f"{v:.2f}" for v in row["perplexity"].values()], *row["completions"])
+    return table

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adaplex import attention
-from adaplex.compose import Stack
-from adaplex.errors import AdaplexError, AdapterNameError, StorageError
-from adaplex.inject import (
+from adaplex.core import attention
+from adaplex.core.inject import (
     attention_adapters,
+    attention_shape,
     family_of,
     fused_parts,
     link_shared_inputs,
@@ -32,20 +31,11 @@ from adaplex.inject import (
     wrap,
     wrappers,
 )
-from adaplex.layers import FusedParts
-from adaplex.methods import (
-    Adapter,
-    Bottleneck,
-    BottleneckConfig,
-    ExpertBank,
-    ExpertsConfig,
-    LoRA,
-    LoRAConfig,
-    MethodConfig,
-    Prefix,
-    PrefixConfig,
-    SiteAdapter,
-)
+from adaplex.core.layers import FusedParts
+from adaplex.core.stack import Stack
+from adaplex.core.weights import Given
+from adaplex.errors import AdaplexError, AdapterNameError, StorageError
+from adaplex.methods import Adapter, ExpertsConfig, GivenLoRAConfig, MethodConfig, Prefix, PrefixConfig, site_adapter
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 _HANDLES: weakref.WeakKeyDictionary[nn.Module, Adapted] = weakref.WeakKeyDictionary()
@@ -58,24 +48,6 @@ class ParameterReport:
     parameters: int
     bytes: int
     trainable: bool
-
-
-def site_adapter(config: MethodConfig, in_features: int, out_features: int) -> SiteAdapter:
-    if isinstance(config, LoRAConfig):
-        return LoRA(in_features, out_features, config)
-    if isinstance(config, BottleneckConfig):
-        return Bottleneck(in_features, out_features, config)
-    if isinstance(config, ExpertsConfig):
-        return ExpertBank(in_features, out_features, config)
-    raise AdapterNameError(f"method {config.method!r} is not applied beside linear layers")
-
-
-def prefix_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(key-value heads, head dim, hidden size) from a transformers config."""
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return getattr(cfg, "num_key_value_heads", None) or heads, head_dim, cfg.hidden_size
 
 
 class Adapted:
@@ -97,6 +69,11 @@ class Adapted:
     def of(cls, model: nn.Module) -> Adapted:
         """The handle of a model, attaching one on first use."""
         return _HANDLES.get(model) or cls(model)
+
+    @staticmethod
+    def find(model: nn.Module) -> Adapted | None:
+        """The handle of a model that has one, else None."""
+        return _HANDLES.get(model)
 
     # ---- adding and removing -------------------------------------------------------------
 
@@ -128,10 +105,10 @@ class Adapted:
 
     def _build(self, config: MethodConfig) -> list[tuple[nn.ModuleDict, Adapter]]:
         if isinstance(config, PrefixConfig):
-            heads, head_dim, hidden = prefix_shape(self.model)
+            heads, head_dim, hidden = attention_shape(self.model)
             return [
                 (
-                    attention.attention_child(self.model.get_submodule(p), self.stack).prefixes,
+                    attention.attention_child(self.model.get_submodule(p), self.stack, p).prefixes,
                     Prefix(heads, head_dim, hidden, config),
                 )
                 for p in select_attention(self.model, self.family, config.targets)
@@ -179,6 +156,24 @@ class Adapted:
     def disable(self, *names: str) -> AbstractContextManager[None]:
         return self.stack.disable(*names)
 
+    def given(self, name: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> AbstractContextManager[None]:
+        """Inside the block the given-lora adapter ``name`` applies sample b's own LoRA at each site:
+        ``weights`` maps every site it targets (the keys of ``sites(name)``) to (A (B, r, in), B (B, out, r))."""
+        config = self.configs.get(name)
+        if not isinstance(config, GivenLoRAConfig):
+            self.stack.check(name)
+            raise AdapterNameError(
+                f"adapter {name!r} is {config.method}; per-sample weights go to a given-lora adapter"
+            )
+        unknown = sorted(set(weights) - set(self.sites(name)))
+        if unknown:
+            raise AdapterNameError(f"given weights for {unknown[0]!r}, which adapter {name!r} does not target")
+        return self.stack.overriding({name: Given(weights)})
+
+    def banks(self) -> dict[str, ExpertsConfig]:
+        """The expert banks' configs by adapter name."""
+        return {n: c for n, c in self.configs.items() if isinstance(c, ExpertsConfig)}
+
     # ---- parameters ------------------------------------------------------------------------
 
     def adapters(self, name: str) -> dict[str, Adapter]:
@@ -186,6 +181,16 @@ class Adapted:
         self.stack.check(name)
         found = {p: w.adapters[name] for p, w in wrappers(self.model).items() if name in w.adapters}
         found.update({p: a.prefixes[name] for p, a in attention_adapters(self.model).items() if name in a.prefixes})
+        return found
+
+    def sites(self, name: str) -> dict[str, Adapter]:
+        """Adapter ``name``'s module at each site: by module path, a fused layer's part as '<module>.<part>'."""
+        found: dict[str, Adapter] = {}
+        for path, adapter in self.adapters(name).items():
+            if isinstance(adapter, FusedParts):
+                found.update({f"{path}.{part}": module for part, module in adapter.parts.items()})
+            else:
+                found[path] = adapter
         return found
 
     def _places(self, name: str) -> Iterator[nn.ModuleDict]:
@@ -279,8 +284,9 @@ class Adapted:
         """A plain transformers model (a copy) with the active adapters merged into its weights."""
         self._mergeable(list(self.stack.active))
         clone = copy.deepcopy(self.model)
+        weights = {n: self.stack.weights[n] for n in self.stack.active}
         for wrapper in wrappers(clone).values():
-            wrapper.merge(self.stack.active)
+            wrapper.merge(weights)
             wrapper._original_weight = None
         _strip(clone, self._attn_implementation, self._requires_grad)
         return clone
@@ -291,7 +297,7 @@ def _strip(model: nn.Module, attn_implementation: str, requires_grad: dict[str, 
     for path in wrappers(model):
         unwrap(model, path)
     for path in attention_adapters(model):
-        delattr(model.get_submodule(path), attention.CHILD_NAME)
+        attention.remove_child(model.get_submodule(path))
     model.set_attn_implementation(attn_implementation)
     for n, p in model.named_parameters():
         p.requires_grad_(requires_grad[n])

@@ -21,12 +21,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from adaplex.adapted import Adapted
-from adaplex.atomic import atomic_directory
-from adaplex.errors import StorageError
-from adaplex.layers import FusedParts
+from adaplex.core.adapted import Adapted
+from adaplex.core.layers import FusedParts
+from adaplex.errors import AdapterNameError, StorageError
+from adaplex.io.atomic import atomic_directory
+from adaplex.io.banks import expert_as_adapter
+from adaplex.io.records import read_legacy, read_safetensors
 from adaplex.methods import LoRA, LoRAConfig
-from adaplex.storage import read_legacy, read_safetensors
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -214,3 +215,13 @@ def export_peft(
         )
         (staging / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
     return out
+
+
+def export_key(handle: Adapted, key: str, out: Path, overwrite: bool = False) -> Path:
+    """One key as a PEFT LoRA directory: the non-expert adapters ⊕ that key's expert by rank concatenation."""
+    bank_name = next((n for n, c in handle.banks().items() if key in c.keys), None)
+    if bank_name is None:
+        raise AdapterNameError(f"unknown routing key {key!r}")
+    shared = [n for n in handle.stack.active if n not in handle.banks()]
+    with expert_as_adapter(handle, bank_name, key) as name:
+        return export_peft(handle, [*shared, name], out, weights=handle.stack.weights, overwrite=overwrite)

@@ -1,22 +1,20 @@
-"""Stacking: which adapters are active and with what weight.
+"""Stacking: which adapters are active and with what weight kind.
 
 A ``Stack`` is shared by every adapted layer of one model. Layers read ``stack.active``
-(name -> weight, in the order the adapters were added) and compute
-y = base(x) + Σ_{i in active} w_i · Δ_i(x). Routing only changes the weights: an expert bank's
-weight becomes a ``Route`` (each sample's expert index), and with ``unrouted_base`` the other
-adapters' weights become per-sample tensors (B, 1, 1) that are 0 for unrouted samples.
+(name -> weight kind, in the order the adapters were added) and compute
+y = base(x) + Σ_{i in active} w_i · Δ_i(x), each w_i resolved at the site (``adaplex.core.weights``).
+An adapter's kind is ``Constant(weight)`` unless a block overrides it (``overriding``: routes, given
+per-sample adapters, gates); an override is scaled by the adapter's constant weight.
 State changes made by the context managers are undone on exit, even when the body raises.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
-import torch
-
+from adaplex.core.weights import Constant, WeightKind
 from adaplex.errors import AdapterNameError
-from adaplex.methods.experts import Route
 
 
 class Stack:
@@ -26,9 +24,8 @@ class Stack:
         self.weights: dict[str, float] = {}
         self.enabled: set[str] = set()
         self.merged: dict[str, float] = {}
-        self.routes: dict[str, torch.Tensor] = {}  # bank name -> (B,) expert index, -1 = none
-        self.unrouted_base = False  # unrouted samples skip every adapter, not only the experts
-        self.active: dict[str, float | torch.Tensor | Route] = {}
+        self.overrides: dict[str, WeightKind] = {}  # set inside ``overriding`` blocks
+        self.active: dict[str, WeightKind] = {}
 
     def add(self, name: str, weight: float = 1.0, enabled: bool = True) -> None:
         self.weights[name] = weight
@@ -41,6 +38,7 @@ class Stack:
         self._check_unmerged([name])
         del self.weights[name]
         self.enabled.discard(name)
+        self.overrides.pop(name, None)
         self._refresh()
 
     def check(self, *names: str) -> None:
@@ -100,16 +98,17 @@ class Stack:
             yield
 
     @contextmanager
-    def route(self, routes: dict[str, torch.Tensor], unrouted_base: bool = False) -> Iterator[None]:
-        """Per-sample expert indices for each bank inside the block (restored on exit)."""
-        self.check(*routes)
-        saved = dict(self.routes), self.unrouted_base
+    def overriding(self, kinds: Mapping[str, WeightKind]) -> Iterator[None]:
+        """Inside the block the named adapters take these weight kinds (times their constant weight);
+        the kinds set before are restored on exit."""
+        self.check(*kinds)
+        saved = dict(self.overrides)
         try:
-            self.routes, self.unrouted_base = dict(routes), unrouted_base
+            self.overrides = {**saved, **kinds}
             self._refresh()
             yield
         finally:
-            self.routes, self.unrouted_base = saved
+            self.overrides = saved
             self._refresh()
 
     @contextmanager
@@ -127,13 +126,8 @@ class Stack:
             raise AdapterNameError(f"adapter {merged[0]!r} is merged into the base weights; unmerge() it first")
 
     def _refresh(self) -> None:
-        active: dict[str, float | torch.Tensor | Route] = {
-            n: w for n, w in self.weights.items() if n in self.enabled and n not in self.merged
+        self.active = {
+            n: self.overrides[n].scaled(w) if n in self.overrides else Constant(w)
+            for n, w in self.weights.items()
+            if n in self.enabled and n not in self.merged
         }
-        routed = next(iter(self.routes.values()), None)
-        for name in active:
-            if name in self.routes:
-                active[name] = Route(self.routes[name], self.weights[name])
-            elif self.unrouted_base and routed is not None:
-                active[name] = (routed >= 0).float().view(-1, 1, 1) * self.weights[name]
-        self.active = active

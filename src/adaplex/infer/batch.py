@@ -34,7 +34,7 @@ def resolve_keys(
     records: list[dict[str, Any]], known: list[str], registry: Path | None, strict: bool
 ) -> list[str | None]:
     """Each record's key: its "key" field, or its "target" mapped through the registry."""
-    from adaplex.registry import load_registry
+    from adaplex.compose.registry import load_registry
 
     reg = load_registry(registry) if registry else None
     keys = []
@@ -60,10 +60,10 @@ def _worker(shard: int, items: list[tuple[int, str | None, str]], job: Job, out:
         os._exit(3)
     import torch
 
-    from adaplex.infer import render_prompt
-    from adaplex.models import choose_base, load_base
-    from adaplex.routing import route
-    from adaplex.storage import load, recorded_base
+    from adaplex.compose.route import route
+    from adaplex.core.models import choose_base, load_base
+    from adaplex.infer.generate import render_prompt
+    from adaplex.io.storage import load, recorded_base
 
     recorded, relative_to = recorded_base(job.bundle)
     model, tokenizer = load_base(choose_base(job.base, recorded), relative_to=relative_to)
@@ -96,7 +96,7 @@ def run(
     strict: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    from adaplex.storage import describe
+    from adaplex.io.storage import describe
 
     if output.exists() and not overwrite:
         raise AdaplexError(f"{output} already exists; choose another path or pass --overwrite")

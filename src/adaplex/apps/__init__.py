@@ -1,0 +1,1 @@
+"""Applications: the demo that `make demo` runs, and the preparation of real-text data."""

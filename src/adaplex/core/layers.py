@@ -1,0 +1,196 @@
+"""The wrapper that applies adapters beside a base linear layer, and groups of wrappers fed one input.
+
+AdaptedLinear(x) = base(x) + Σ_{i active} w_i · Δ_i(x, base(x)),  w_i = kind_i.at(site, adapter, x, base(x))
+
+The base layer (``nn.Linear`` or GPT-2's ``Conv1D``) is held, not copied or subclassed;
+``merge``/``unmerge`` are the only operations that touch its weight, and ``unmerge``
+restores the exact original tensor. Each wrapper knows its site name (its module path).
+
+Sibling layers that a model calls on one input (q/k/v of attention, gate/up of an MLP) form a
+``SharedInputGroup``. Without autograd, where the fused kernel runs, the first member called (the
+leader) computes every member's base output and adds every member's per-sample LoRA deltas (expert
+banks, given adapters) in ONE kernel launch (``grouped_lora_add``); each other member then takes its
+result instead of computing it. A decode step of a routed Llama so launches 4 expert kernels per
+layer instead of 7. Results are those of the members computed alone (to rounding: a member's
+per-sample deltas are added before its other adapters). A member called on another input than the
+leader's leaves the group and computes alone from then on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from adaplex.core.stack import Stack
+from adaplex.core.weights import WeightKind
+from adaplex.kernels import gathered_lora
+from adaplex.methods import Factors, PerSampleLoRA, SiteAdapter
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def linear_shape(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a Conv1D (whose weight is (in, out))."""
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[0], layer.weight.shape[1]
+    return layer.in_features, layer.out_features
+
+
+def apply_adapter(
+    adapter: nn.Module, kind: WeightKind, site: str, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor
+) -> torch.Tensor:
+    """out + w · Δ(x) for one adapter at ``site``, its weight kind resolved there."""
+    if isinstance(adapter, FusedParts):
+        return adapter.add_parts(out, x, base_out, kind, site)
+    return adapter.add_to(out, x, base_out, kind.at(site, adapter, x, base_out))
+
+
+class FusedParts(nn.Module):
+    """Adapters on named slices of a fused projection (GPT-2's c_attn = [q | k | v]).
+
+    Δ(x) = concat_p Δ_p(x) over the parts, with zeros for parts that have no adapter, so
+    targeting q and v of c_attn equals adapting separate q and v projections. Part p's site is
+    '<module>.<p>'.
+    """
+
+    def __init__(self, part_sizes: dict[str, int], parts: dict[str, SiteAdapter]) -> None:
+        super().__init__()
+        self.part_sizes = part_sizes
+        self.parts = nn.ModuleDict(parts)
+        self.mergeable = all(p.mergeable for p in parts.values())
+
+    def add_parts(
+        self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, kind: WeightKind, site: str
+    ) -> torch.Tensor:
+        sizes = list(self.part_sizes.values())
+        deltas = [
+            apply_adapter(self.parts[p], kind, f"{site}.{p}", torch.zeros_like(part_out), x, part_out)
+            if p in self.parts
+            else torch.zeros_like(part_out)
+            for p, part_out in zip(self.part_sizes, base_out.split(sizes, dim=-1), strict=True)
+        ]
+        return out + torch.cat(deltas, dim=-1)
+
+    def delta_weight(self) -> torch.Tensor:
+        first = next(iter(self.parts.values())).delta_weight()
+        blocks = [
+            self.parts[p].delta_weight() if p in self.parts else first.new_zeros(size, first.shape[1])
+            for p, size in self.part_sizes.items()
+        ]
+        return torch.cat(blocks, dim=0)  # (out, in)
+
+
+class AdaptedLinear(nn.Module):
+    """A base linear layer at site ``site`` plus named adapters, weighted by the model's shared Stack."""
+
+    def __init__(self, base: nn.Module, stack: Stack, site: str) -> None:
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.stack = stack
+        self.site = site
+        self.group: SharedInputGroup | None = None  # siblings fed the same input (set by inject.link_shared_inputs)
+        self._original_weight: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return linear_shape(self.base)[0]
+
+    @property
+    def out_features(self) -> int:
+        return linear_shape(self.base)[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        active = self.stack.active
+        grouped = self.group.take(self, x, active) if self.group is not None else None
+        if grouped is None:
+            base_out = out = self.base(x)
+            applied: tuple[str, ...] = ()
+        else:
+            base_out, out, applied = grouped
+        for name, adapter in self.adapters.items():
+            kind = active.get(name)
+            if kind is not None and name not in applied:
+                out = apply_adapter(adapter, kind, self.site, out, x, base_out)
+        return out
+
+    @property
+    def unmerged_weight(self) -> torch.Tensor:
+        """The base layer's own weight, as it was before any merge."""
+        return self.base.weight if self._original_weight is None else self._original_weight
+
+    @torch.no_grad()
+    def merge(self, weights: dict[str, float]) -> None:
+        """W <- W + Σ w_i ΔW_i for the named adapters this layer holds; keeps W for unmerge."""
+        held = {n: w for n, w in weights.items() if n in self.adapters}
+        if not held:
+            return
+        if self._original_weight is None:
+            self._original_weight = self.base.weight.detach().clone()
+        for name, weight in held.items():
+            delta = self.adapters[name].delta_weight().to(self.base.weight.dtype) * weight  # (out, in)
+            self.base.weight += delta.T if isinstance(self.base, Conv1D) else delta
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact base weight saved by the first merge."""
+        if self._original_weight is not None:
+            self.base.weight.copy_(self._original_weight)
+            self._original_weight = None
+
+
+Result = tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]  # (base output, output with deltas, names applied)
+
+
+@dataclass
+class _Pending:
+    x: torch.Tensor
+    version: int  # x._version when computed: an in-place change since makes the result stale
+    result: Result
+
+
+class SharedInputGroup:
+    """Members in the order the model calls them (the first leads)."""
+
+    def __init__(self, members: list[AdaptedLinear]) -> None:
+        self.members = members
+        self._pending: dict[int, _Pending] = {}
+
+    def take(self, member: AdaptedLinear, x: torch.Tensor, active: dict[str, WeightKind]) -> Result | None:
+        """``member``'s result computed as part of the group, or None: compute it alone."""
+        pending = self._pending.pop(id(member), None)
+        if pending is not None:
+            if pending.x is x and pending.version == x._version:
+                return pending.result
+            self.members.remove(member)  # called on another input: not a sibling after all
+            return None
+        if member is self.members[0] and not torch.is_grad_enabled() and gathered_lora.available(x):
+            return self._lead(x, active)
+        return None
+
+    def _lead(self, x: torch.Tensor, active: dict[str, WeightKind]) -> Result | None:
+        leader = self.members[0]
+        names = [n for n in active if _per_sample(leader, n)]
+        joined = [m for m in self.members if all(_per_sample(m, n) for n in names)]
+        if not names or len(joined) < 2 or joined[0] is not leader:
+            return None
+        factors = [[active[n].at(m.site, m.adapters[n], x, None) for m in joined] for n in names]
+        if not all(isinstance(f, Factors) for row in factors for f in row):
+            return None
+        if any(len({f.down.shape[2] for f in row}) != 1 for row in factors):
+            return None  # parts of one launch share a rank
+        bases = [m.base(x) for m in joined]
+        outs = bases
+        for row in factors:
+            outs = gathered_lora.grouped_lora_add(x, [(out, f.down, f.up) for out, f in zip(outs, row, strict=True)])
+        applied = tuple(names)
+        for m, base, out in zip(joined[1:], bases[1:], outs[1:], strict=True):
+            self._pending[id(m)] = _Pending(x, x._version, (base, out, applied))
+        return bases[0], outs[0], applied
+
+
+def _per_sample(member: AdaptedLinear, name: str) -> bool:
+    return name in member.adapters and isinstance(member.adapters[name], PerSampleLoRA)

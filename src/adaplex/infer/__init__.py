@@ -1,0 +1,1 @@
+"""Inference: generation, side-by-side comparison, perplexity, routed batch inference across workers."""

@@ -1,0 +1,1 @@
+"""Files: adapter directories, bundles, expert banks on disk, PEFT interop, fingerprints, atomic writes."""

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks on the device machine (see README "Benchmarks"):  bash benchmarks/device_run.sh [SECTION...]
-# Sections (default: all): kernel route faults train; also profile (where a monitored forward's time goes). Results go to $OUT (default /tmp/out).
+# Sections (default: all): kernel route faults train; also profile (where a monitored forward's time goes), and
+# engine-route / engine-faults (after a change to the engine: the weight channel on CUDA, both kernels checked,
+# and their recorded ratios re-measured at the main shapes). Results go to $OUT (default /tmp/out).
 # Carried, not committed: .whl (pinned wheels the image lacks) and .devcarry (SmolLM2-135M's config and
 # tokenizer, and the prepared data; the 135M weights exceed what can travel, so the model is SmolLM2-shaped
 # with random weights: timings and memory are those of the real architecture, perplexities are meaningless).
@@ -61,6 +63,17 @@ trainer: {precision: auto, accelerator: auto, checkpoint_every_n_steps: 30}
 YAML
       python3 -m adaplex train /tmp/gpu-stage.yaml 2>&1 | tail -5
       cp /tmp/gpu-run/logs/csv/metrics.csv "$OUT/gpu-train-metrics.csv" ;;
-    *) echo "unknown section $section (kernel route faults train profile)"; exit 2 ;;
+    engine-route)
+      python3 benchmarks/engine_check.py $BASE "$OUT/engine-check-cuda.json" | tail -20
+      python3 benchmarks/kernel_check.py $BASE "$OUT/kernel-check-cuda.json" | tail -12
+      python3 -m adaplex bench route --base $BASE --device cuda --bf16 --mode decode --batch 64 --seq 128 \
+        --adapters 8 --adapters 64 --rounds 9 --out "$OUT/route-decode-cuda-engine.json" | tail -8 ;;
+    engine-faults)
+      python3 benchmarks/faults_kernel_check.py $BASE "$OUT/faults-kernel-check-cuda.json" | tail -12
+      python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 8 --seq 512 --repeats 21 \
+        --out "$OUT/faults-cuda-engine.json" | tail -12
+      python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 32 --seq 1024 --repeats 15 --graphs \
+        --out "$OUT/faults-cuda-large-graphed-engine.json" | tail -8 ;;
+    *) echo "unknown section $section (kernel route faults train profile engine-route engine-faults)"; exit 2 ;;
   esac
 done

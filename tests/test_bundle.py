@@ -17,7 +17,8 @@ from adaplex.core.adapted import Adapted
 from adaplex.core.models import load_base
 from adaplex.errors import StorageError
 from adaplex.io.bundle import build_bundle
-from adaplex.io.storage import describe, load, save_adapter
+from adaplex.io.describe import describe
+from adaplex.io.storage import load, save_adapter
 
 import tiny
 from helpers import assert_same_state, randomize, snapshot

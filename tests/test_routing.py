@@ -12,7 +12,8 @@ from adaplex import LoRAConfig
 from adaplex.compose.registry import Registry, RegistryError, load_registry
 from adaplex.compose.route import route
 from adaplex.errors import AdapterNameError, ConfigError, StorageError
-from adaplex.io.storage import describe, load, save_adapter, save_bundle
+from adaplex.io.describe import describe
+from adaplex.io.storage import load, save_adapter, save_bundle
 from adaplex.methods import ExpertsConfig
 
 import tiny

@@ -19,8 +19,10 @@ import adaplex
 from adaplex import BottleneckConfig, LoRAConfig, MoSLoRAConfig, PrefixConfig
 from adaplex.compose.route import route
 from adaplex.errors import AdaplexError, StorageError
-from adaplex.io.records import CONFIG_FILE, WEIGHTS_FILE, read_legacy
-from adaplex.io.storage import describe, lineage, load, save_adapter, save_bundle
+from adaplex.io.describe import describe, lineage
+from adaplex.io.records import CONFIG_FILE, WEIGHTS_FILE
+from adaplex.io.storage import load, save_adapter, save_bundle
+from adaplex.io.tensor_files import read_legacy
 
 import tiny
 from helpers import assert_same_state, randomize, snapshot
@@ -102,6 +104,21 @@ def test_existing_directory_is_never_overwritten_silently(tmp_path):
     save_adapter(handle, "a", tmp_path / "a", overwrite=True)
     assert (tmp_path / "a" / WEIGHTS_FILE).read_bytes() != original
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no staging left behind
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_usual_permissions_under_the_umask(tmp_path, umask):
+    handle = adaplex.attach(tiny.llama(), "a", LoRAConfig(r=2, targets=("q",)))
+    handle.add("b", BottleneckConfig(width=4))
+    old = os.umask(umask)
+    try:
+        save_bundle(handle, tmp_path / "bundle")
+        save_adapter(handle, "a", tmp_path / "bundle", overwrite=True)  # replaced by an exchange
+    finally:
+        os.umask(old)
+    paths = [tmp_path / "bundle", *(tmp_path / "bundle").rglob("*")]
+    assert {p.stat().st_mode & 0o777 for p in paths if p.is_dir()} == {0o777 & ~umask}
+    assert {p.stat().st_mode & 0o777 for p in paths if p.is_file()} == {0o666 & ~umask}
 
 
 def test_versions_record_their_lineage(tmp_path):

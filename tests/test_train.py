@@ -16,8 +16,10 @@ import yaml
 
 from adaplex.core.models import load_base
 from adaplex.errors import ConfigError, StorageError
-from adaplex.io.records import CONFIG_FILE, WEIGHTS_FILE, read_adapter_record, read_tensors
-from adaplex.io.storage import describe, load
+from adaplex.io.describe import describe
+from adaplex.io.records import CONFIG_FILE, WEIGHTS_FILE, read_adapter_record
+from adaplex.io.storage import load
+from adaplex.io.tensor_files import read_tensors
 from adaplex.train.config import TrainConfig
 from adaplex.train.module import TrainingDiverged
 from adaplex.train.run import train
@@ -280,8 +282,12 @@ def test_joint_routed_training_then_a_new_key(workspace, tmp_path):
     info = describe(bundle)
     assert [m["member"] for m in info["members"]] == ["shared", "experts/v100", "experts/i7"]
     with open(root / "joint" / "logs" / "csv" / "metrics.csv") as f:
-        logged = set(next(csv.DictReader(f)))
-    assert {"train_loss/v100", "train_loss/i7"} <= logged
+        rows = list(csv.DictReader(f))
+    assert {"train_loss/v100", "train_loss/i7"} <= set(rows[0])
+    per_key = {k: {r["step"] for r in rows if r[f"train_loss/{k}"]} for k in ("v100", "i7")}
+    steps = {r["step"] for r in rows if r["train_loss"]}
+    assert per_key["v100"] | per_key["i7"] >= steps - {"0"}  # every step logs the keys it saw
+    assert per_key["v100"] < per_key["v100"] | per_key["i7"]  # and a step without v100 logs nothing for it
     old = {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
 
     grown = train(

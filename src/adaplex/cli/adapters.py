@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from adaplex.cli.common import (
+    AllowNonfiniteOption,
     BaseOption,
     ForceOption,
     JsonOption,
@@ -24,18 +25,18 @@ from adaplex.errors import ConfigError, StorageError
 def base_for(paths: list[Path], base: str | None):
     """Load the base by the one rule: --base, else the base recorded in the first path, else the default."""
     from adaplex.core.models import choose_base, load_base
-    from adaplex.io.storage import recorded_base
+    from adaplex.io.describe import recorded_base
 
     recorded, relative_to = recorded_base(paths[0]) if paths else (None, None)
     return load_base(choose_base(base, recorded), relative_to=relative_to)
 
 
-def load_all(model, paths: list[Path], force: bool):
+def load_all(model, paths: list[Path], force: bool, allow_nonfinite: bool):
     from adaplex.io.storage import load
 
     handle = None
     for path in paths:
-        handle = load(model, path, force=force)
+        handle = load(model, path, force=force, allow_nonfinite=allow_nonfinite)
     return handle
 
 
@@ -47,7 +48,7 @@ def info(
 ) -> None:
     """Show an adapter, bundle or PEFT directory (members, sizes, base, versions), or a base model."""
     if path is not None:
-        from adaplex.io.storage import describe
+        from adaplex.io.describe import describe
 
         result = describe(path)
         if as_json:
@@ -57,20 +58,24 @@ def info(
         print_mapping(f"{result['kind']} {path}", {k: v for k, v in result.items() if k != "config"})
         if members:
             table = Table(title="members")
-            for column in ("member", "name", "method", "role", "parameters", "bytes"):
-                table.add_column(column)
+            for column in ("member", "name", "method", "r", "alpha", "role", "tensors", "parameters", "bytes"):
+                table.add_column(column, overflow="fold")
             for m in members:
                 table.add_row(
                     m["member"],
                     m.get("name", ""),
                     str(m.get("method", "")),
+                    str(m.get("r") or ""),
+                    str(m.get("alpha") or ""),
                     m.get("role", ""),
+                    f"{m['tensors']:,}",
                     f"{m['parameters']:,}",
                     f"{m['bytes']:,}",
                 )
             console.print(table)
         return
-    from adaplex.core.inject import all_sites, family_of, names_hint
+    from adaplex.core.inject import all_sites, family_of
+    from adaplex.util.names import names_hint
 
     model, _ = base_for([], base)
     family = family_of(model)
@@ -81,7 +86,7 @@ def info(
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "layers": model.config.num_hidden_layers,
-        "target_aliases": sorted(family.aliases),
+        "target_aliases": family.target_aliases(),
         "linear_sites": names_hint([s.name for s in all_sites(model, family)], limit=50),
     }
     if as_json:
@@ -99,6 +104,7 @@ def export(
     key: Annotated[list[str], typer.Option(help="routed bundle: export only this key, repeatable")] = [],  # noqa: B006
     base: BaseOption = None,
     force: ForceOption = False,
+    allow_nonfinite: AllowNonfiniteOption = False,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Export to PEFT LoRA: one directory per adapter (OUT/<name>), or one combined adapter."""
@@ -109,7 +115,7 @@ def export(
         raise ConfigError(f"unknown export format {to!r}; the only one is 'peft'")
     refuse_existing(out, overwrite)
     model, _ = base_for([path], base)
-    handle = load_all(model, [path], force)
+    handle = load_all(model, [path], force, allow_nonfinite)
     if handle.banks():  # a routed bundle: one PEFT adapter per key, shared ⊕ expert
         keys = key or [k for bank in handle.banks().values() for k in bank.keys]
         with atomic_directory(out, overwrite) as staging:
@@ -148,6 +154,7 @@ def bundle(
     shared: Annotated[Path | None, typer.Option(help="adapter every sample also gets (adaplex or PEFT dir)")] = None,
     base: BaseOption = None,
     force: ForceOption = False,
+    allow_nonfinite: AllowNonfiniteOption = False,
     overwrite: OverwriteOption = False,
 ) -> None:
     """A routed bundle from existing adapters (adaplex or PEFT LoRA directories): one expert per key,
@@ -158,7 +165,7 @@ def bundle(
     experts = parse_experts(expert)
     refuse_existing(out, overwrite)
     model, _ = base_for(list(experts.values()), base)
-    build_bundle(model, experts, out, shared, force=force, overwrite=overwrite)
+    build_bundle(model, experts, out, shared, force=force, allow_nonfinite=allow_nonfinite, overwrite=overwrite)
     console.print(f"wrote routed bundle {out}: keys {', '.join(experts)}" + (", shared adapter" if shared else ""))
 
 
@@ -168,19 +175,21 @@ def import_(
     out: Annotated[Path, typer.Argument(help="adaplex adapter directory to write")],
     name: Annotated[str | None, typer.Option(help="adapter name (default: the directory's name)")] = None,
     base: BaseOption = None,
+    allow_nonfinite: AllowNonfiniteOption = False,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Import a PEFT LoRA directory as an adaplex adapter directory (safetensors)."""
     from adaplex.core.adapted import Adapted
     from adaplex.io.atomic import refuse_existing
-    from adaplex.io.peft import import_into, is_peft_dir
+    from adaplex.io.peft import import_into
+    from adaplex.io.peft_format import is_peft_dir
     from adaplex.io.storage import save_adapter
 
     if not is_peft_dir(peft_dir):
         raise StorageError(f"{peft_dir} is not a PEFT directory (no adapter_config.json with a peft_type)")
     refuse_existing(out, overwrite)
     model, _ = base_for([peft_dir], base)
-    adapter_name = import_into(model, peft_dir, name, trainable=False)
+    adapter_name = import_into(model, peft_dir, name, trainable=False, allow_nonfinite=allow_nonfinite)
     save_adapter(Adapted.of(model), adapter_name, out, overwrite=overwrite)
     console.print(f"imported {peft_dir} as adapter {adapter_name!r} into {out}")
 
@@ -191,6 +200,7 @@ def merge(
     out: Annotated[Path, typer.Option("--out", help="plain transformers model directory to write")],
     base: BaseOption = None,
     force: ForceOption = False,
+    allow_nonfinite: AllowNonfiniteOption = False,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Merge adapters into the base: a plain transformers model directory (safetensors)."""
@@ -198,7 +208,7 @@ def merge(
 
     refuse_existing(out, overwrite)
     model, tokenizer = base_for(paths, base)
-    handle = load_all(model, paths, force)
+    handle = load_all(model, paths, force, allow_nonfinite)
     merged = handle.merged_model()
     with atomic_directory(out, overwrite) as staging:
         merged.save_pretrained(staging)
@@ -215,7 +225,7 @@ def convert(
     """Convert a legacy .bin tensor file (read with weights_only=True) to safetensors, keys unchanged."""
     from safetensors.torch import save_file
 
-    from adaplex.io.records import read_legacy
+    from adaplex.io.tensor_files import read_legacy
 
     if not source.is_file():
         raise StorageError(f"{source} is not a file")

@@ -11,6 +11,7 @@ from rich.table import Table
 from adaplex.cli.common import (
     BaseOption,
     JsonOption,
+    at_least,
     bench_app,
     console,
     emit_json,
@@ -22,10 +23,10 @@ from adaplex.cli.faults import fault_inputs
 @bench_app.command("overhead")
 def bench_overhead(
     base: BaseOption = None,
-    batch: int = 4,
-    seq: int = 128,
-    rank: int = 16,
-    rounds: Annotated[int, typer.Option(help="interleaved timing rounds")] = 3,
+    batch: Annotated[int, at_least(1, "samples per batch")] = 4,
+    seq: Annotated[int, at_least(1, "tokens per sample")] = 128,
+    rank: Annotated[int, at_least(1, "adapter rank")] = 16,
+    rounds: Annotated[int, at_least(1, "interleaved timing rounds")] = 3,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     bf16: Annotated[bool, typer.Option(help="bfloat16 weights (GPU)")] = False,
     out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
@@ -60,11 +61,11 @@ def bench_overhead(
 @bench_app.command("train")
 def bench_train(
     base: BaseOption = None,
-    batch: int = 4,
-    seq: int = 128,
-    rank: int = 16,
-    steps: Annotated[int, typer.Option(help="steps per timed chunk")] = 4,
-    rounds: Annotated[int, typer.Option(help="interleaved rounds")] = 3,
+    batch: Annotated[int, at_least(1, "samples per batch")] = 4,
+    seq: Annotated[int, at_least(1, "tokens per sample")] = 128,
+    rank: Annotated[int, at_least(1, "adapter rank")] = 16,
+    steps: Annotated[int, at_least(2, "steps per timed chunk (its first is not timed)")] = 4,
+    rounds: Annotated[int, at_least(1, "interleaved rounds")] = 3,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
     as_json: JsonOption = False,
@@ -88,11 +89,11 @@ def bench_train(
 @bench_app.command("route")
 def bench_route(
     base: BaseOption = None,
-    adapters: Annotated[list[int], typer.Option("--adapters", help="distinct adapters in the batch, repeatable")] = [8],  # noqa: B006
-    batch: int = 8,
-    seq: int = 128,
-    rank: int = 16,
-    rounds: int = 3,
+    adapters: Annotated[list[int], at_least(1, "distinct adapters in the batch, repeatable", "--adapters")] = [8],  # noqa: B006
+    batch: Annotated[int, at_least(1, "samples per batch")] = 8,
+    seq: Annotated[int, at_least(1, "tokens per sample (decode: cached tokens)")] = 128,
+    rank: Annotated[int, at_least(1, "adapter rank")] = 16,
+    rounds: Annotated[int, at_least(1, "interleaved rounds")] = 3,
     mode: Annotated[str, typer.Option(help="prefill (full forward) or decode (one cached step)")] = "prefill",
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     bf16: Annotated[bool, typer.Option(help="bfloat16 weights (GPU)")] = False,
@@ -123,9 +124,9 @@ def bench_route(
 @bench_app.command("faults")
 def bench_faults(
     base: BaseOption = None,
-    batch: int = 4,
-    seq: int = 128,
-    repeats: int = 5,
+    batch: Annotated[int, at_least(1, "samples per batch")] = 4,
+    seq: Annotated[int, at_least(1, "tokens per sample")] = 128,
+    repeats: Annotated[int, at_least(1, "interleaved rounds")] = 5,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     bf16: Annotated[bool, typer.Option(help="bfloat16 weights (GPU)")] = False,
     graphs: Annotated[

@@ -11,6 +11,7 @@ from rich.table import Table
 from adaplex.cli.common import (
     BaseOption,
     JsonOption,
+    at_least,
     console,
     emit_json,
     faults_app,
@@ -47,15 +48,15 @@ def detectors_from(names: list[str], correct: bool):
 @faults_app.command("run")
 def faults_run(
     location: Annotated[str, typer.Option(help="q, k, v, scores, weights or output")],
-    bit: Annotated[int, typer.Option(help="bit to flip (0 = least significant)")],
+    bit: Annotated[int, typer.Option(min=0, help="bit to flip (0 = least significant)")],
     layers: Annotated[str, typer.Option(help="first, all, random or a comma-separated list")] = "first",
     element: Annotated[str | None, typer.Option(help="explicit index, e.g. 0,2,5,3")] = None,
-    count: int = 1,
+    count: Annotated[int, at_least(1, "random elements to flip")] = 1,
     seed: int = 0,
     detector: Annotated[list[str], typer.Option(help="detector to enable, repeatable (default: all)")] = [],  # noqa: B006
     correct: Annotated[bool, typer.Option(help="recompute attention where a fault is detected")] = False,
-    batch: int = 1,
-    seq: int = 64,
+    batch: Annotated[int, at_least(1, "samples")] = 1,
+    seq: Annotated[int, at_least(1, "tokens per sample")] = 64,
     base: BaseOption = None,
     as_json: JsonOption = False,
 ) -> None:

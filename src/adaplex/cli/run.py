@@ -9,16 +9,24 @@ import typer
 
 from adaplex.cli.common import (
     AdapterOption,
+    AllowNonfiniteOption,
     BaseOption,
     ChatOption,
     JsonOption,
     OverwriteOption,
     PromptOption,
     app,
+    at_least,
     console,
     data_app,
     emit_json,
 )
+from adaplex.errors import ConfigError
+
+
+def check_prompts(prompts: list[str]) -> None:
+    if not prompts or any(not p.strip() for p in prompts):
+        raise ConfigError("a --prompt is empty; give the text to complete")
 
 
 @app.command()
@@ -42,14 +50,16 @@ def generate(
     disable: Annotated[list[str], typer.Option(help="adapter name to switch off, repeatable")] = [],  # noqa: B006
     base: BaseOption = None,
     chat: ChatOption = False,
-    max_new_tokens: int = 40,
+    max_new_tokens: Annotated[int, at_least(1, "tokens to generate per prompt")] = 40,
+    allow_nonfinite: AllowNonfiniteOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Complete prompts with the base model plus the given adapters (none: the base alone)."""
+    check_prompts(prompt)
     from adaplex.infer.generate import generate as complete
     from adaplex.infer.generate import load_stack
 
-    handle, tokenizer, names = load_stack(adapter, base)
+    handle, tokenizer, names = load_stack(adapter, base, allow_nonfinite)
     with handle.disable(*disable):
         results = [{"prompt": p, "completion": complete(handle, tokenizer, p, chat, max_new_tokens)} for p in prompt]
     if as_json:
@@ -66,19 +76,20 @@ def infer(
     bundle: Annotated[Path, typer.Option(help="routed bundle (shared + experts)")],
     registry: Annotated[Path | None, typer.Option(help="key registry for 'target' fields")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="an unknown target is an error")] = False,
-    workers: Annotated[int, typer.Option(help="worker processes")] = 1,
-    batch_size: int = 8,
-    max_new_tokens: int = 40,
+    workers: Annotated[int, at_least(1, "worker processes")] = 1,
+    batch_size: Annotated[int, at_least(1, "records per batch")] = 8,
+    max_new_tokens: Annotated[int, at_least(1, "tokens to generate per prompt")] = 40,
     chat: ChatOption = False,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     base: BaseOption = None,
     overwrite: OverwriteOption = False,
+    allow_nonfinite: AllowNonfiniteOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Generate for every record with its key's expert, in mixed-key batches, across worker processes."""
     from adaplex.infer.batch import Job, run
 
-    job = Job(bundle, base, batch_size, max_new_tokens, chat, device)
+    job = Job(bundle, base, batch_size, max_new_tokens, chat, device, allow_nonfinite)
     summary = run(input_path, output, job, workers, registry, strict, overwrite)
     for failure in summary["failed_shards"]:
         console.print(
@@ -86,6 +97,7 @@ def infer(
             f"{failure['records'][0]}-{failure['records'][1]} have no completion[/]"
         )
     console.print(f"wrote {summary['records']} results to {output} with {summary['workers']} workers")
+    console.print("records per key: " + ", ".join(f"{k} {n}" for k, n in summary["per_key"].items()))
     if as_json:
         emit_json(summary, None)
     if summary["failed_shards"]:
@@ -99,14 +111,16 @@ def compare(
     eval_file: Annotated[list[Path], typer.Option("--eval", help="held-out .txt or .jsonl, repeatable")] = [],  # noqa: B006
     base: BaseOption = None,
     chat: ChatOption = False,
-    max_new_tokens: int = 40,
+    max_new_tokens: Annotated[int, at_least(1, "tokens to generate per prompt")] = 40,
+    allow_nonfinite: AllowNonfiniteOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Base, stage 1, stage 1+2, ... side by side: completions and held-out perplexities."""
+    check_prompts(prompt)
     from adaplex.infer.generate import compare as run_compare
     from adaplex.infer.generate import comparison_table, load_stack
 
-    handle, tokenizer, names = load_stack(adapter, base)
+    handle, tokenizer, names = load_stack(adapter, base, allow_nonfinite)
     rows = run_compare(handle, tokenizer, names, prompt, eval_file, chat, max_new_tokens)
     console.print(comparison_table(rows, prompt))
     if as_json:
@@ -116,7 +130,7 @@ def compare(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="scratch directory for data, runs and the merged model")] = Path("demo-out"),
-    steps: Annotated[int, typer.Option(help="training steps per stage")] = 30,
+    steps: Annotated[int, at_least(1, "training steps per stage")] = 30,
 ) -> None:
     """Stage-wise style + instruct training on the embedded model with real text, compared side by side."""
     from adaplex.apps import demo as demo_job

@@ -1,1 +1,1 @@
-"""Composition: routing (per-sample keys into expert banks) and the registry of routing keys; it only produces weights."""
+"""Composition: routing (per-sample keys into expert banks) and the registry of keys; it only produces weights."""

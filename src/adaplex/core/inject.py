@@ -18,7 +18,7 @@ from adaplex.core.layers import LINEAR_TYPES, AdaptedLinear, SharedInputGroup, l
 from adaplex.core.stack import Stack
 from adaplex.errors import TargetError
 from adaplex.methods import Adapter
-from adaplex.util.names import name_matches
+from adaplex.util.names import name_matches, names_hint
 
 LINEAR_ALIASES = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -33,6 +33,10 @@ class Family:
     attention: str
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
     shared_input: tuple[tuple[str, ...], ...] = ()  # aliases the model calls in this order on one input
+
+    def target_aliases(self) -> list[str]:
+        """Every alias a target may name in this family."""
+        return [*self.aliases, "all-linear", "attention"]
 
     def alias_patterns(self, target: str) -> list[str] | None:
         if target == "all-linear":
@@ -138,13 +142,6 @@ def all_sites(model: nn.Module, family: Family) -> list[Site]:
     return sites
 
 
-def names_hint(names: list[str], limit: int = 12) -> str:
-    """Distinct module names with layer numbers folded: 'model.layers.*.self_attn.q_proj, ...'."""
-    folded = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", n) for n in names))
-    more = f" (+{len(folded) - limit} more)" if len(folded) > limit else ""
-    return ", ".join(folded[:limit]) + more
-
-
 def select(names: list[str], targets: tuple[str, ...], family: Family, what: str) -> list[str]:
     """Names matched by any target; a target that matches nothing is an error listing what exists."""
     chosen: dict[str, None] = {}
@@ -155,7 +152,7 @@ def select(names: list[str], targets: tuple[str, ...], family: Family, what: str
         else:
             matched = [n for n in names if any(re.fullmatch(p, n) for p in patterns)]
         if not matched:
-            aliases = ", ".join([*family.aliases, "all-linear", "attention"])
+            aliases = ", ".join(family.target_aliases())
             raise TargetError(
                 f"target {target!r} matches no {what} of this {family.name} model; "
                 f"use an alias ({aliases}) or one of: {names_hint(names)}"

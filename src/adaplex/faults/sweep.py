@@ -10,11 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from adaplex.errors import ConfigError
 from adaplex.faults.experiment import aggregate, logits_of, run_once
 from adaplex.faults.hook import LOCATIONS, DetectorConfig, FaultPlan, Location
+from adaplex.util import strict_json
+from adaplex.util.jsonl import read_lines
+from adaplex.util.yamlconfig import validation_message
 
 
 class SweepConfig(BaseModel):
@@ -87,7 +91,7 @@ def sweep(model: nn.Module, batches: list[torch.Tensor], config: SweepConfig, ou
             )
             result = run_once(model, {"input_ids": ids}, plan, config.detectors, baselines[key])
             f.write(
-                json.dumps(
+                strict_json.dumps(
                     {"id": rid, "location": location, "bit": bit, "layer": layer, "seed": seed, **result.to_json()}
                 )
                 + "\n"
@@ -99,9 +103,33 @@ def sweep(model: nn.Module, batches: list[torch.Tensor], config: SweepConfig, ou
     return added
 
 
+class _Run(BaseModel):
+    """The fields of a sweep's JSONL line that a report reads."""
+
+    location: str
+    bit: int
+    significant: bool
+    detected: dict[str, bool]
+    top1_changes: int
+    detections: list
+    timings: dict[str, float]
+
+
+def _checked_row(row: dict[str, Any], path: Path, line: int) -> dict[str, Any]:
+    try:
+        _Run.model_validate(row)
+    except ValidationError as err:
+        raise ConfigError(
+            validation_message(err, f"{path}:{line}") + "; is it the output of `adaplex faults sweep`?"
+        ) from None
+    return row
+
+
 def report(path: Path, png: Path | None = None) -> dict[str, Any]:
     """Rates per (location, bit) and the clean runs' false positives; optionally a heatmap PNG."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [_checked_row(r, path, i) for i, r in enumerate(read_lines(path), start=1)]
+    if not rows:
+        raise ConfigError(f"{path} holds no runs; write some with `adaplex faults sweep`")
     faulty = [r for r in rows if r["location"] != "clean"]
     clean = [r for r in rows if r["location"] == "clean"]
     cells: dict[str, dict[str, dict[str, float]]] = {}

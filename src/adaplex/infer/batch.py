@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adaplex.errors import AdaplexError, ConfigError
-from adaplex.train.data import read_lines
+from adaplex.util import strict_json
+from adaplex.util.jsonl import read_lines
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Job:
     max_new_tokens: int
     chat: bool
     device: str
+    allow_nonfinite: bool = False
 
 
 def resolve_keys(
@@ -63,12 +66,13 @@ def _worker(shard: int, items: list[tuple[int, str | None, str]], job: Job, out:
     from adaplex.compose.route import route
     from adaplex.core.models import choose_base, load_base
     from adaplex.infer.generate import render_prompt
-    from adaplex.io.storage import load, recorded_base
+    from adaplex.io.describe import recorded_base
+    from adaplex.io.storage import load
 
     recorded, relative_to = recorded_base(job.bundle)
     model, tokenizer = load_base(choose_base(job.base, recorded), relative_to=relative_to)
     model.to(job.device)
-    handle = load(model, job.bundle)
+    handle = load(model, job.bundle, allow_nonfinite=job.allow_nonfinite)
     tokenizer.padding_side = "left"
     lines = []
     for start in range(0, len(items), job.batch_size):
@@ -81,7 +85,7 @@ def _worker(shard: int, items: list[tuple[int, str | None, str]], job: Job, out:
             )
         for (index, key, prompt), row in zip(chunk, generated, strict=True):
             completion = tokenizer.decode(row[batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-            lines.append(json.dumps({"index": index, "key": key, "prompt": prompt, "completion": completion}))
+            lines.append(strict_json.dumps({"index": index, "key": key, "prompt": prompt, "completion": completion}))
     tmp = out.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in lines))
     tmp.rename(out)
@@ -96,12 +100,24 @@ def run(
     strict: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    from adaplex.io.storage import describe
+    from adaplex.io.describe import describe
 
     if output.exists() and not overwrite:
         raise AdaplexError(f"{output} already exists; choose another path or pass --overwrite")
+    for name, value in (
+        ("--workers", workers),
+        ("--batch-size", job.batch_size),
+        ("--max-new-tokens", job.max_new_tokens),
+    ):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, not {value}")
     info = describe(job.bundle)
     known = [m["member"].removeprefix("experts/") for m in info.get("members", []) if m.get("role") == "expert"]
+    if not known:
+        raise ConfigError(
+            f"{job.bundle} is not a routed bundle (it is a {info['kind']} without experts/<key>/ members); "
+            "make one with `adaplex bundle --expert KEY=DIR ...` or a routed training run"
+        )
     records = read_lines(input_path)
     if not records:
         raise ConfigError(f"{input_path} holds no records")
@@ -125,7 +141,7 @@ def run(
         if p.exitcode != 0 or not shard_file.is_file():
             failures.append({"worker": w, "records": [a + 1, b], "exit_code": p.exitcode})
             for i in range(a, b):
-                results[i] = json.dumps(
+                results[i] = strict_json.dumps(
                     {
                         "index": i,
                         "key": keys[i],
@@ -142,4 +158,11 @@ def run(
     for f in scratch.iterdir():
         f.unlink()
     scratch.rmdir()
-    return {"records": len(items), "workers": workers, "failed_shards": failures, "output": str(output)}
+    per_key = dict(Counter("(none)" if k in (None, "__base__") else k for k in keys))
+    return {
+        "records": len(items),
+        "per_key": per_key,
+        "workers": workers,
+        "failed_shards": failures,
+        "output": str(output),
+    }

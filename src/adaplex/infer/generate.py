@@ -11,7 +11,8 @@ from transformers import PreTrainedTokenizerBase
 from adaplex.core.adapted import Adapted
 from adaplex.core.models import choose_base, load_base
 from adaplex.errors import ConfigError
-from adaplex.io.storage import attach, recorded_base
+from adaplex.io.describe import recorded_base
+from adaplex.io.storage import attach
 from adaplex.train.config import DataConfig
 from adaplex.train.data import build_examples, perplexity, read_lines
 
@@ -27,7 +28,9 @@ def parse_adapter(spec: str) -> tuple[Path, float]:
     return Path(spec), 1.0
 
 
-def load_stack(specs: list[str], base: str | None) -> tuple[Adapted, PreTrainedTokenizerBase, list[str]]:
+def load_stack(
+    specs: list[str], base: str | None, allow_nonfinite: bool = False
+) -> tuple[Adapted, PreTrainedTokenizerBase, list[str]]:
     """Base model with the adapters of ``specs`` stacked and weighted; returns their names in order."""
     parsed = [parse_adapter(s) for s in specs]
     recorded, relative_to = recorded_base(parsed[0][0]) if parsed else (None, None)
@@ -35,7 +38,7 @@ def load_stack(specs: list[str], base: str | None) -> tuple[Adapted, PreTrainedT
     handle = Adapted.of(model)
     names: list[str] = []
     for path, weight in parsed:
-        added = attach(model, path)
+        added = attach(model, path, allow_nonfinite=allow_nonfinite)
         for name in added:
             handle.stack.set_weight(name, weight)
         names += added

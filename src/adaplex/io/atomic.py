@@ -2,7 +2,9 @@
 
 An existing directory is replaced only with ``overwrite=True``, by an atomic exchange
 (Linux renameat2 RENAME_EXCHANGE), so a reader or a crash sees the complete old version or
-the complete new one, never a mix and never nothing. Staging directories are named after the
+the complete new one, never a mix and never nothing. What lands gets the usual permissions under
+the user's umask (directories 0777, files 0666, less the umask), not the staging directory's 0700.
+Staging directories are named after the
 writing process (``.NAME.tmp-PID-…``); one left by a process that no longer runs (killed mid-save)
 is removed by the next write to the same target.
 """
@@ -34,6 +36,20 @@ def _fsync(path: Path) -> None:
 def _fsync_tree(root: Path) -> None:
     for path in [*root.rglob("*"), root]:
         _fsync(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_permissions(root: Path) -> None:
+    """Directories 0777 and files 0666 (0777 where executable), less the umask, under ``root``."""
+    mask = _umask()
+    for path in [*root.rglob("*"), root]:
+        executable = path.is_dir() or path.stat().st_mode & 0o100
+        path.chmod((0o777 if executable else 0o666) & ~mask)
 
 
 def _exchange(a: Path, b: Path) -> None:
@@ -80,6 +96,7 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-{os.getpid()}-"))
     try:
         yield staging
+        _usual_permissions(staging)
         _fsync_tree(staging)
         if target.exists():
             refuse_existing(target, overwrite)

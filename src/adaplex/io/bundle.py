@@ -17,10 +17,12 @@ BANK = "experts"
 SHARED = "shared"
 
 
-def _take_expert(model: nn.Module, key: str, directory: Path, force: bool) -> tuple[LoRAConfig, dict, frozenset[str]]:
+def _take_expert(
+    model: nn.Module, key: str, directory: Path, force: bool, allow_nonfinite: bool
+) -> tuple[LoRAConfig, dict, frozenset[str]]:
     """Expert ``key`` read from ``directory`` (verified, as any load): its config, tensors and sites."""
     handle = Adapted.of(model)
-    name = _attach_one(model, directory, f"expert-{key}", force)
+    name = _attach_one(model, directory, f"expert-{key}", force, allow_nonfinite)
     try:
         config = handle.configs[name]
         if not isinstance(config, LoRAConfig):
@@ -30,8 +32,8 @@ def _take_expert(model: nn.Module, key: str, directory: Path, force: bool) -> tu
         handle.remove(name)
 
 
-def _attach_one(model: nn.Module, directory: Path, name: str, force: bool) -> str:
-    names = attach(model, directory, name=name, force=force)
+def _attach_one(model: nn.Module, directory: Path, name: str, force: bool, allow_nonfinite: bool) -> str:
+    names = attach(model, directory, name=name, force=force, allow_nonfinite=allow_nonfinite)
     if len(names) != 1:
         raise StorageError(f"{directory} is a bundle; give an adapter or PEFT LoRA directory")
     return names[0]
@@ -44,6 +46,7 @@ def build_bundle(
     shared: Path | None = None,
     *,
     force: bool = False,
+    allow_nonfinite: bool = False,
     version: str | None = None,
     parent: str | None = None,
     overwrite: bool = False,
@@ -59,7 +62,7 @@ def build_bundle(
     before = list(existing.configs) if existing is not None else []
     handle = Adapted.of(model)
     try:
-        taken = {key: _take_expert(model, key, directory, force) for key, directory in experts.items()}
+        taken = {key: _take_expert(model, key, directory, force, allow_nonfinite) for key, directory in experts.items()}
         first_key, (first, _, first_sites) = next(iter(taken.items()))
         for key, (_, _, sites) in taken.items():
             if sites != first_sites:
@@ -76,7 +79,7 @@ def build_bundle(
         )
         members = {}
         if shared is not None:
-            _attach_one(model, shared, SHARED, force)
+            _attach_one(model, shared, SHARED, force, allow_nonfinite)
             members = {SHARED: SHARED}
         return save_bundle(
             handle, out, members, roles={SHARED: "shared"}, version=version, parent=parent, overwrite=overwrite

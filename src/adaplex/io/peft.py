@@ -26,59 +26,15 @@ from adaplex.core.layers import FusedParts
 from adaplex.errors import AdapterNameError, StorageError
 from adaplex.io.atomic import atomic_directory
 from adaplex.io.banks import expert_as_adapter
-from adaplex.io.records import read_legacy, read_safetensors
+from adaplex.io.peft_format import PEFT_CONFIG, PEFT_KEY, PEFT_LEGACY_WEIGHTS, PEFT_WEIGHTS, read_peft_config
+from adaplex.io.tensor_files import check_finite, read_legacy, read_safetensors
 from adaplex.methods import LoRA, LoRAConfig
 
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_LEGACY_WEIGHTS = "adapter_model.bin"
-PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
-UNSUPPORTED = {
-    "use_dora": "DoRA",
-    "modules_to_save": "modules_to_save (fully trained extra modules)",
-    "layers_to_transform": "layers_to_transform",
-    "layer_replication": "layer_replication",
-    "trainable_token_indices": "trainable token indices",
-    "target_parameters": "target_parameters (LoRA on raw parameters)",
-    "lora_bias": "LoRA bias terms",
-}
 
-
-def is_peft_dir(directory: Path) -> bool:
-    path = directory / PEFT_CONFIG
-    if not path.is_file():
-        return False
-    try:
-        return "peft_type" in json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-
-
-def read_peft_config(directory: Path) -> dict[str, Any]:
-    path = directory / PEFT_CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StorageError(f"{path} is not readable JSON ({type(err).__name__}); restore it") from None
-    if config.get("peft_type") != "LORA":
-        raise StorageError(f"{path}: PEFT type {config.get('peft_type')!r} is not LoRA; adaplex imports LoRA only")
-    for field, what in UNSUPPORTED.items():
-        if config.get(field):
-            raise StorageError(f"{path}: {what} cannot be represented by adaplex; remove it or merge it first")
-    if config.get("bias", "none") != "none":
-        raise StorageError(f"{path}: bias={config['bias']!r} cannot be represented by adaplex; use bias='none'")
-    return config
-
-
-def recorded_base(directory: Path) -> str | None:
-    return read_peft_config(directory).get("base_model_name_or_path")
-
-
-def _peft_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    if (directory / PEFT_WEIGHTS).is_file():
-        return read_safetensors(directory / PEFT_WEIGHTS)
-    if (directory / PEFT_LEGACY_WEIGHTS).is_file():
-        return read_legacy(directory / PEFT_LEGACY_WEIGHTS)
+def _peft_tensors(directory: Path, allow_nonfinite: bool) -> dict[str, torch.Tensor]:
+    for file, read in ((PEFT_WEIGHTS, read_safetensors), (PEFT_LEGACY_WEIGHTS, read_legacy)):
+        if (directory / file).is_file():
+            return check_finite(read(directory / file), directory / file, allow_nonfinite)
     raise StorageError(f"{directory} has no {PEFT_WEIGHTS}; is it a PEFT LoRA directory?")
 
 
@@ -90,11 +46,13 @@ def _peft_alpha(config: dict[str, Any], module: str) -> float:
     return float(config.get("lora_alpha", 8))
 
 
-def import_into(model: nn.Module, directory: Path, name: str | None, trainable: bool) -> str:
+def import_into(
+    model: nn.Module, directory: Path, name: str | None, trainable: bool, allow_nonfinite: bool = False
+) -> str:
     """Attach a PEFT LoRA directory as an adaplex LoRA adapter (exact: same A, B and scale per module);
-    returns its name."""
+    returns its name. A NaN or infinite value is an error naming the tensor unless ``allow_nonfinite``."""
     config = read_peft_config(directory)
-    tensors = _peft_tensors(directory)
+    tensors = _peft_tensors(directory, allow_nonfinite)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = PEFT_KEY.match(key)

@@ -8,7 +8,7 @@ bundle or a PEFT LoRA directory works too.
 from __future__ import annotations
 
 import logging
-import math
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from torch import nn
 
 from adaplex.core.adapted import Adapted
 from adaplex.errors import StorageError
-from adaplex.io import peft
+from adaplex.io import peft, peft_format
 from adaplex.io.atomic import atomic_directory
 from adaplex.io.banks import add_bank_from_experts, expert_config, expert_state
 from adaplex.io.fingerprint import fingerprint
@@ -29,12 +29,9 @@ from adaplex.io.records import (
     Record,
     read_adapter_record,
     read_bundle_record,
-    read_record,
-    read_tensors,
-    safetensors_shapes,
-    write_files,
     write_record,
 )
+from adaplex.io.tensor_files import read_tensors, write_files
 from adaplex.methods import method_config
 from adaplex.util.version import VERSION
 
@@ -135,49 +132,65 @@ def check_base(model: nn.Module, own_fingerprint: str, record: Record, source: P
     log.warning("%s; loading anyway (--force)", message)
 
 
-def _attach_verified(
-    model: nn.Module, own_fingerprint: str, directory: Path, name: str | None, force: bool, trainable: bool
-) -> list[str]:
+@dataclass(frozen=True)
+class _Loading:
+    """How one attach reads what it finds: the base's fingerprint, and what the caller allowed."""
+
+    fingerprint: str
+    force: bool
+    trainable: bool
+    allow_nonfinite: bool
+
+
+def _attach_verified(model: nn.Module, directory: Path, name: str | None, how: _Loading) -> list[str]:
     """Read, verify and attach every adapter under ``directory``; returns the names attached."""
-    if peft.is_peft_dir(directory):
-        return [peft.import_into(model, directory, name=name, trainable=trainable)]
+    if peft_format.is_peft_dir(directory):
+        return [peft.import_into(model, directory, name, how.trainable, how.allow_nonfinite)]
     if (directory / BUNDLE_FILE).is_file():
         bundle = read_bundle_record(directory)
-        check_base(model, own_fingerprint, bundle, directory, force)
+        check_base(model, how.fingerprint, bundle, directory, how.force)
         loaded = []
         experts = {}
         for member, role in bundle.members.items():
             if role == "expert":
                 record = read_adapter_record(directory / member)
-                check_base(model, own_fingerprint, record, directory / member, force)
-                experts[Path(member).name] = (record.config, read_tensors(directory / member, record))
+                check_base(model, how.fingerprint, record, directory / member, how.force)
+                tensors = read_tensors(directory / member, record, how.allow_nonfinite)
+                experts[Path(member).name] = (record.config, tensors)
             else:
-                loaded += _attach_verified(model, own_fingerprint, directory / member, None, force, trainable)
+                loaded += _attach_verified(model, directory / member, None, how)
         if experts:
-            add_bank_from_experts(Adapted.of(model), "experts", experts, str(directory), trainable)
+            add_bank_from_experts(Adapted.of(model), "experts", experts, str(directory), how.trainable)
             loaded.append("experts")
         return loaded
     record = read_adapter_record(directory)
-    check_base(model, own_fingerprint, record, directory, force)
+    check_base(model, how.fingerprint, record, directory, how.force)
     config = method_config(record.config, source=str(directory / CONFIG_FILE))
-    tensors = read_tensors(directory, record)
+    tensors = read_tensors(directory, record, how.allow_nonfinite)
     adapter_name = name or record.name
-    Adapted.of(model).add_loaded(adapter_name, config, tensors, str(directory / WEIGHTS_FILE), trainable)
+    Adapted.of(model).add_loaded(adapter_name, config, tensors, str(directory / WEIGHTS_FILE), how.trainable)
     return [adapter_name]
 
 
 def attach(
-    model: nn.Module, path: str | Path, *, name: str | None = None, force: bool = False, trainable: bool = False
+    model: nn.Module,
+    path: str | Path,
+    *,
+    name: str | None = None,
+    force: bool = False,
+    trainable: bool = False,
+    allow_nonfinite: bool = False,
 ) -> list[str]:
     """Attach an adapter directory, a bundle (all members) or a PEFT LoRA directory, all or nothing;
-    returns the names of the adapters it added."""
+    returns the names of the adapters it added. A NaN or infinite value in a file is an error naming
+    the tensor unless ``allow_nonfinite``."""
     path = Path(path)
     if not path.is_dir():
         raise StorageError(f"{path} is not a directory; give an adapter, bundle or PEFT LoRA directory")
     existing = Adapted.find(model)
     before = list(existing.configs) if existing is not None else []
     try:
-        return _attach_verified(model, fingerprint(model), path, name, force, trainable)
+        return _attach_verified(model, path, name, _Loading(fingerprint(model), force, trainable, allow_nonfinite))
     except BaseException:
         handle = Adapted.find(model)
         if handle is not None:
@@ -189,96 +202,14 @@ def attach(
 
 
 def load(
-    model: nn.Module, path: str | Path, *, name: str | None = None, force: bool = False, trainable: bool = False
+    model: nn.Module,
+    path: str | Path,
+    *,
+    name: str | None = None,
+    force: bool = False,
+    trainable: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Adapted:
     """``attach`` and return the model's handle."""
-    attach(model, path, name=name, force=force, trainable=trainable)
+    attach(model, path, name=name, force=force, trainable=trainable, allow_nonfinite=allow_nonfinite)
     return Adapted.of(model)
-
-
-def recorded_base(path: Path) -> tuple[str | None, Path]:
-    """The base recorded in an adapter, bundle or PEFT directory, and the directory it is relative to."""
-    if peft.is_peft_dir(path):
-        return peft.recorded_base(path), path
-    record = read_record(path)
-    if record is None:
-        raise StorageError(f"{path} is not an adapter, bundle or PEFT LoRA directory")
-    return record.base, path
-
-
-def lineage(directory: Path) -> list[str]:
-    """Version chain ending at ``directory``: its version, then its parent's, found among its siblings."""
-
-    def record_of(d: Path) -> Record | None:
-        try:
-            return read_record(d)
-        except StorageError:
-            return None  # a damaged sibling does not break the chain of the others
-
-    record = record_of(directory)
-    if record is None or record.version is None:
-        return []
-    siblings = {}
-    for d in directory.parent.iterdir():
-        sibling = record_of(d) if d.is_dir() else None
-        if sibling is not None and sibling.version:
-            siblings[sibling.version] = sibling
-    chain, seen = [record.version], {record.version}
-    parent = record.parent
-    while parent and parent not in seen:
-        chain.append(parent)
-        seen.add(parent)
-        parent = siblings[parent].parent if parent in siblings else None
-    return chain
-
-
-def describe(path: Path) -> dict[str, Any]:
-    """What an adapter, bundle or PEFT directory holds, read from its files without a model."""
-    if not path.is_dir():
-        raise StorageError(f"{path} is not a directory; give an adapter, bundle or PEFT LoRA directory")
-    if peft.is_peft_dir(path):
-        config = peft.read_peft_config(path)
-        weights = path / peft.PEFT_WEIGHTS
-        shapes = safetensors_shapes(weights) if weights.is_file() else {}
-        return {
-            "kind": "peft-lora",
-            "path": str(path),
-            "base": config.get("base_model_name_or_path"),
-            "r": config.get("r"),
-            "lora_alpha": config.get("lora_alpha"),
-            "targets": config.get("target_modules"),
-            "parameters": sum(math.prod(s) for s in shapes.values()),
-            "bytes": weights.stat().st_size if weights.is_file() else 0,
-        }
-    if (path / BUNDLE_FILE).is_file():
-        bundle = read_bundle_record(path)
-        members = [describe(path / m) | {"member": m} for m in bundle.members]
-        return {
-            "kind": "bundle",
-            "path": str(path),
-            "base": bundle.base,
-            "base_fingerprint": bundle.base_fingerprint,
-            "version": bundle.version,
-            "lineage": lineage(path),
-            "parameters": sum(m["parameters"] for m in members),
-            "bytes": sum(m["bytes"] for m in members),
-            "members": members,
-        }
-    record = read_adapter_record(path)
-    weights = path / WEIGHTS_FILE
-    return {
-        "kind": "adapter",
-        "path": str(path),
-        "name": record.name,
-        "method": record.config.get("method"),
-        "role": record.role,
-        "config": record.config,
-        "base": record.base,
-        "base_fingerprint": record.base_fingerprint,
-        "dtype": record.dtype,
-        "created": record.created,
-        "version": record.version,
-        "lineage": lineage(path),
-        "parameters": sum(math.prod(s) for s in safetensors_shapes(weights).values()),
-        "bytes": weights.stat().st_size,
-    }

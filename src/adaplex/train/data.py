@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from adaplex.errors import ConfigError
 from adaplex.train.config import DataConfig
+from adaplex.util.jsonl import read_lines, read_text
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -43,31 +43,6 @@ def token_blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, block: in
         stream.append(tokenizer.eos_token_id)
     rows = len(stream) // block
     return torch.tensor(stream[: rows * block], dtype=torch.long).view(rows, block)
-
-
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    """JSON objects of a JSONL file; a bad line is an error naming the file and line."""
-    records = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise ConfigError(f"{path}:{number}: expected a JSON object")
-        records.append(record)
-    return records
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"data file {path} not found; check the data paths in the config") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"data file {path} is unreadable ({type(err).__name__}); give UTF-8 text") from None
 
 
 def chat_messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
@@ -114,7 +89,7 @@ def build_examples(paths: list[Path], config: DataConfig, tokenizer: PreTrainedT
         ]
         examples = truncate(examples, config.block_size)
     elif config.format == "text":
-        examples = _blocks([_read_text(p) for p in paths], tokenizer, config.block_size, None)
+        examples = _blocks([read_text(p) for p in paths], tokenizer, config.block_size, None)
     else:
         texts = [_field(r, config.text_field, where) for where, r in records]
         examples = [

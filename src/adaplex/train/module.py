@@ -38,6 +38,7 @@ class AdapterLM(L.LightningModule):
         self.model = handle.model
         self.lr, self.warmup, self.total_steps, self.weight_decay = lr, warmup, total_steps, weight_decay
         self.strict_loading = False  # checkpoints carry the adapters, not the base weights
+        self._key_losses: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # this optimizer step's (sum, tokens)
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.model(**batch).loss
@@ -56,8 +57,12 @@ class AdapterLM(L.LightningModule):
         counted = labels != IGNORE
         for key in dict.fromkeys(keys):
             rows = torch.tensor([k == key for k in keys], device=labels.device)
-            key_loss = per_token[rows].sum() / counted[rows].sum().clamp(min=1)
-            self.log(f"{stage}_loss/{key}", key_loss, batch_size=int(rows.sum()), sync_dist=stage == "val")
+            total, tokens = per_token[rows].sum(), counted[rows].sum()
+            if stage == "train":  # logged when the optimizer steps, for the keys this step saw
+                seen = self._key_losses.get(key, (0.0, 0))
+                self._key_losses[key] = (seen[0] + total.detach(), seen[1] + tokens)
+            else:
+                self.log(f"val_loss/{key}", total / tokens.clamp(min=1), batch_size=int(rows.sum()), sync_dist=True)
         return per_token.sum() / counted.sum().clamp(min=1)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -77,6 +82,16 @@ class AdapterLM(L.LightningModule):
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
             for optimizer in self.trainer.optimizers:
                 optimizer.zero_grad(set_to_none=True)
+            self._log_key_losses()
+
+    def _log_key_losses(self) -> None:
+        """Each key's loss over the optimizer step that just ended, written to the loggers directly: a key
+        absent from the step logs nothing (Lightning's step metrics would repeat its last value)."""
+        if self._key_losses:
+            metrics = {f"train_loss/{k}": (s / n.clamp(min=1)).item() for k, (s, n) in self._key_losses.items()}
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.global_step)
+            self._key_losses.clear()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.log("val_loss", self.loss(batch, "val"), prog_bar=True, sync_dist=True)

@@ -22,7 +22,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from adaplex.core.adapted import Adapted
 from adaplex.core.models import choose_base, load_base
 from adaplex.errors import StorageError
-from adaplex.io.storage import attach, recorded_base, save_adapter, save_bundle
+from adaplex.io.describe import recorded_base
+from adaplex.io.storage import attach, save_adapter, save_bundle
 from adaplex.methods import method_config
 from adaplex.train.config import TrainConfig
 from adaplex.train.data import CausalLMData, build_examples

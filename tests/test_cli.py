@@ -115,3 +115,16 @@ def test_recorded_base_that_moved_lists_the_places_tried(work, tmp_path):
         assert_clean_error(result, "not found; tried", "embedded models", f"directory {root / 'base'}")
     finally:
         (root / "base-moved").rename(root / "base")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["info", "--help"], ["info", "{stack}"], ["bench", "route", "--help"]])
+def test_the_command_line_starts_without_torch(work, args):
+    root = work[0]
+    argv = [a.format(stack=root / "stack") for a in args]
+    script = (
+        "import sys\nimport adaplex.cli as cli\nsys.argv = ['adaplex', *sys.argv[1:]]\n"
+        "try:\n    cli.main()\nexcept SystemExit as done:\n    code = done.code\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules, code, file=sys.stderr)"
+    )
+    result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+    assert result.stderr.strip().splitlines()[-1] == "False False 0", result.stderr

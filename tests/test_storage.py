@@ -20,6 +20,7 @@ from adaplex import BottleneckConfig, LoRAConfig, MoSLoRAConfig, PrefixConfig
 from adaplex.compose.route import route
 from adaplex.errors import AdaplexError, StorageError
 from adaplex.io.describe import describe, lineage
+from adaplex.io.peft import export_peft
 from adaplex.io.records import CONFIG_FILE, WEIGHTS_FILE
 from adaplex.io.storage import load, save_adapter, save_bundle
 from adaplex.io.tensor_files import read_legacy
@@ -119,6 +120,21 @@ def test_written_files_get_the_usual_permissions_under_the_umask(tmp_path, umask
     paths = [tmp_path / "bundle", *(tmp_path / "bundle").rglob("*")]
     assert {p.stat().st_mode & 0o777 for p in paths if p.is_dir()} == {0o777 & ~umask}
     assert {p.stat().st_mode & 0o777 for p in paths if p.is_file()} == {0o666 & ~umask}
+
+
+def test_nonfinite_tensors_are_refused_unless_allowed(tmp_path):
+    handle = adaplex.attach(tiny.llama(), "a", LoRAConfig(r=2, targets=("q",)))
+    with torch.no_grad():
+        handle.adapters("a")["model.layers.1.self_attn.q_proj"].B[0, 0] = float("inf")
+    save_adapter(handle, "a", tmp_path / "a")
+    export_peft(handle, ["a"], tmp_path / "peft")
+    for directory in (tmp_path / "a", tmp_path / "peft"):
+        model = tiny.llama()
+        before = snapshot(model)
+        with pytest.raises(StorageError, match=r"model.layers.1.self_attn.q_proj.*holds NaN or infinite values"):
+            load(model, directory)
+        assert_same_state(before, model)
+        assert load(model, directory, allow_nonfinite=True).configs
 
 
 def test_versions_record_their_lineage(tmp_path):

@@ -226,6 +226,9 @@ def test_bad_data_and_config_errors(workspace, tmp_path, caplog):
     assert "40 lost their whole response and were dropped" in caplog.text
     with pytest.raises(StorageError, match="already holds a run"):
         train(config(root, "e4"))
+    with pytest.raises(ConfigError, match="trainer: .*gpu"):  # fails after the output directory was made
+        train(config(root, "e7", trainer={"accelerator": "gpu"}))
+    assert not (root / "e7").exists()  # a run that failed before its first step leaves nothing behind
     yaml_path = tmp_path / "bad.yaml"
     yaml_path.write_text(yaml.safe_dump(config(root, "e5").model_dump(mode="json") | {"learning_rate": 1}))
     with pytest.raises(ConfigError, match=f"{yaml_path}: field 'learning_rate'"):

@@ -256,3 +256,13 @@ def test_layers_know_their_site():
         "transformer.h.0.attn.c_attn.v",
         "transformer.h.0.attn.c_proj",
     ]
+
+
+def test_route_with_another_number_of_keys_than_samples():
+    model, handle = routed_model(torch.float32)
+    with pytest.raises(AdapterNameError, match="3 routing keys for a batch of 2 samples"):
+        with route(handle, ["k0a", "k0b", None]):
+            tiny.outputs(model, tiny.tokens(batch=2))
+    with pytest.raises(AdapterNameError, match="1 weights for a batch of 2 samples"):
+        with handle.stack.overriding({"shared": PerSample(torch.ones(1))}):
+            tiny.outputs(model, tiny.tokens(batch=2))

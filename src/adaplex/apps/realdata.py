@@ -63,6 +63,8 @@ def split(items: list, heldout_every: int = 10) -> tuple[list, list]:
 
 def prepare(out: Path, seed: int = 0) -> dict[str, int]:
     """Write the real-text training files under ``out``; returns counts per file."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; give a directory to write the data into")
     counts: dict[str, int] = {}
 
     def write(path: Path, lines: list[str]) -> None:

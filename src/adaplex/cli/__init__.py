@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 
-import click
 import typer
 
 from adaplex.cli import adapters, bench, faults, run  # noqa: F401 - importing registers the commands
@@ -25,14 +24,19 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars stay out of the output
     try:
         code = typer.main.get_command(app).main(prog_name="adaplex", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as help_:
-        help_.show()  # a command group named without a subcommand: its help, as click prints it
-        sys.exit(2)
-    except (AdaplexError, click.ClickException) as err:
-        message = err.format_message() if isinstance(err, click.ClickException) else str(err)
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)
-        sys.exit(2)
-    except click.exceptions.Abort:
+    except typer.TyperException as err:  # click's errors for bad options and arguments
+        if type(err).__name__ == "NoArgsIsHelpError":  # a group without a subcommand: its help was printed
+            sys.exit(2)
+        _fail(err.format_message())
+    except AdaplexError as err:
+        _fail(str(err))
+    except typer.Abort:
         print("error: aborted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str) -> None:
+    """One line on stderr, exit code 2."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)

@@ -13,6 +13,7 @@ from adaplex.cli.common import (
     BaseOption,
     ForceOption,
     JsonOption,
+    OverwriteFileOption,
     OverwriteOption,
     app,
     console,
@@ -100,14 +101,17 @@ def export(
     path: Annotated[Path, typer.Argument(help="adapter or bundle directory")],
     out: Annotated[Path, typer.Argument(help="output directory")],
     to: Annotated[str, typer.Option(help="target format")] = "peft",
-    combined: Annotated[bool, typer.Option(help="a stack as one adapter (rank concatenation)")] = False,
+    combined: Annotated[
+        bool, typer.Option(help="a stack of adapters as one PEFT adapter (rank concatenation); not for routed bundles")
+    ] = False,
     key: Annotated[list[str], typer.Option(help="routed bundle: export only this key, repeatable")] = [],  # noqa: B006
     base: BaseOption = None,
     force: ForceOption = False,
     allow_nonfinite: AllowNonfiniteOption = False,
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Export to PEFT LoRA: one directory per adapter (OUT/<name>), or one combined adapter."""
+    """Export to PEFT LoRA: one adapter as the PEFT directory OUT; several as OUT/<name> each, or as one
+    with --combined; a routed bundle as OUT/<key> for each key (shared ⊕ expert)."""
     from adaplex.io.atomic import atomic_directory, refuse_existing
     from adaplex.io.peft import export_key, export_peft
 
@@ -116,6 +120,10 @@ def export(
     refuse_existing(out, overwrite)
     model, _ = base_for([path], base)
     handle = load_all(model, [path], force, allow_nonfinite)
+    if handle.banks() and combined:
+        raise ConfigError("--combined does not apply to a routed bundle: each key exports as shared ⊕ expert")
+    if key and not handle.banks():
+        raise ConfigError(f"--key applies to a routed bundle; {path} has no experts")
     if handle.banks():  # a routed bundle: one PEFT adapter per key, shared ⊕ expert
         keys = key or [k for bank in handle.banks().values() for k in bank.keys]
         with atomic_directory(out, overwrite) as staging:
@@ -220,7 +228,7 @@ def merge(
 def convert(
     source: Annotated[Path, typer.Argument(help="legacy PyTorch .bin weights file")],
     out: Annotated[Path, typer.Argument(help="safetensors file to write")],
-    overwrite: OverwriteOption = False,
+    overwrite: OverwriteFileOption = False,
 ) -> None:
     """Convert a legacy .bin tensor file (read with weights_only=True) to safetensors, keys unchanged."""
     from safetensors.torch import save_file

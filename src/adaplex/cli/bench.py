@@ -13,6 +13,7 @@ from adaplex.cli.common import (
     JsonOption,
     at_least,
     bench_app,
+    check_device,
     console,
     emit_json,
     print_mapping,
@@ -33,6 +34,7 @@ def bench_overhead(
     as_json: JsonOption = False,
 ) -> None:
     """Forward and train-step cost of each method against the base and against PEFT LoRA."""
+    check_device(device)
     import torch
 
     from adaplex.bench import overhead
@@ -71,6 +73,7 @@ def bench_train(
     as_json: JsonOption = False,
 ) -> None:
     """Training step time and peak memory: adaplex (Lightning) against PEFT in a plain loop."""
+    check_device(device)
     from adaplex.bench import train as train_bench
     from adaplex.core.models import choose_base
 
@@ -101,6 +104,7 @@ def bench_route(
     as_json: JsonOption = False,
 ) -> None:
     """Mixed-key batches: adaplex routed experts against PEFT mixed-adapter batches and the base."""
+    check_device(device)
     from adaplex.bench import route as route_bench
     from adaplex.core.models import choose_base
 
@@ -136,6 +140,7 @@ def bench_faults(
     as_json: JsonOption = False,
 ) -> None:
     """Forward time with every detector on against off (fused attention), interleaved in one run."""
+    check_device(device)
     import torch
 
     from adaplex.faults.bits import top_exponent_bit

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -9,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from adaplex.errors import ConfigError
 from adaplex.util import strict_json
 
 app = typer.Typer(
@@ -24,6 +26,8 @@ app.add_typer(faults_app, name="faults")
 data_app = typer.Typer(no_args_is_help=True, help="Real-text data that installed packages ship.")
 app.add_typer(data_app, name="data")
 console = Console()
+if not console.is_terminal:  # piped or captured: tables as wide as they need, never folded into 80 columns
+    console.width = 200
 
 BaseOption = Annotated[str | None, typer.Option("--base", help="base model: embedded name, directory or cached hub id")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")]
@@ -32,9 +36,22 @@ AllowNonfiniteOption = Annotated[
 ]
 ForceOption = Annotated[bool, typer.Option("--force", help="load onto a base other than the recorded one")]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")]
+OverwriteFileOption = Annotated[bool, typer.Option("--overwrite", help="replace an existing output file")]
 AdapterOption = Annotated[list[str], typer.Option("--adapter", help="PATH[:WEIGHT], repeatable, stacked in order")]
 PromptOption = Annotated[list[str], typer.Option("--prompt", help="prompt, repeatable")]
 ChatOption = Annotated[bool, typer.Option("--chat/--no-chat", help="render prompts with the chat template")]
+
+
+def check_device(device: str) -> None:
+    """--device must name the CPU or a CUDA device this machine has."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"--device {device!r} is not cpu, cuda or cuda:N")
+    if device != "cpu":
+        import torch  # only here: the command line starts without torch
+
+        index = int(device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has no such CUDA device; use --device cpu")
 
 
 def at_least(least: int, help: str, *names: str) -> typer.models.OptionInfo:

@@ -13,10 +13,11 @@ from adaplex.cli.common import (
     BaseOption,
     ChatOption,
     JsonOption,
-    OverwriteOption,
+    OverwriteFileOption,
     PromptOption,
     app,
     at_least,
+    check_device,
     console,
     data_app,
     emit_json,
@@ -82,11 +83,12 @@ def infer(
     chat: ChatOption = False,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     base: BaseOption = None,
-    overwrite: OverwriteOption = False,
+    overwrite: OverwriteFileOption = False,
     allow_nonfinite: AllowNonfiniteOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Generate for every record with its key's expert, in mixed-key batches, across worker processes."""
+    check_device(device)
     from adaplex.infer.batch import Job, run
 
     job = Job(bundle, base, batch_size, max_new_tokens, chat, device, allow_nonfinite)

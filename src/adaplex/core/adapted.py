@@ -106,13 +106,17 @@ class Adapted:
     def _build(self, config: MethodConfig) -> list[tuple[nn.ModuleDict, Adapter]]:
         if isinstance(config, PrefixConfig):
             heads, head_dim, hidden = attention_shape(self.model)
-            return [
-                (
-                    attention.attention_child(self.model.get_submodule(p), self.stack, p).prefixes,
-                    Prefix(heads, head_dim, hidden, config),
+            placements = []
+            for path in select_attention(self.model, self.family, config.targets):
+                layer = self.model.get_submodule(path)
+                placements.append(
+                    (
+                        attention.attention_child(layer, self.stack, path).prefixes,
+                        Prefix(heads, head_dim, hidden, config),
+                    )
                 )
-                for p in select_attention(self.model, self.family, config.targets)
-            ]
+                attention.record_input(layer, True)
+            return placements
         built = []
         for module, sites in select_sites(self.model, self.family, config.targets).items():
             adapters = {
@@ -135,6 +139,8 @@ class Adapted:
         for path, wrapper in wrappers(self.model).items():
             if not len(wrapper.adapters):
                 unwrap(self.model, path)
+        for path, child in attention_adapters(self.model).items():
+            attention.record_input(self.model.get_submodule(path), len(child.prefixes) > 0)
         link_shared_inputs(self.model, self.family)
         del self.configs[name]
 

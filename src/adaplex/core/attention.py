@@ -7,8 +7,8 @@ the layer's keys and values after the KV cache update, so the cache never holds 
 ``generate()`` with a cache equals generation without one.
 
 Each prefix's weight kind is resolved at the layer (site: the attention layer's path) with the
-layer's input hidden states at hand (recorded as the layer is called), the hook point of a gate on
-the prefix share of attention. An observer (``AttentionObserver``: fault injection and checks
+layer's input hidden states at hand (recorded as a layer with prefixes is called), the hook point of
+a gate on the prefix share of attention. An observer (``AttentionObserver``: fault injection and checks
 implement it) may take over computing the attention; this module knows nothing of what it does.
 """
 
@@ -158,20 +158,29 @@ def register() -> None:
 
 
 def attention_child(module: nn.Module, stack: Stack, site: str) -> AttentionAdapters:
-    """The AttentionAdapters child of the attention layer ``module`` at path ``site``, created on first
-    use; from then on the layer records its input hidden states for it as it is called."""
+    """The AttentionAdapters child of the attention layer ``module`` at path ``site``, created on first use."""
     child = module._modules.get(CHILD_NAME)
     if child is None:
         child = AttentionAdapters(stack, site)
         module.add_module(CHILD_NAME, child)
-        module.forward = types.MethodType(_forward_recording_input, module)
     return child  # type: ignore[return-value]
+
+
+def record_input(module: nn.Module, recording: bool) -> None:
+    """Make the attention layer ``module`` keep its input hidden states for its AttentionAdapters as it
+    is called (where it has prefixes, whose weights may be computed from them), or stop it."""
+    own = module.__dict__.get("forward")
+    is_recording = own is not None and getattr(own, "__func__", None) is _forward_recording_input
+    if recording and not is_recording:
+        module.forward = types.MethodType(_forward_recording_input, module)
+    elif not recording and is_recording:
+        del module.forward
 
 
 def remove_child(module: nn.Module) -> None:
     """Undo ``attention_child``: drop the child and the recording of the layer's input."""
+    record_input(module, False)
     delattr(module, CHILD_NAME)
-    del module.forward
 
 
 def _forward_recording_input(self: nn.Module, *args: Any, **kwargs: Any) -> Any:

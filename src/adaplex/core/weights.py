@@ -33,6 +33,14 @@ from adaplex.errors import AdapterNameError
 from adaplex.methods import Factors, GivenLoRA, SiteWeight
 
 
+def check_batch(per_sample: torch.Tensor, x: torch.Tensor, what: str) -> None:
+    """One value per sample of the batch, or an error that gives both numbers."""
+    if per_sample.shape[0] != x.shape[0]:
+        raise AdapterNameError(
+            f"{per_sample.shape[0]} {what} for a batch of {x.shape[0]} samples; give one for each sample"
+        )
+
+
 class WeightKind(Protocol):
     """One adapter's weight for a forward; ``scaled`` multiplies it by the stack's constant weight."""
 
@@ -62,6 +70,7 @@ class PerSample:
     _shaped: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     def at(self, site: str, adapter: nn.Module, x: torch.Tensor, base_out: torch.Tensor | None) -> SiteWeight:
+        check_batch(self.scale, x, "weights")
         shaped = self._shaped.get(x.dtype)
         if shaped is None:
             shaped = self._shaped[x.dtype] = self.scale.to(x.dtype).view(-1, 1, 1)  # (B, 1, 1)
@@ -90,6 +99,7 @@ class Routed:
     _gathered: dict[int, Factors] = field(default_factory=dict, compare=False, repr=False)
 
     def at(self, site: str, adapter: Gatherer, x: torch.Tensor, base_out: torch.Tensor | None) -> SiteWeight:
+        check_batch(self.index, x, "routing keys")
         if torch.is_grad_enabled():
             return adapter.gather(self.index, self.weight, x.dtype)
         cached = self._gathered.get(id(adapter))

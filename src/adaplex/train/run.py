@@ -10,18 +10,20 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import lightning as L
 import torch
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from adaplex.core.adapted import Adapted
 from adaplex.core.models import choose_base, load_base
-from adaplex.errors import StorageError
+from adaplex.errors import ConfigError, StorageError
 from adaplex.io.describe import recorded_base
 from adaplex.io.storage import attach, save_adapter, save_bundle
 from adaplex.methods import method_config
@@ -75,62 +77,86 @@ def train(config: TrainConfig, source: str = "config", resume: bool = False) -> 
     eval_examples = build_examples(data.eval, data, tokenizer) if data.eval else []
     per_step = data.batch_size * config.optim.grad_accum
     steps = config.optim.max_steps or math.ceil(len(train_examples) / per_step) * config.optim.max_epochs
+    existed = out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    if not resume and not launched_rank:
-        (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    trainer: L.Trainer | None = None
+    try:
+        if not resume and not launched_rank:
+            (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
-    module = AdapterLM(
-        handle,
-        lr=config.optim.lr,
-        warmup=config.optim.warmup_steps,
-        total_steps=steps,
-        weight_decay=config.optim.weight_decay,
-    )
-    datamodule = CausalLMData(
-        train_examples, eval_examples, data, steps * per_step, config.seed, tokenizer.pad_token_id or 0
-    )
-    callbacks: list[L.Callback] = [
-        ModelCheckpoint(
-            dirpath=out / "checkpoints",
-            filename="step-{step}",
-            every_n_train_steps=config.trainer.checkpoint_every_n_steps,
-            save_top_k=config.trainer.keep_checkpoints,
-            monitor="step",
-            mode="max",
-            save_last=True,
+        module = AdapterLM(
+            handle,
+            lr=config.optim.lr,
+            warmup=config.optim.warmup_steps,
+            total_steps=steps,
+            weight_decay=config.optim.weight_decay,
         )
-    ]
-    if eval_examples and config.eval.early_stopping_patience:
-        callbacks.append(EarlyStopping("val_loss", patience=config.eval.early_stopping_patience))
-    loggers = [CSVLogger(out, name="logs", version="csv")]
-    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-        loggers.append(TensorBoardLogger(out, name="logs", version="tb"))
-    trainer = L.Trainer(
-        max_steps=steps,
-        max_epochs=1,  # one Lightning epoch is the whole run: StepSampler spans all epochs of the data
-        accumulate_grad_batches=config.optim.grad_accum,
-        gradient_clip_val=config.optim.gradient_clip,
-        val_check_interval=min(config.eval.every_n_steps * config.optim.grad_accum, steps * config.optim.grad_accum)
-        if eval_examples
-        else None,
-        check_val_every_n_epoch=None,
-        limit_val_batches=config.eval.max_batches,
-        num_sanity_val_steps=0,
-        precision=precision_for(config),
-        accelerator=config.trainer.accelerator,
-        devices=config.trainer.devices,
-        strategy=config.trainer.strategy,
-        logger=loggers,
-        callbacks=callbacks,
-        log_every_n_steps=1,
-        enable_model_summary=False,
-    )
-    handle.model.train()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None, weights_only=True)
+        datamodule = CausalLMData(
+            train_examples, eval_examples, data, steps * per_step, config.seed, tokenizer.pad_token_id or 0
+        )
+        callbacks: list[L.Callback] = [
+            ModelCheckpoint(
+                dirpath=out / "checkpoints",
+                filename="step-{step}",
+                every_n_train_steps=config.trainer.checkpoint_every_n_steps,
+                save_top_k=config.trainer.keep_checkpoints,
+                monitor="step",
+                mode="max",
+                save_last=True,
+            )
+        ]
+        if eval_examples and config.eval.early_stopping_patience:
+            callbacks.append(EarlyStopping("val_loss", patience=config.eval.early_stopping_patience))
+        loggers = [CSVLogger(out, name="logs", version="csv")]
+        if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+            loggers.append(TensorBoardLogger(out, name="logs", version="tb"))
+        try:
+            trainer = L.Trainer(
+                max_steps=steps,
+                max_epochs=1,  # one Lightning epoch is the whole run: StepSampler spans all epochs of the data
+                accumulate_grad_batches=config.optim.grad_accum,
+                gradient_clip_val=config.optim.gradient_clip,
+                val_check_interval=min(
+                    config.eval.every_n_steps * config.optim.grad_accum, steps * config.optim.grad_accum
+                )
+                if eval_examples
+                else None,
+                check_val_every_n_epoch=None,
+                limit_val_batches=config.eval.max_batches,
+                num_sanity_val_steps=0,
+                precision=precision_for(config),
+                accelerator=config.trainer.accelerator,
+                devices=config.trainer.devices,
+                strategy=config.trainer.strategy,
+                logger=loggers,
+                callbacks=callbacks,
+                log_every_n_steps=1,
+                enable_model_summary=False,
+            )
+        except MisconfigurationException as err:  # e.g. accelerator: gpu on a machine without one
+            raise ConfigError(f"{source}: trainer: {' '.join(str(err).split())}") from None
+        handle.model.train()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None, weights_only=True)
+    except BaseException:
+        if not resume and not launched_rank and (trainer is None or trainer.global_step == 0):
+            _remove_new(out, existed)  # a run that failed before its first step leaves nothing behind
+        raise
     handle.model.eval()
     if not trainer.is_global_zero:
         return out / "adapter"  # rank 0 saves
     return save_result(handle, config, produced, out / "adapter")
+
+
+def _remove_new(out: Path, existed: bool) -> None:
+    """Delete what a failed run wrote into ``out``: the directory itself when the run made it."""
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for path in out.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def save_result(handle: Adapted, config: TrainConfig, produced: dict[str, list[str]], target: Path) -> Path:

@@ -21,9 +21,11 @@ def validation_message(err: ValidationError, source: str) -> str:
 
 def load_yaml(path: Path, model: type[Model]) -> Model:
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; give a YAML config") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):

@@ -1,0 +1,155 @@
+"""Every command, each of its options and arguments given a bad value: a one-line error, exit code 2,
+no traceback, and no file changed."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import adaplex
+from adaplex import LoRAConfig
+from adaplex.io.peft import export_peft
+from adaplex.io.storage import save_adapter
+
+import tiny
+from helpers import randomize
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """A tiny base, an adapter, a PEFT export of it, and files that are wrong in one way each."""
+    root = tmp_path_factory.mktemp("bad")
+    tiny.save_base("llama", root / "base")
+    handle = adaplex.attach(tiny.llama(), "a", LoRAConfig(r=2, targets=("q", "v")))
+    randomize(handle, "a")
+    save_adapter(handle, "a", root / "adapter")
+    export_peft(handle, ["a"], root / "peft")
+    (root / "corrupt").mkdir()
+    (root / "corrupt" / "adapter_config.json").write_text("{not json")
+    (root / "empty").mkdir()
+    (root / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (root / "garbage.bin").write_bytes(b"\x00not a pickle")
+    (root / "text.txt").write_text("hello\n")
+    (root / "taken").mkdir()
+    (root / "taken" / "keep.txt").write_text("mine\n")
+    (root / "prompts.jsonl").write_text('{"key": "a", "prompt": "hi"}\n')
+    (root / "norows.jsonl").write_text('{"id": 1}\n')
+    (root / "empty.jsonl").write_text("")
+    (root / "bad.yaml").write_text("base: [unclosed\n")
+    (root / "unknown.yaml").write_text(
+        "base: x\noutput: y\nadapters: [{name: a, config: {method: lora}}]\ndata: {train: [t.txt]}\nsurprise: 1\n"
+    )
+    return root
+
+
+B = ["--base", "{root}/base"]
+CASES = {
+    "info missing": (["info", "{root}/missing"], "not a directory"),
+    "info file": (["info", "{root}/text.txt"], "not a directory"),
+    "info corrupt": (["info", "{root}/corrupt"], "corrupt"),
+    "info empty dir": (["info", "{root}/empty"], "an adaplex adapter or bundle directory"),
+    "info bad base": (["info", "--base", "{root}/missing"], "not found"),
+    "export missing": (["export", "{root}/missing", "{root}/out"], "is not an adapter, bundle or PEFT"),
+    "export format": (["export", "{root}/adapter", "{root}/out", "--to", "onnx"], "unknown export format"),
+    "export taken": (["export", "{root}/adapter", "{root}/taken", *B], "already exists"),
+    "export key": (["export", "{root}/adapter", "{root}/out", "--key", "x", *B], "routed bundle"),
+    "import not peft": (["import", "{root}/adapter", "{root}/out"], "is not a PEFT directory"),
+    "import taken": (["import", "{root}/peft", "{root}/taken", *B], "already exists"),
+    "bundle no expert": (["bundle", "--out", "{root}/out"], "Missing option '--expert'"),
+    "bundle spec": (["bundle", "--expert", "a", "--out", "{root}/out"], "is not KEY=DIR"),
+    "bundle corrupt": (["bundle", "--expert", "a={root}/corrupt", "--out", "{root}/out", *B], "corrupt"),
+    "merge no paths": (["merge", "--out", "{root}/out"], "Missing argument"),
+    "merge taken": (["merge", "{root}/adapter", "--out", "{root}/taken", *B], "already exists"),
+    "merge missing": (["merge", "{root}/missing", "--out", "{root}/out"], "is not an adapter, bundle or PEFT"),
+    "convert missing": (["convert", "{root}/missing.bin", "{root}/out.safetensors"], "is not a file"),
+    "convert garbage": (["convert", "{root}/garbage.bin", "{root}/out.safetensors"], "not a readable PyTorch"),
+    "convert taken": (["convert", "{root}/garbage.bin", "{root}/text.txt"], "already exists"),
+    "train missing": (["train", "{root}/missing.yaml"], "cannot read config"),
+    "train not yaml": (["train", "{root}/bad.yaml"], "not valid YAML"),
+    "train not utf-8": (["train", "{root}/latin1.txt"], "not UTF-8"),
+    "train unknown field": (["train", "{root}/unknown.yaml"], "surprise"),
+    "generate empty prompt": (["generate", "--prompt", " ", *B], "empty"),
+    "generate no prompt": (["generate", *B], "Missing option '--prompt'"),
+    "generate tokens": (["generate", "--prompt", "x", "--max-new-tokens", "0", *B], "greater than or equal to"),
+    "generate weight": (["generate", "--prompt", "x", "--adapter", "{root}/adapter:half", *B], "must be a number"),
+    "generate adapter": (["generate", "--prompt", "x", "--adapter", "{root}/missing", *B], "not an adapter"),
+    "compare empty prompt": (["compare", "--prompt", "", "--adapter", "{root}/adapter"], "empty"),
+    "infer workers": (
+        ["infer", "{root}/prompts.jsonl", "{root}/o.jsonl", "--bundle", "{root}/adapter", "--workers", "0"],
+        "greater than or equal to",
+    ),  # noqa: E501
+    "infer batch": (
+        ["infer", "{root}/prompts.jsonl", "{root}/o.jsonl", "--bundle", "{root}/adapter", "--batch-size", "-1"],
+        "greater than or equal to",
+    ),  # noqa: E501
+    "infer not bundle": (
+        ["infer", "{root}/prompts.jsonl", "{root}/o.jsonl", "--bundle", "{root}/adapter"],
+        "not a routed bundle",
+    ),  # noqa: E501
+    "infer taken": (
+        ["infer", "{root}/prompts.jsonl", "{root}/text.txt", "--bundle", "{root}/adapter"],
+        "already exists",
+    ),  # noqa: E501
+    "infer device": (
+        ["infer", "{root}/prompts.jsonl", "{root}/o.jsonl", "--bundle", "{root}/adapter", "--device", "tpu"],
+        "not cpu",
+    ),  # noqa: E501
+    "infer no cuda": (
+        ["infer", "{root}/prompts.jsonl", "{root}/o.jsonl", "--bundle", "{root}/adapter", "--device", "cuda:7"],
+        "no such CUDA device",
+    ),  # noqa: E501
+    "demo steps": (["demo", "--steps", "0", "--out", "{root}/demo"], "greater than or equal to"),
+    "data prepare file": (["data", "prepare", "{root}/text.txt"], "is a file"),
+    "faults run bit": (["faults", "run", "--location", "q", "--bit", "-1"], "greater than or equal to"),
+    "faults run count": (
+        ["faults", "run", "--location", "q", "--bit", "3", "--count", "0"],
+        "greater than or equal to",
+    ),
+    "faults run seq": (["faults", "run", "--location", "q", "--bit", "3", "--seq", "0"], "greater than or equal to"),
+    "faults sweep missing": (
+        ["faults", "sweep", "{root}/missing.yaml", "--out", "{root}/runs.jsonl"],
+        "cannot read config",
+    ),  # noqa: E501
+    "faults report not utf-8": (["faults", "report", "{root}/latin1.txt"], "UTF-8"),
+    "faults report not runs": (["faults", "report", "{root}/norows.jsonl"], "output of `adaplex faults sweep`"),
+    "faults report empty": (["faults", "report", "{root}/empty.jsonl"], "holds no runs"),
+    "bench overhead batch": (["bench", "overhead", "--batch", "0"], "greater than or equal to"),
+    "bench overhead rounds": (["bench", "overhead", "--rounds", "0"], "greater than or equal to"),
+    "bench overhead device": (["bench", "overhead", "--device", "gpu0"], "not cpu"),
+    "bench train steps": (["bench", "train", "--steps", "1"], "greater than or equal to"),
+    "bench route adapters": (["bench", "route", "--adapters", "0"], "greater than or equal to"),
+    "bench route seq": (["bench", "route", "--seq", "0"], "greater than or equal to"),
+    "bench faults repeats": (["bench", "faults", "--repeats", "0"], "greater than or equal to"),
+    "unknown command": (["frobnicate"], "No such command"),
+    "unknown option": (["info", "--colour"], "No such option"),
+}
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file and directory under ``root`` with its content's hash: what a bad command must not change."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(root, case):
+    args, fragment = CASES[case]
+    before = tree(root)
+    result = subprocess.run(
+        [sys.executable, "-m", "adaplex", *[a.format(root=root) for a in args]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    assert fragment in lines[0], lines[0]
+    assert tree(root) == before

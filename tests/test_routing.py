@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,3 +244,10 @@ def test_static_generation_equals_generate_for_a_routed_batch():
         assert not torch.equal(static_generate(model, ids, 6, graphed=False), ours)
     with pytest.raises(ValueError, match="needs CUDA"):
         static_generate(model, ids, 6)  # graphed, on CPU tensors
+
+
+def test_the_example_registry_loads_and_resolves():
+    registry = load_registry(Path(__file__).parents[1] / "configs" / "registry.yaml")
+    assert registry.resolve("nvcc -arch=sm_80") == "a100"
+    assert registry.resolve("Tesla-V100") == "v100"
+    assert registry.resolve("riscv64") == "i7"  # the default

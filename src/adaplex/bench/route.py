@@ -29,6 +29,7 @@ from adaplex.core.models import load_base
 from adaplex.kernels import gathered_lora
 from adaplex.methods import ExpertsConfig
 from adaplex.util.measure import interleaved_times, median_ratio
+from adaplex.util.progress import report
 
 
 def _randomize(params, seed: int) -> None:
@@ -57,6 +58,7 @@ def measure(base: nn.Module, ids: torch.Tensor, count: int, rank: int, rounds: i
     batch, seq = ids.shape
     keys = [f"k{i}" for i in range(count)]
     per_sample = [keys[b % count] for b in range(batch)]
+    report(f"{count} distinct adapters: building adaplex's bank and PEFT's {count} adapters")
     routed, peft_model = build(base, keys, rank)
     models = {"base": base, "adaplex-routed": routed.model, "peft-mixed": peft_model}
     kwargs = {"base": {}, "adaplex-routed": {}, "peft-mixed": {"adapter_names": per_sample}}

@@ -10,20 +10,46 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import typer
 
 from adaplex.cli import adapters, bench, faults, run  # noqa: F401 - importing registers the commands
-from adaplex.cli.common import app
+from adaplex.cli.common import app, phase_lines
 from adaplex.errors import AdaplexError
+
+# Deprecations inside the pinned libraries, about their own code, that a user can do nothing about
+# (each matched by its exact message, so that every other warning still shows).
+LIBRARY_DEPRECATIONS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning 2.6 on torch 2.13
+    r"`is_gradient_checkpointing` is deprecated",  # PEFT 0.21 on transformers 5.23
+)
+
+
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's tips advertising its cloud services: they say nothing about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_libraries() -> None:
+    """Clean output: Lightning's INFO lines once (it prints them itself), no adverts, no library
+    deprecation notices, no loading bars from transformers."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.getLogger("lightning").propagate = False
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
+    for message in LIBRARY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and a non-zero exit."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars stay out of the output
+    quiet_libraries()
     try:
-        code = typer.main.get_command(app).main(prog_name="adaplex", standalone_mode=False)
+        with phase_lines():
+            code = typer.main.get_command(app).main(prog_name="adaplex", standalone_mode=False)
     except typer.TyperException as err:  # click's errors for bad options and arguments
         if type(err).__name__ == "NoArgsIsHelpError":  # a group without a subcommand: its help was printed
             sys.exit(2)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +16,7 @@ from rich.table import Table
 
 from adaplex.errors import ConfigError
 from adaplex.util import strict_json
+from adaplex.util.progress import reporting
 
 app = typer.Typer(
     add_completion=False,
@@ -57,6 +62,18 @@ def check_device(device: str) -> None:
 def at_least(least: int, help: str, *names: str) -> typer.models.OptionInfo:
     """An integer option that must be ``least`` or more (a bad value is a one-line error)."""
     return typer.Option(*names, min=least, help=help)
+
+
+@contextmanager
+def phase_lines() -> Iterator[None]:
+    """Long work reports its phases (``adaplex.util.progress``); inside the block they are printed on
+    stderr with the time elapsed, where stderr is a terminal (piped output stays as it was)."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    err, start = Console(stderr=True), time.perf_counter()
+    with reporting(lambda message: err.print(f"[dim]{time.perf_counter() - start:7.1f} s  {message}[/]")):
+        yield
 
 
 def emit_json(result: dict, out: Path | None) -> None:

@@ -115,6 +115,8 @@ def compare(
     chat: ChatOption = False,
     max_new_tokens: Annotated[int, at_least(1, "tokens to generate per prompt")] = 40,
     allow_nonfinite: AllowNonfiniteOption = False,
+    eval_block: Annotated[int, at_least(2, "tokens per evaluated block")] = 256,
+    max_eval_tokens: Annotated[int | None, at_least(2, "evaluate at most this many tokens of each file")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Base, stage 1, stage 1+2, ... side by side: completions and held-out perplexities."""
@@ -123,7 +125,7 @@ def compare(
     from adaplex.infer.generate import comparison_table, load_stack
 
     handle, tokenizer, names = load_stack(adapter, base, allow_nonfinite)
-    rows = run_compare(handle, tokenizer, names, prompt, eval_file, chat, max_new_tokens)
+    rows = run_compare(handle, tokenizer, names, prompt, eval_file, chat, max_new_tokens, eval_block, max_eval_tokens)
     console.print(comparison_table(rows, prompt))
     if as_json:
         emit_json({"rows": rows}, None)

@@ -14,7 +14,9 @@ from adaplex.errors import ConfigError
 from adaplex.io.describe import recorded_base
 from adaplex.io.storage import attach
 from adaplex.train.config import DataConfig
-from adaplex.train.data import build_examples, perplexity, read_lines
+from adaplex.train.data import Example, build_examples, perplexity, token_stream
+from adaplex.util.jsonl import read_lines, read_text
+from adaplex.util.progress import report
 
 
 def parse_adapter(spec: str) -> tuple[Path, float]:
@@ -64,33 +66,61 @@ def generate(handle: Adapted, tokenizer, prompt: str, chat: bool = False, max_ne
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def eval_examples(path: Path, tokenizer, block: int = 256) -> list:
-    """Held-out examples from a file: .txt is plain text, .jsonl is chat if its records are, else text."""
+def eval_examples(path: Path, tokenizer, block: int = 256, max_tokens: int | None = None) -> list[Example]:
+    """Held-out examples from a file, at most ``max_tokens`` tokens in all: .txt is plain text cut into
+    blocks (the last one shorter, so a file shorter than one block is evaluated too), .jsonl is chat if
+    its records are, else text."""
     if path.suffix != ".jsonl":
-        return build_examples([path], DataConfig(format="text", train=[path], block_size=block), tokenizer)
-    first = read_lines(path)[0]
+        stream = token_stream([read_text(path)], tokenizer)[:max_tokens]
+        examples = [
+            {"input_ids": b, "labels": b} for i in range(0, len(stream), block) if len(b := stream[i : i + block]) > 1
+        ]
+        if not examples:
+            raise ConfigError(f"{path} has no text to evaluate")
+        return examples
+    records = read_lines(path)
+    first = records[0] if records else {}
     fmt = "chat" if "messages" in first or "response" in first else "jsonl"
-    return build_examples([path], DataConfig(format=fmt, train=[path], block_size=block), tokenizer)
+    examples = build_examples([path], DataConfig(format=fmt, train=[path], block_size=block), tokenizer, "eval")
+    return examples if max_tokens is None else _within(examples, max_tokens)
+
+
+def _within(examples: list[Example], max_tokens: int) -> list[Example]:
+    """The first examples up to ``max_tokens`` tokens in all, the last one cut to fit."""
+    kept, left = [], max_tokens
+    for example in examples:
+        if left < 2:
+            break
+        kept.append({k: v[:left] if isinstance(v, list) else v for k, v in example.items()})
+        left -= len(kept[-1]["input_ids"])
+    return kept
 
 
 def compare(
-    handle: Adapted, tokenizer, names: list[str], prompts: list[str], evals: list[Path], chat: bool, max_new_tokens: int
+    handle: Adapted,
+    tokenizer,
+    names: list[str],
+    prompts: list[str],
+    evals: list[Path],
+    chat: bool,
+    max_new_tokens: int,
+    eval_block: int = 256,
+    max_eval_tokens: int | None = None,
 ) -> list[dict]:
     """Rows for base, then the first adapter, the first two stacked, ...: completions and perplexities."""
-    sets = {str(p): eval_examples(p, tokenizer) for p in evals}
+    sets = {str(p): eval_examples(p, tokenizer, eval_block, max_eval_tokens) for p in evals}
     rows = []
     for count in range(len(names) + 1):
         stage = names[:count]
+        label = " + ".join(stage) or "base"
         with handle.only(*stage):
-            rows.append(
-                {
-                    "stage": " + ".join(stage) or "base",
-                    "perplexity": {
-                        k: perplexity(handle.model, v, pad_id=tokenizer.pad_token_id or 0) for k, v in sets.items()
-                    },
-                    "completions": [generate(handle, tokenizer, p, chat, max_new_tokens) for p in prompts],
-                }
-            )
+            ppl = {}
+            for name, examples in sets.items():
+                report(f"{label}: perplexity on {name} ({sum(len(e['input_ids']) for e in examples):,} tokens)")
+                ppl[name] = perplexity(handle.model, examples, pad_id=tokenizer.pad_token_id or 0)
+            report(f"{label}: {len(prompts)} completions")
+            completions = [generate(handle, tokenizer, p, chat, max_new_tokens) for p in prompts]
+        rows.append({"stage": label, "perplexity": ppl, "completions": completions})
     return rows
 
 

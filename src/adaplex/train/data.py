@@ -35,12 +35,18 @@ def pydoc_topics() -> dict[str, str]:
     return dict(sorted(topics.items()))
 
 
-def token_blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, block: int) -> torch.Tensor:
-    """Concatenate the texts (separated by EOS) and cut the token stream into (N, block) rows."""
+def token_stream(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The texts' tokens, one after the other, each text followed by EOS."""
     stream: list[int] = []
     for text in texts:
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         stream.append(tokenizer.eos_token_id)
+    return stream
+
+
+def token_blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, block: int) -> torch.Tensor:
+    """Concatenate the texts (separated by EOS) and cut the token stream into (N, block) rows."""
+    stream = token_stream(texts, tokenizer)
     rows = len(stream) // block
     return torch.tensor(stream[: rows * block], dtype=torch.long).view(rows, block)
 
@@ -70,8 +76,10 @@ def _ids(rendered: Any) -> list[int]:
     return list(rendered["input_ids"] if isinstance(rendered, dict) or hasattr(rendered, "keys") else rendered)
 
 
-def build_examples(paths: list[Path], config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
-    """Examples of the configured format from ``paths``; empty data is an error.
+def build_examples(
+    paths: list[Path], config: DataConfig, tokenizer: PreTrainedTokenizerBase, what: str = "training"
+) -> list[Example]:
+    """Examples of the configured format from ``paths``; empty data is an error (saying ``what`` data).
 
     With ``key_field``, every example carries its routing key (mapped through the registry, if
     one is given), and text is packed into blocks per key so that no block mixes keys.
@@ -101,7 +109,7 @@ def build_examples(paths: list[Path], config: DataConfig, tokenizer: PreTrainedT
         ]
     if not examples:
         names = ", ".join(str(p) for p in paths)
-        raise ConfigError(f"no training examples in {names} (empty, or shorter than one block of {config.block_size})")
+        raise ConfigError(f"no {what} examples in {names} (empty, or shorter than one block of {config.block_size})")
     return examples
 
 

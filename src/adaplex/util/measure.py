@@ -16,6 +16,8 @@ from typing import TypeVar
 
 import torch
 
+from adaplex.util.progress import report
+
 Step = Callable[[], object]
 T = TypeVar("T")
 
@@ -31,6 +33,10 @@ def interleaved_times(
     """Seconds per call of each step, one call of every step per round, after ``warmup`` rounds."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_index in range(warmup + rounds):
+        done = round_index - warmup + 1
+        report(
+            f"warm-up round of {len(steps)} variants" if done < 1 else f"round {done}/{rounds} of {len(steps)} variants"
+        )
         for name, step in steps.items():
             sync(device)
             start = time.perf_counter()

@@ -16,6 +16,11 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def missing(value: float | None) -> bool:
+    """Not measured: null in strict JSON (NaN in files written before it)."""
+    return value is None or value != value
+
+
 def overhead(result: dict) -> str:
     lines = [
         f"**{result['device']}**, {result['dtype']}, batch {result['batch']} x {result['seq']}, rank {result['rank']}, "
@@ -25,8 +30,8 @@ def overhead(result: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
-        step = "—" if row["train_step_x_base"] != row["train_step_x_base"] else f"{row['train_step_x_base']:.3f}"
-        peak = "—" if row["peak_train_mib"] != row["peak_train_mib"] else f"{row['peak_train_mib']:.0f}"
+        step = "—" if missing(row["train_step_x_base"]) else f"{row['train_step_x_base']:.3f}"
+        peak = "—" if missing(row["peak_train_mib"]) else f"{row['peak_train_mib']:.0f}"
         lines.append(
             f"| {row['variant']} | {row['forward_x_base']:.3f} | {step} | {row['trainable_params']:,} | {peak} |"
         )

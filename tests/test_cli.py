@@ -128,3 +128,23 @@ def test_the_command_line_starts_without_torch(work, args):
     )
     result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
     assert result.stderr.strip().splitlines()[-1] == "False False 0", result.stderr
+
+
+def test_training_output_is_clean(work, tmp_path):
+    root = work[0]
+    (tmp_path / "t.txt").write_text(
+        "\n".join(f"w{3 + i % 90} w{3 + (i * 7) % 90} w{3 + (i * 3) % 90}" for i in range(120))
+    )
+    (tmp_path / "run.yaml").write_text(
+        f"base: {root / 'base'}\noutput: {tmp_path / 'out'}\n"
+        "adapters: [{name: style, config: {method: lora, r: 2}}]\n"
+        f"data: {{format: text, train: [{tmp_path / 't.txt'}], block_size: 8, batch_size: 4}}\n"
+        "optim: {max_steps: 2, warmup_steps: 1}\ntrainer: {accelerator: cpu, checkpoint_every_n_steps: 2}\n"
+    )
+    result = adaplex_cli("train", str(tmp_path / "run.yaml"))
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert output.count("GPU available") == 1  # Lightning's INFO lines once, not twice
+    assert "Tip" not in output and "litlogger" not in output  # no adverts
+    assert "deprecated" not in output
+    assert "trained adapter saved to" in result.stdout

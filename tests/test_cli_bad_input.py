@@ -12,6 +12,7 @@ import pytest
 
 import adaplex
 from adaplex import LoRAConfig
+from adaplex.io.bundle import build_bundle
 from adaplex.io.peft import export_peft
 from adaplex.io.storage import save_adapter
 
@@ -21,13 +22,17 @@ from helpers import randomize
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    """A tiny base, an adapter, a PEFT export of it, and files that are wrong in one way each."""
-    root = tmp_path_factory.mktemp("bad")
+    return make_files(tmp_path_factory.mktemp("bad"))
+
+
+def make_files(root: Path) -> Path:
+    """A tiny base, an adapter, a PEFT export of it, a bundle, and files that are wrong in one way each."""
     tiny.save_base("llama", root / "base")
     handle = adaplex.attach(tiny.llama(), "a", LoRAConfig(r=2, targets=("q", "v")))
     randomize(handle, "a")
     save_adapter(handle, "a", root / "adapter")
     export_peft(handle, ["a"], root / "peft")
+    build_bundle(tiny.llama(), {"x": root / "adapter", "y": root / "peft"}, root / "bundle")
     (root / "corrupt").mkdir()
     (root / "corrupt" / "adapter_config.json").write_text("{not json")
     (root / "empty").mkdir()
@@ -57,6 +62,8 @@ CASES = {
     "export format": (["export", "{root}/adapter", "{root}/out", "--to", "onnx"], "unknown export format"),
     "export taken": (["export", "{root}/adapter", "{root}/taken", *B], "already exists"),
     "export key": (["export", "{root}/adapter", "{root}/out", "--key", "x", *B], "routed bundle"),
+    "export combined bundle": (["export", "{root}/bundle", "{root}/out", "--combined", *B], "does not apply"),
+    "export unknown key": (["export", "{root}/bundle", "{root}/out", "--key", "z", *B], "unknown routing key"),
     "import not peft": (["import", "{root}/adapter", "{root}/out"], "is not a PEFT directory"),
     "import taken": (["import", "{root}/peft", "{root}/taken", *B], "already exists"),
     "bundle no expert": (["bundle", "--out", "{root}/out"], "Missing option '--expert'"),

@@ -278,3 +278,17 @@ def test_files_written_by_an_earlier_version_load_and_give_its_outputs(name):
         torch.testing.assert_close(tiny.outputs(model, ids), expected, atol=1e-6, rtol=0)
     with handle.disable():
         assert not torch.allclose(tiny.outputs(model, ids), expected, atol=1e-4)
+
+
+def test_describe_gives_method_rank_alpha_targets_sites_and_sizes(tmp_path):
+    handle = adaplex.attach(tiny.gpt2(), "a", LoRAConfig(r=3, alpha=6, targets=("q", "v", "o")))
+    save_adapter(handle, "a", tmp_path / "a")
+    export_peft(handle, ["a"], tmp_path / "peft")
+    ours, theirs = describe(tmp_path / "a"), describe(tmp_path / "peft")
+    assert (ours["method"], ours["r"], ours["alpha"], ours["targets"]) == ("lora", 3, 6.0, ["q", "v", "o"])
+    assert ours["sites"] == "transformer.h.*.attn.c_attn.q, transformer.h.*.attn.c_attn.v, transformer.h.*.attn.c_proj"
+    assert ours["tensors"] == 2 * 3 * 2  # A and B, three sites, two layers
+    # c_attn holds q and v by rank concatenation (r 6), c_proj r 3: two modules a layer
+    assert (theirs["method"], theirs["r"], theirs["tensors"]) == ("lora", 6, 8)
+    assert theirs["sites"] == "transformer.h.*.attn.c_attn, transformer.h.*.attn.c_proj"
+    assert ours["parameters"] > 0 and theirs["bytes"] > 0

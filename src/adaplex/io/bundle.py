@@ -18,11 +18,11 @@ SHARED = "shared"
 
 
 def _take_expert(
-    model: nn.Module, key: str, directory: Path, force: bool, allow_nonfinite: bool
+    model: nn.Module, directory: Path, force: bool, allow_nonfinite: bool
 ) -> tuple[LoRAConfig, dict, frozenset[str]]:
-    """Expert ``key`` read from ``directory`` (verified, as any load): its config, tensors and sites."""
+    """The expert in ``directory``, read and verified as any load: its config, tensors and sites."""
     handle = Adapted.of(model)
-    name = _attach_one(model, directory, f"expert-{key}", force, allow_nonfinite)
+    name = _attach_one(model, directory, "bundle-expert", force, allow_nonfinite)
     try:
         config = handle.configs[name]
         if not isinstance(config, LoRAConfig):
@@ -62,7 +62,7 @@ def build_bundle(
     before = list(existing.configs) if existing is not None else []
     handle = Adapted.of(model)
     try:
-        taken = {key: _take_expert(model, key, directory, force, allow_nonfinite) for key, directory in experts.items()}
+        taken = {key: _take_expert(model, directory, force, allow_nonfinite) for key, directory in experts.items()}
         first_key, (first, _, first_sites) = next(iter(taken.items()))
         for key, (_, _, sites) in taken.items():
             if sites != first_sites:

@@ -67,7 +67,7 @@ class FusedParts(nn.Module):
     ) -> torch.Tensor:
         sizes = list(self.part_sizes.values())
         deltas = [
-            apply_adapter(self.parts[p], kind, f"{site}.{p}", torch.zeros_like(part_out), x, part_out)
+            self.parts[p](x, part_out, kind.at(f"{site}.{p}", self.parts[p], x, part_out))
             if p in self.parts
             else torch.zeros_like(part_out)
             for p, part_out in zip(self.part_sizes, base_out.split(sizes, dim=-1), strict=True)

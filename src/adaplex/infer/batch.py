@@ -17,7 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from adaplex.compose.registry import load_registry
+from adaplex.compose.route import route
+from adaplex.core.models import choose_base, load_base
 from adaplex.errors import AdaplexError, ConfigError
+from adaplex.infer.generate import render_prompt
+from adaplex.io.describe import describe, recorded_base
+from adaplex.io.storage import load
 from adaplex.util import strict_json
 from adaplex.util.jsonl import read_lines
 
@@ -37,8 +45,6 @@ def resolve_keys(
     records: list[dict[str, Any]], known: list[str], registry: Path | None, strict: bool
 ) -> list[str | None]:
     """Each record's key: its "key" field, or its "target" mapped through the registry."""
-    from adaplex.compose.registry import load_registry
-
     reg = load_registry(registry) if registry else None
     keys = []
     for i, record in enumerate(records, start=1):
@@ -61,13 +67,6 @@ def resolve_keys(
 def _worker(shard: int, items: list[tuple[int, str | None, str]], job: Job, out: Path) -> None:
     if os.environ.get("ADAPLEX_INFER_CRASH_SHARD") == str(shard):
         os._exit(3)
-    import torch
-
-    from adaplex.compose.route import route
-    from adaplex.core.models import choose_base, load_base
-    from adaplex.infer.generate import render_prompt
-    from adaplex.io.describe import recorded_base
-    from adaplex.io.storage import load
 
     recorded, relative_to = recorded_base(job.bundle)
     model, tokenizer = load_base(choose_base(job.base, recorded), relative_to=relative_to)
@@ -100,8 +99,6 @@ def run(
     strict: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    from adaplex.io.describe import describe
-
     if output.exists() and not overwrite:
         raise AdaplexError(f"{output} already exists; choose another path or pass --overwrite")
     for name, value in (

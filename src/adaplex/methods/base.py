@@ -78,12 +78,15 @@ class Adapter(nn.Module):
 
 
 class SiteAdapter(Adapter):
-    """An adapter applied beside a base linear layer: y = base(x) + w · Δ(x, base(x))."""
+    """An adapter applied beside a base linear layer: y = base(x) + w · Δ(x, base(x)).
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight) -> torch.Tensor:
-        """out + w · Δ(x, base_out), with ``weight`` already resolved at this site."""
-        raise NotImplementedError
+    A method implements ``forward`` (the delta alone) or, where it can fuse the addition, ``add_to``;
+    each defaults to the other. ``weight`` is already resolved at the site."""
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight = 1.0) -> torch.Tensor:
         """w · Δ(x, base_out) alone."""
         return self.add_to(torch.zeros_like(base_out), x, base_out, weight)
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight) -> torch.Tensor:
+        """out + w · Δ(x, base_out)."""
+        return out + self(x, base_out, weight)

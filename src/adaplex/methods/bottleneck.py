@@ -46,5 +46,5 @@ class Bottleneck(SiteAdapter):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight) -> torch.Tensor:
-        return out + self.up(self.act(self.down(base_out))) * scale_of(weight, "bottleneck")  # (..., hidden)
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight = 1.0) -> torch.Tensor:
+        return self.up(self.act(self.down(base_out))) * scale_of(weight, "bottleneck")  # (..., hidden)

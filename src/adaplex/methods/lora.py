@@ -87,11 +87,11 @@ class LoRA(SiteAdapter):
             init_mixer(self.mixer, config.mixer_init)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight = 1.0) -> torch.Tensor:
         h = F.linear(self.dropout(x), self.A)  # (..., r)
         if self.mixer is not None:
             h = F.linear(h, self.mixer)  # (..., r)
-        return out + F.linear(h, self.B) * (self.scaling * scale_of(weight, "LoRA"))  # (..., out)
+        return F.linear(h, self.B) * (self.scaling * scale_of(weight, "LoRA"))  # (..., out)
 
     def folded_B(self) -> torch.Tensor:
         """B with the mixer folded in (B·M), so that Δ = s · folded_B · A is plain LoRA."""

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
+from adaplex.compose.registry import load_registry
 from adaplex.errors import ConfigError
 from adaplex.train.config import DataConfig
 from adaplex.util.jsonl import read_lines, read_text
@@ -128,8 +129,6 @@ def _keys(records: list[tuple[str, dict[str, Any]]], config: DataConfig) -> list
         return [None] * len(records)
     registry = None
     if config.registry is not None:
-        from adaplex.compose.registry import load_registry
-
         registry = load_registry(config.registry)
     keys = []
     for where, record in records:

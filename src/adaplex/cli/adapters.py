@@ -105,13 +105,17 @@ def export(
         bool, typer.Option(help="a stack of adapters as one PEFT adapter (rank concatenation); not for routed bundles")
     ] = False,
     key: Annotated[list[str], typer.Option(help="routed bundle: export only this key, repeatable")] = [],  # noqa: B006
+    lora_only: Annotated[
+        bool, typer.Option("--lora-only", help="gated (UniPELT) model: export its LoRA part alone, without the gate")
+    ] = False,
     base: BaseOption = None,
     force: ForceOption = False,
     allow_nonfinite: AllowNonfiniteOption = False,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Export to PEFT LoRA: one adapter as the PEFT directory OUT; several as OUT/<name> each, or as one
-    with --combined; a routed bundle as OUT/<key> for each key (shared ⊕ expert)."""
+    with --combined; a routed bundle as OUT/<key> for each key (shared ⊕ expert); a gated model's LoRA
+    part with --lora-only."""
     from adaplex.io.atomic import atomic_directory, refuse_existing
     from adaplex.io.peft import export_key, export_peft
 
@@ -124,6 +128,20 @@ def export(
         raise ConfigError("--combined does not apply to a routed bundle: each key exports as shared ⊕ expert")
     if key and not handle.banks():
         raise ConfigError(f"--key applies to a routed bundle; {path} has no experts")
+    gate_configs = [c for c in handle.configs.values() if c.method == "gate"]
+    if lora_only:
+        loras = [c.gated["lora"] for c in gate_configs if "lora" in c.gated]
+        if not loras:
+            raise ConfigError(f"--lora-only applies to a gated model with a LoRA part; {path} has none")
+        export_peft(handle, loras, out, overwrite=overwrite, ungated=True)
+        console.print(f"wrote PEFT LoRA {out} ({', '.join(loras)}, without the gate)")
+        return
+    if gate_configs:
+        gated = ", ".join(n for c in gate_configs for n in c.gated.values())
+        raise ConfigError(
+            f"{path} is a gated model: learned gates scale {gated} per token and a prefix or bottleneck has no "
+            "LoRA form, so it is not a PEFT LoRA; pass --lora-only to export its LoRA part alone, without the gate"
+        )
     if handle.banks():  # a routed bundle: one PEFT adapter per key, shared ⊕ expert
         keys = key or [k for bank in handle.banks().values() for k in bank.keys]
         with atomic_directory(out, overwrite) as staging:

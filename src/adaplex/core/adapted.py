@@ -31,11 +31,23 @@ from adaplex.core.inject import (
     wrap,
     wrappers,
 )
+from adaplex.core.gating import gate_kinds
 from adaplex.core.layers import FusedParts
 from adaplex.core.stack import Stack
-from adaplex.core.weights import Given
+from adaplex.core.weights import Gated, Given
 from adaplex.errors import AdaplexError, AdapterNameError, StorageError
-from adaplex.methods import Adapter, ExpertsConfig, GivenLoRAConfig, MethodConfig, Prefix, PrefixConfig, site_adapter
+from adaplex.methods import (
+    Adapter,
+    ExpertsConfig,
+    GateConfig,
+    GivenLoRAConfig,
+    LayerGate,
+    MethodConfig,
+    Prefix,
+    PrefixConfig,
+    site_adapter,
+)
+from adaplex.methods.gate import SUBMODULE_METHODS
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 _HANDLES: weakref.WeakKeyDictionary[nn.Module, Adapted] = weakref.WeakKeyDictionary()
@@ -85,11 +97,17 @@ class Adapted:
             raise AdapterNameError(f"adapter {name!r} already exists; remove it or choose another name")
         dtype = next(self.model.parameters()).dtype
         device = next(self.model.parameters()).device
-        placements = self._build(config)
+        kinds: dict[str, Gated] = {}
+        if isinstance(config, GateConfig):
+            placements, kinds = self._build_gates(config)
+        else:
+            placements = self._build(config)
         for place, module in placements:
             place[name] = module.to(device=device, dtype=dtype)
         self.configs[name] = config
         self.stack.add(name, weight)
+        for gated, kind in kinds.items():
+            self.stack.set_kind(gated, kind)
         self.set_trainable(name, trainable)
 
     def add_loaded(
@@ -132,8 +150,41 @@ class Adapted:
         link_shared_inputs(self.model, self.family)
         return placements
 
+    def _build_gates(self, config: GateConfig) -> tuple[list[tuple[nn.ModuleDict, Adapter]], dict[str, Gated]]:
+        """A LayerGate at each targeted attention layer and the Gated kind of each gated adapter,
+        checked before anything is placed: the adapters exist, have the submodule's method, are not
+        gated already, and every site of theirs lies in a gated layer."""
+        for submodule, adapter in config.gated.items():
+            self.stack.check(adapter)
+            method = self.configs[adapter].method
+            if method not in SUBMODULE_METHODS[submodule]:
+                raise AdapterNameError(f"gate's {submodule} is adapter {adapter!r}, a {method} adapter")
+            other = self.gate_of(adapter)
+            if other is not None:
+                raise AdapterNameError(f"adapter {adapter!r} is gated by {other!r} already; remove that gate first")
+        hidden = attention_shape(self.model)[2]
+        gates = {path: LayerGate(hidden, config) for path in select_attention(self.model, self.family, config.targets)}
+        kinds = gate_kinds(config, gates, {a: list(self.sites(a)) for a in config.gated.values()})
+        placements = []
+        for path, gate in gates.items():
+            gate.site = path
+            placements.append((attention.attention_child(self.model.get_submodule(path), self.stack, path).gates, gate))
+        return placements, kinds
+
+    def gate_of(self, name: str) -> str | None:
+        """The gate adapter whose gates weight adapter ``name``, if any."""
+        return next(
+            (g for g, c in self.configs.items() if isinstance(c, GateConfig) and name in c.gated.values()), None
+        )
+
     def remove(self, name: str) -> None:
+        gate = self.gate_of(name)
+        if gate is not None:
+            raise AdapterNameError(f"adapter {name!r} is gated by {gate!r}; remove the gate first")
         self.stack.remove(name)
+        config = self.configs[name]
+        for gated in config.gated.values() if isinstance(config, GateConfig) else ():
+            self.stack.set_kind(gated, None)
         for place in self._places(name):
             del place[name]
         for path, wrapper in wrappers(self.model).items():
@@ -186,7 +237,10 @@ class Adapted:
         """Adapter modules of ``name`` keyed by the path of the base layer or attention layer."""
         self.stack.check(name)
         found = {p: w.adapters[name] for p, w in wrappers(self.model).items() if name in w.adapters}
-        found.update({p: a.prefixes[name] for p, a in attention_adapters(self.model).items() if name in a.prefixes})
+        for path, child in attention_adapters(self.model).items():
+            for place in (child.prefixes, child.gates):
+                if name in place:
+                    found[path] = place[name]
         return found
 
     def sites(self, name: str) -> dict[str, Adapter]:
@@ -204,8 +258,9 @@ class Adapted:
             if name in wrapper.adapters:
                 yield wrapper.adapters
         for child in attention_adapters(self.model).values():
-            if name in child.prefixes:
-                yield child.prefixes
+            for place in (child.prefixes, child.gates):
+                if name in place:
+                    yield place
 
     def parameters(self, name: str | None = None) -> list[nn.Parameter]:
         names = [name] if name else list(self.configs)
@@ -263,6 +318,12 @@ class Adapted:
     # ---- merging ---------------------------------------------------------------------------
 
     def _mergeable(self, names: list[str]) -> None:
+        gated = [n for n in names if self.gate_of(n) is not None]
+        if gated:
+            raise AdapterNameError(
+                f"adapter {gated[0]!r} is gated by {self.gate_of(gated[0])!r}; a gate computed per token "
+                "cannot be folded into weights"
+            )
         blocked = [n for n in names if not all(a.mergeable for a in self.adapters(n).values())]
         if blocked:
             method = self.configs[blocked[0]].method

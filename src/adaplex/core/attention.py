@@ -49,11 +49,13 @@ class AttentionObserver(Protocol):
 
 
 class AttentionAdapters(nn.Module):
-    """Adapters that act inside one attention layer (prefix key/values), by adapter name."""
+    """Adapters that act inside one attention layer, by adapter name: prefix key/values, and the gates
+    of the layer's submodules (``adaplex.methods.gate``: they compute weights, attention never calls them)."""
 
     def __init__(self, stack: Stack, site: str) -> None:
         super().__init__()
         self.prefixes = nn.ModuleDict()
+        self.gates = nn.ModuleDict()
         self.stack = stack
         self.site = site
         self.observer: AttentionObserver | None = None  # set while a fault session is active

@@ -3,8 +3,9 @@
 A ``Stack`` is shared by every adapted layer of one model. Layers read ``stack.active``
 (name -> weight kind, in the order the adapters were added) and compute
 y = base(x) + Σ_{i in active} w_i · Δ_i(x), each w_i resolved at the site (``adaplex.core.weights``).
-An adapter's kind is ``Constant(weight)`` unless a block overrides it (``overriding``: routes, given
-per-sample adapters, gates); an override is scaled by the adapter's constant weight.
+An adapter's kind is its standing kind (``set_kind``: a gate's ``Gated``; else ``Constant(1)``) unless a
+block overrides it (``overriding``: routes, given per-sample adapters); either is scaled by the
+adapter's constant weight.
 State changes made by the context managers are undone on exit, even when the body raises.
 """
 
@@ -17,6 +18,9 @@ from adaplex.core.weights import Constant, WeightKind
 from adaplex.errors import AdapterNameError
 
 
+_ONE = Constant(1.0)
+
+
 class Stack:
     """Per-adapter weights and enabled flags; merged adapters are excluded from ``active``."""
 
@@ -24,6 +28,7 @@ class Stack:
         self.weights: dict[str, float] = {}
         self.enabled: set[str] = set()
         self.merged: dict[str, float] = {}
+        self.kinds: dict[str, WeightKind] = {}  # standing kinds other than Constant(1), e.g. gates
         self.overrides: dict[str, WeightKind] = {}  # set inside ``overriding`` blocks
         self.active: dict[str, WeightKind] = {}
 
@@ -38,6 +43,7 @@ class Stack:
         self._check_unmerged([name])
         del self.weights[name]
         self.enabled.discard(name)
+        self.kinds.pop(name, None)
         self.overrides.pop(name, None)
         self._refresh()
 
@@ -52,6 +58,16 @@ class Stack:
         self.check(name)
         self._check_unmerged([name])
         self.weights[name] = weight
+        self._refresh()
+
+    def set_kind(self, name: str, kind: WeightKind | None) -> None:
+        """The adapter's standing weight kind (None: back to a constant)."""
+        self.check(name)
+        self._check_unmerged([name])
+        if kind is None:
+            self.kinds.pop(name, None)
+        else:
+            self.kinds[name] = kind
         self._refresh()
 
     def set_enabled(self, names: Iterable[str]) -> None:
@@ -127,7 +143,7 @@ class Stack:
 
     def _refresh(self) -> None:
         self.active = {
-            n: self.overrides[n].scaled(w) if n in self.overrides else Constant(w)
+            n: self.overrides.get(n, self.kinds.get(n, _ONE)).scaled(w)
             for n, w in self.weights.items()
             if n in self.enabled and n not in self.merged
         }

@@ -132,10 +132,18 @@ def export_peft(
     *,
     weights: dict[str, float] | None = None,
     overwrite: bool = False,
+    ungated: bool = False,
 ) -> Path:
-    """Write adapters ``names`` (their weighted sum when several) as one PEFT LoRA directory."""
+    """Write adapters ``names`` (their weighted sum when several) as one PEFT LoRA directory; a gated
+    adapter only with ``ungated`` (its LoRA alone, at weight 1, without the gate)."""
     out = Path(out)
     handle.stack.check(*names)
+    gated = [n for n in names if handle.gate_of(n) is not None]
+    if gated and not ungated:
+        raise StorageError(
+            f"adapter {gated[0]!r} is gated by {handle.gate_of(gated[0])!r}: a learned gate scales it per token, "
+            "so no PEFT LoRA computes the same; export it without its gate with --lora-only"
+        )
     config = _as_is(handle, names)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}

@@ -10,6 +10,7 @@ from adaplex.errors import AdapterNameError, ConfigError
 from adaplex.methods.base import Adapter, Factors, MethodConfig, Scale, SiteAdapter, SiteWeight
 from adaplex.methods.bottleneck import Bottleneck, BottleneckConfig
 from adaplex.methods.experts import ExpertBank, ExpertsConfig
+from adaplex.methods.gate import GateConfig, LayerGate
 from adaplex.methods.lora import (
     GivenLoRA,
     GivenLoRAConfig,
@@ -29,6 +30,7 @@ METHODS: dict[str, type[MethodConfig]] = {
     "prefix": PrefixConfig,
     "experts": ExpertsConfig,
     "given-lora": GivenLoRAConfig,
+    "gate": GateConfig,
 }
 
 
@@ -66,8 +68,10 @@ __all__ = [
     "ExpertBank",
     "ExpertsConfig",
     "Factors",
+    "GateConfig",
     "GivenLoRA",
     "GivenLoRAConfig",
+    "LayerGate",
     "LoRA",
     "LoRAConfig",
     "MethodConfig",

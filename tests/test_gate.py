@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import randomize
-from tiny import FAMILIES
 
 from adaplex import Adapted
 from adaplex.compose.gate import UniPELTConfig, add_unipelt, forcing, reading, regularising
 from adaplex.errors import AdaplexError, AdapterNameError, ConfigError
 from adaplex.io.storage import load, save_bundle
 from adaplex.methods import GateConfig, LoRAConfig
+
+from helpers import randomize
+from tiny import FAMILIES
 
 DTYPES = [torch.float32, torch.bfloat16]
 PARTS = ("lora", "prefix", "bottleneck")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from adaplex.core import attention
+from adaplex.core.gating import gate_kinds
 from adaplex.core.inject import (
     attention_adapters,
     attention_shape,
@@ -31,7 +32,6 @@ from adaplex.core.inject import (
     wrap,
     wrappers,
 )
-from adaplex.core.gating import gate_kinds
 from adaplex.core.layers import FusedParts
 from adaplex.core.stack import Stack
 from adaplex.core.weights import Gated, Given

@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from adaplex.core.weights import Constant, WeightKind
 from adaplex.errors import AdapterNameError
 
-
 _ONE = Constant(1.0)
 
 

@@ -86,7 +86,8 @@ class LayerGate(Adapter):
         if submodule in self.forced:
             g = hidden.new_full((*hidden.shape[:-1], 1), self.forced[submodule])
         elif self.variant == "sigmoid":
-            g = torch.sigmoid(F.linear(hidden, self.proj.weight[k : k + 1], self.proj.bias[k : k + 1]) / self.temperature)
+            logit = F.linear(hidden, self.proj.weight[k : k + 1], self.proj.bias[k : k + 1])  # (B, T, 1)
+            g = torch.sigmoid(logit / self.temperature)
         else:
             g = self._softmax_share(k, submodule, hidden)
         if self.tap is not None:

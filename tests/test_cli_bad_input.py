@@ -12,9 +12,13 @@ import pytest
 
 import adaplex
 from adaplex import LoRAConfig
+from adaplex.compose.gate import UniPELTConfig, add_unipelt
+from adaplex.core.models import load_base
 from adaplex.io.bundle import build_bundle
 from adaplex.io.peft import export_peft
 from adaplex.io.storage import save_adapter
+from adaplex.methods.head import ClassifierHead, HeadConfig
+from adaplex.train.classify_run import save_classifier
 
 import tiny
 from helpers import randomize
@@ -45,10 +49,30 @@ def make_files(root: Path) -> Path:
     (root / "norows.jsonl").write_text('{"id": 1}\n')
     (root / "empty.jsonl").write_text("")
     (root / "bad.yaml").write_text("base: [unclosed\n")
+    make_classification_files(root)
     (root / "unknown.yaml").write_text(
         "base: x\noutput: y\nadapters: [{name: a, config: {method: lora}}]\ndata: {train: [t.txt]}\nsurprise: 1\n"
     )
     return root
+
+
+def make_classification_files(root: Path) -> None:
+    """A gated classifier (UniPELT + head, untrained), labelled files and classification configs."""
+    model, _ = load_base(str(root / "base"))
+    handle = adaplex.Adapted.of(model)
+    add_unipelt(handle, "u", UniPELTConfig())
+    config = HeadConfig(labels=("a", "b"), pooling="last", hidden=32)
+    save_classifier(handle, ClassifierHead(config), config, root / "classifier", None)
+    (root / "zeta.jsonl").write_text('{"text": "w3 w4", "label": "zeta"}\n')
+    (root / "one-class.jsonl").write_text("".join(f'{{"text": "w{i}", "label": "a"}}\n' for i in range(3, 9)))
+    common = f"task: classification\nbase: {root}/base\noutput: {root}/cls-out\n"
+    (root / "one-class.yaml").write_text(common + f"data: {{train: {root}/one-class.jsonl}}\n")
+    (root / "no-parts.yaml").write_text(
+        common
+        + f"data: {{train: {root}/zeta.jsonl}}\n"
+        + "adapters: [{name: u, config: {method: unipelt, lora: null, prefix: null, bottleneck: null}}]\n"
+    )
+    (root / "task.yaml").write_text("task: regression\n")
 
 
 B = ["--base", "{root}/base"]
@@ -131,6 +155,26 @@ CASES = {
     "bench route adapters": (["bench", "route", "--adapters", "0"], "greater than or equal to"),
     "bench route seq": (["bench", "route", "--seq", "0"], "greater than or equal to"),
     "bench faults repeats": (["bench", "faults", "--repeats", "0"], "greater than or equal to"),
+    "predict unseen label": (
+        ["predict", "{root}/classifier", "{root}/zeta.jsonl", "{root}/p.jsonl"],
+        "label 'zeta' was never seen in training",
+    ),
+    "predict not a classifier": (["predict", "{root}/adapter", "{root}/zeta.jsonl", "{root}/p.jsonl"], "not a bundle"),
+    "predict a bundle without head": (
+        ["predict", "{root}/bundle", "{root}/zeta.jsonl", "{root}/p.jsonl"],
+        "no head; is it a classification model?",
+    ),
+    "predict missing input": (["predict", "{root}/classifier", "{root}/nope.jsonl", "{root}/p.jsonl"], "not a file"),
+    "predict existing output": (
+        ["predict", "{root}/classifier", "{root}/zeta.jsonl", "{root}/text.txt"],
+        "already exists",
+    ),
+    "export gated": (["export", "{root}/classifier", "{root}/new-peft"], "pass --lora-only"),
+    "export lora-only plain": (["export", "{root}/adapter", "{root}/new-peft", "--lora-only"], "applies to a gated"),
+    "train one class": (["train", "{root}/one-class.yaml"], "a classifier needs two classes"),
+    "train empty gate": (["train", "{root}/no-parts.yaml"], "enable at least one of lora, prefix, bottleneck"),
+    "train classification resume": (["train", "{root}/one-class.yaml", "--resume"], "--resume applies"),
+    "train unknown task": (["train", "{root}/task.yaml"], "unknown task 'regression'"),
     "unknown command": (["frobnicate"], "No such command"),
     "unknown option": (["info", "--colour"], "No such option"),
 }

@@ -62,7 +62,7 @@ def gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg).eval()
 
 
-def bert(seed: int = 0) -> BertModel:
+def bert(seed: int = 0, pooler: bool = False) -> BertModel:
     torch.manual_seed(seed)
     cfg = BertConfig(
         vocab_size=VOCAB,
@@ -72,7 +72,7 @@ def bert(seed: int = 0) -> BertModel:
         num_attention_heads=4,
         max_position_embeddings=128,
     )
-    return BertModel(cfg, add_pooling_layer=False).eval()
+    return BertModel(cfg, add_pooling_layer=pooler).eval()
 
 
 FAMILIES = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3, "gpt2": gpt2, "bert": bert}
@@ -102,7 +102,7 @@ def word_tokenizer():
 
 def save_base(family: str, directory, seed: int = 0):
     """Save a tiny model of ``family`` with a tokenizer, as a local base model directory."""
-    model = FAMILIES[family](seed)
+    model = bert(seed, pooler=True) if family == "bert" else FAMILIES[family](seed)  # as AutoModel loads it
     model.save_pretrained(directory)
     word_tokenizer().save_pretrained(directory)
     return directory

@@ -56,6 +56,7 @@ def info(
             emit_json(result, None)
             return
         members = result.pop("members", [])
+        gates = result.pop("gates", None)
         print_mapping(f"{result['kind']} {path}", {k: v for k, v in result.items() if k != "config"})
         if members:
             table = Table(title="members")
@@ -74,6 +75,8 @@ def info(
                     f"{m['bytes']:,}",
                 )
             console.print(table)
+        if gates:
+            print_gates(gates)
         return
     from adaplex.core.inject import all_sites, family_of
     from adaplex.util.names import names_hint
@@ -94,6 +97,20 @@ def info(
         emit_json(result, None)
     else:
         print_mapping(f"base model {result['base']}", result)
+
+
+def print_gates(rows: list[dict]) -> None:
+    """Layer x submodule table of a gated model's final gates, mean ± std over its evaluation set."""
+    submodules = [s for s in ("lora", "prefix", "bottleneck") if any(r["submodule"] == s for r in rows)]
+    cell = {(r["layer"], r["submodule"]): r for r in rows}
+    table = Table(title="final gates (mean ± std over the evaluation set)")
+    table.add_column("layer")
+    for s in submodules:
+        table.add_column(s)
+    for layer in sorted({r["layer"] for r in rows}):
+        values = [cell.get((layer, s)) for s in submodules]
+        table.add_row(str(layer), *(f"{v['mean']:.3f} ± {v['std']:.3f}" if v else "" for v in values))
+    console.print(table)
 
 
 @app.command("export")

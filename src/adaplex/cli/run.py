@@ -35,13 +35,58 @@ def train(
     config: Annotated[Path, typer.Argument(help="training config (YAML)")],
     resume: Annotated[bool, typer.Option("--resume", help="continue from the output's last checkpoint")] = False,
 ) -> None:
-    """Train adapters on PyTorch Lightning as the YAML config describes (see configs/)."""
-    from adaplex.train.config import TrainConfig
-    from adaplex.train.run import train as run_training
-    from adaplex.util.yamlconfig import load_yaml
+    """Train adapters on PyTorch Lightning as the YAML config describes (see configs/): a causal LM, or
+    with `task: classification` adapters and a head, one run per seed."""
+    from adaplex.train.config import ClassificationConfig, load_train_config
 
-    result = run_training(load_yaml(config, TrainConfig), source=str(config), resume=resume)
+    loaded = load_train_config(config)
+    if isinstance(loaded, ClassificationConfig):
+        if resume:
+            raise ConfigError("--resume applies to causal-LM runs; a classification run starts over")
+        from adaplex.train.classify_run import run_classification
+
+        summary = run_classification(loaded, source=str(config))
+        for run in summary["runs"]:
+            console.print(
+                f"seed {run['seed']}: accuracy {run['accuracy']:.4f}, macro-F1 {run['macro_f1']:.4f} "
+                f"(best epoch {run['best_epoch'] + 1} of {run['epochs']})"
+            )
+        acc, f1 = summary["accuracy"], summary["macro_f1"]
+        console.print(
+            f"accuracy {acc['mean']:.4f} ± {acc['std']:.4f}, macro-F1 {f1['mean']:.4f} ± {f1['std']:.4f} over "
+            f"{len(summary['runs'])} seeds; models under {loaded.output}/seed-*/model"
+        )
+        return
+    from adaplex.train.run import train as run_training
+
+    result = run_training(loaded, source=str(config), resume=resume)
     console.print(f"trained adapter saved to {result}")
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="classification model: a run's seed-<s>/model bundle")],
+    input_path: Annotated[Path, typer.Argument(help="CSV or JSONL of records with the model's text fields")],
+    output: Annotated[Path, typer.Argument(help="JSONL (or .csv) of records with predicted label and probabilities")],
+    label_field: Annotated[str, typer.Option(help="field of the true label; scored where every record has it")] = (
+        "label"
+    ),
+    base: BaseOption = None,
+    overwrite: OverwriteFileOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Classify every record of a file with a trained classification model."""
+    from adaplex.infer.classify import load_classifier, predict_file
+
+    if not input_path.is_file():
+        raise ConfigError(f"{input_path} is not a file; give a CSV or JSONL file of records")
+    summary = predict_file(load_classifier(model, base), input_path, output, label_field, overwrite)
+    scores = (
+        f": accuracy {summary['accuracy']:.4f}, macro-F1 {summary['macro_f1']:.4f}" if "accuracy" in summary else ""
+    )
+    console.print(f"wrote {summary['records']} predictions to {output}{scores}")
+    if as_json:
+        emit_json(summary, None)
 
 
 @app.command()

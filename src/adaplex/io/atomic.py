@@ -106,3 +106,16 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
         _fsync(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_text_atomic(target: Path, text: str) -> None:
+    """Write a text file through a hidden temporary beside it and a rename: a reader sees the old file
+    or the whole new one, never a part."""
+    if target.is_dir():
+        raise StorageError(f"{target} is a directory; give a file path")
+    staging = target.with_name(f".{target.name}.tmp")
+    try:
+        staging.write_text(text, encoding="utf-8")
+        staging.replace(target)
+    finally:
+        staging.unlink(missing_ok=True)

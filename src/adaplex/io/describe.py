@@ -3,6 +3,7 @@ files alone (no model, no torch: ``adaplex info`` answers at once)."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,8 @@ from adaplex.io.records import (
     safetensors_shapes,
 )
 from adaplex.util.names import names_hint
+
+GATE_STATS = "gates.json"  # a gated model's last gate read-out, kept in its bundle
 
 
 def recorded_base(path: Path) -> tuple[str | None, Path]:
@@ -87,6 +90,7 @@ def describe(path: Path) -> dict[str, Any]:
     if (path / BUNDLE_FILE).is_file():
         bundle = read_bundle_record(path)
         members = [describe(path / m) | {"member": m} for m in bundle.members]
+        gates = _gate_stats(path / GATE_STATS)
         return {
             "kind": "bundle",
             "path": str(path),
@@ -98,7 +102,7 @@ def describe(path: Path) -> dict[str, Any]:
             "parameters": sum(m["parameters"] for m in members),
             "bytes": sum(m["bytes"] for m in members),
             "members": members,
-        }
+        } | ({"gates": gates} if gates is not None else {})
     record = read_adapter_record(path)
     return {
         "kind": "adapter",
@@ -117,6 +121,17 @@ def describe(path: Path) -> dict[str, Any]:
         "version": record.version,
         "lineage": lineage(path),
     } | _weights_summary(path / WEIGHTS_FILE, _site_of)
+
+
+def _gate_stats(path: Path) -> list[dict[str, Any]] | None:
+    """A gated model's last gate read-out (layer, submodule, mean, std), or None."""
+    if not path.is_file():
+        return None
+    try:
+        readout = json.loads(path.read_text(encoding="utf-8"))
+        return [{k: r[k] for k in ("layer", "submodule", "mean", "std")} for r in readout["gates"]]
+    except (ValueError, KeyError, TypeError):
+        raise StorageError(f"{path} is damaged (not a gate read-out); restore it or delete it") from None
 
 
 def _site_of(key: str) -> str:

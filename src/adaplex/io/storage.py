@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from adaplex.core.adapted import Adapted
@@ -32,7 +33,7 @@ from adaplex.io.records import (
     write_record,
 )
 from adaplex.io.tensor_files import read_tensors, write_files
-from adaplex.methods import method_config
+from adaplex.methods import MethodConfig, method_config
 from adaplex.util.version import VERSION
 
 log = logging.getLogger(__name__)
@@ -73,17 +74,31 @@ def save_adapter(
     return directory
 
 
+@dataclass(frozen=True)
+class Part:
+    """A bundle member that is not an adapter at sites (a classification head): written like one,
+    with its role, and read back by ``read_part``, never attached."""
+
+    role: str
+    config: MethodConfig
+    tensors: dict[str, torch.Tensor]
+
+
 def save_bundle(
     handle: Adapted,
     directory: str | Path,
     members: dict[str, str] | None = None,
     *,
     roles: dict[str, str] | None = None,
+    parts: dict[str, Part] | None = None,
+    notes: dict[str, str] | None = None,
     version: str | None = None,
     parent: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Save several adapters as one bundle; ``members`` maps member directory -> adapter name.
+    """Save several adapters as one bundle; ``members`` maps member directory -> adapter name, ``parts``
+    member directory -> a part that is not an adapter, ``notes`` file name -> text kept beside them
+    (gate statistics, say).
 
     An expert bank is written as one member per key, ``experts/<key>/`` (role "expert"), each a
     plain LoRA/MoSLoRA adapter directory that loads alone.
@@ -114,8 +129,35 @@ def save_bundle(
                     fields,
                 )
                 written[member] = "expert"
+        for member, part in (parts or {}).items():
+            (staging / member).mkdir(parents=True)
+            write_files(staging / member, member, part.role, part.config, part.tensors, fields)
+            written[member] = part.role
+        for file_name, text in (notes or {}).items():
+            (staging / file_name).write_text(text, encoding="utf-8")
         write_record(BundleRecord(name=directory.name, members=written, **fields), staging / BUNDLE_FILE)
     return directory
+
+
+PART_ROLES = ("head",)
+
+
+def find_part(bundle: str | Path, role: str) -> Path:
+    """The directory of the bundle's member of ``role``, read from its files alone."""
+    bundle = Path(bundle)
+    if not (bundle / BUNDLE_FILE).is_file():
+        raise StorageError(f"{bundle} is not a bundle; give the directory a classification run saved")
+    members = [m for m, r in read_bundle_record(bundle).members.items() if r == role]
+    if not members:
+        raise StorageError(f"{bundle} has no {role}; is it a classification model?")
+    return bundle / members[0]
+
+
+def read_part(model: nn.Module, member: Path, force: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The config fields and verified tensors of a bundle's part (``find_part``) made for this base."""
+    record = read_adapter_record(member)
+    check_base(model, fingerprint(model), record, member, force)
+    return record.config, read_tensors(member, record)
 
 
 def check_base(model: nn.Module, own_fingerprint: str, record: Record, source: Path, force: bool) -> None:
@@ -152,6 +194,8 @@ def _attach_verified(model: nn.Module, directory: Path, name: str | None, how: _
         loaded = []
         experts = {}
         for member, role in bundle.members.items():
+            if role in PART_ROLES:
+                continue  # read by read_part, not attached
             if role == "expert":
                 record = read_adapter_record(directory / member)
                 check_base(model, how.fingerprint, record, directory / member, how.force)

@@ -1,4 +1,5 @@
-"""The training config (YAML, validated by pydantic: unknown or wrong fields name themselves)."""
+"""Training configs (YAML, validated by pydantic: unknown or wrong fields name themselves), one per
+task: ``task: causal-lm`` (the default) or ``task: classification``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from adaplex.errors import ConfigError
+from adaplex.util.yamlconfig import read_yaml, validate
 
 
 class Strict(BaseModel):
@@ -79,6 +83,7 @@ class TrainerConfig(Strict):
 
 
 class TrainConfig(Strict):
+    task: Literal["causal-lm"] = "causal-lm"
     base: str | None = None
     output: Path
     seed: int = 0
@@ -114,3 +119,73 @@ def short_cpu_run(output: Path, adapters: list[dict], data: dict, steps: int, **
             **fields,
         }
     )
+
+
+class FewShot(Strict):
+    k: int = Field(gt=0, description="training examples per class")
+    seed: int | None = Field(None, description="sampling seed (default: each run's seed)")
+
+
+class ClassificationData(Strict):
+    train: Path
+    eval: Path | None = Field(None, description="default: a stratified share of the training file")
+    eval_share: float = Field(0.1, gt=0, lt=1, description="share of the training file held out without eval")
+    text_fields: list[str] | None = Field(
+        None, min_length=1, max_length=2, description="one field, or two for pairs (default: text, or text_a/text_b)"
+    )
+    label_field: str = "label"
+    max_length: int = Field(128, gt=1)
+    batch_size: int = Field(16, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+    few_shot: FewShot | None = None
+    balance: Literal["none", "class_weights", "oversample"] = "none"
+
+
+class ClassifierOptions(Strict):
+    pooling: Literal["auto", "cls", "mean", "last"] = Field("auto", description="auto: mean (encoders), last (LMs)")
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class ClassificationEval(Strict):
+    metric: Literal["accuracy", "macro_f1", "loss"] = "macro_f1"
+    early_stopping_patience: int | None = Field(None, gt=0, description="epochs without improvement")
+
+
+class ClassificationConfig(Strict):
+    """Adapters (none: a linear probe) and a head trained to classify; one run per seed."""
+
+    task: Literal["classification"]
+    base: str = "minilm-l6"
+    output: Path
+    seeds: list[int] = Field([0], min_length=1)
+    adapters: list[AdapterSpec] = []
+    data: ClassificationData
+    classifier: ClassifierOptions = ClassifierOptions()
+    optim: OptimConfig = OptimConfig(lr=1e-3, max_epochs=10, warmup_steps=10)
+    eval: ClassificationEval = ClassificationEval()
+    trainer: TrainerConfig = TrainerConfig()
+    version: str | None = None
+
+    @model_validator(mode="after")
+    def _checks(self) -> ClassificationConfig:
+        names = [a.name for a in self.adapters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names repeat: {names}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds repeat: {self.seeds}")
+        return self
+
+
+TASKS: dict[str, type[TrainConfig] | type[ClassificationConfig]] = {
+    "causal-lm": TrainConfig,
+    "classification": ClassificationConfig,
+}
+
+
+def load_train_config(path: Path) -> TrainConfig | ClassificationConfig:
+    """The config of a training YAML, of the class its ``task`` names."""
+    data = read_yaml(path)
+    task = data.get("task", "causal-lm")
+    if task not in TASKS:
+        raise ConfigError(f"{path}: field 'task': unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return validate(data, TASKS[task], str(path))

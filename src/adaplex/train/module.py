@@ -13,6 +13,7 @@ from adaplex.compose.route import route
 from adaplex.core.adapted import Adapted
 from adaplex.errors import AdaplexError
 from adaplex.train.data import IGNORE
+from adaplex.train.gates import GateRegulariser
 
 
 class TrainingDiverged(AdaplexError):
@@ -27,6 +28,23 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(
+            f"the loss became {loss.item()} at step {step}; the last good checkpoint is kept "
+            "under checkpoints/; lower optim.lr (or set gradient_clip) and run again with --resume"
+        )
+
+
+def adapter_optimizer(
+    parameters: list[torch.nn.Parameter], lr: float, weight_decay: float, warmup: int, total: int
+) -> dict[str, Any]:
+    """AdamW with linear warm-up then cosine decay, stepped every optimizer step."""
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
 class AdapterLM(L.LightningModule):
     """Next-token loss; only adapter parameters are optimised, and checkpoints hold only them."""
 
@@ -39,6 +57,7 @@ class AdapterLM(L.LightningModule):
         self.lr, self.warmup, self.total_steps, self.weight_decay = lr, warmup, total_steps, weight_decay
         self.strict_loading = False  # checkpoints carry the adapters, not the base weights
         self._key_losses: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # this optimizer step's (sum, tokens)
+        self.regulariser = GateRegulariser(handle)
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.model(**batch).loss
@@ -66,15 +85,15 @@ class AdapterLM(L.LightningModule):
         return per_token.sum() / counted.sum().clamp(min=1)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch, "train")
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"the loss became {loss.item()} at step {self.global_step}; the last good checkpoint is kept "
-                "under checkpoints/; lower optim.lr (or set gradient_clip) and run again with --resume"
-            )
+        with self.regulariser.collecting() as gate_penalty:
+            loss = self.loss(batch, "train")
+        check_finite(loss, self.global_step)
+        penalty, terms = gate_penalty()
         self.log("train_loss", loss, prog_bar=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return loss
+        for name, value in terms.items():
+            self.log(name, value)
+        return loss + penalty
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Free the gradients as soon as the optimizer has stepped (Lightning would only clear them
@@ -102,11 +121,9 @@ class AdapterLM(L.LightningModule):
             self.log("val_ppl", torch.exp(loss), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.handle.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, self.warmup, self.total_steps)
+        return adapter_optimizer(
+            self.handle.trainable_parameters(), self.lr, self.weight_decay, self.warmup, self.total_steps
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the adapters' tensors: a checkpoint is a few MB, not a copy of the base."""

@@ -8,6 +8,7 @@ trained adapter, or a bundle when several adapters train).
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import shutil
@@ -21,14 +22,16 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from adaplex.compose.gate import UNIPELT, UniPELTConfig, add_unipelt, gates, unipelt_config
 from adaplex.core.adapted import Adapted
 from adaplex.core.models import choose_base, load_base
 from adaplex.errors import ConfigError, StorageError
-from adaplex.io.describe import recorded_base
+from adaplex.io.describe import GATE_STATS, recorded_base
 from adaplex.io.storage import attach, save_adapter, save_bundle
-from adaplex.methods import method_config
-from adaplex.train.config import TrainConfig
+from adaplex.methods import MethodConfig, method_config
+from adaplex.train.config import AdapterSpec, TrainConfig
 from adaplex.train.data import CausalLMData, build_examples
+from adaplex.train.gates import GateAnalytics
 from adaplex.train.module import AdapterLM
 
 log = logging.getLogger(__name__)
@@ -41,17 +44,36 @@ def build_model(config: TrainConfig, source: str) -> tuple[Adapted, object, dict
     loaded = [a.path for a in config.adapters if a.path is not None]
     recorded, relative_to = recorded_base(loaded[0]) if loaded else (None, None)
     model, tokenizer = load_base(choose_base(config.base, recorded), relative_to=relative_to)
+    return model_with_adapters(model, config.adapters, source), tokenizer
+
+
+def spec_config(spec: AdapterSpec, source: str) -> MethodConfig | UniPELTConfig | None:
+    """The validated config of an adapter to create (None: one to load from ``spec.path``)."""
+    if spec.config is None:
+        return None
+    where = f"{source}: adapters.{spec.name}.config"
+    if spec.config.get("method") == UNIPELT:
+        return unipelt_config(spec.config, where)
+    return method_config(spec.config, where)
+
+
+def model_with_adapters(model, specs: list[AdapterSpec], source: str) -> tuple[Adapted, dict[str, list[str]]]:
+    """The model's handle with every spec's adapters created (a ``unipelt`` config: its submodules and
+    gate) or loaded, trained or frozen, and weighted; with the adapter names each spec produced."""
     handle = Adapted.of(model)
     produced: dict[str, list[str]] = {}
-    for spec in config.adapters:
-        if spec.path is not None:
+    for spec in specs:
+        config = spec_config(spec, source)
+        if config is None:
             produced[spec.name] = attach(model, spec.path, name=spec.name, trainable=spec.train)
+        elif isinstance(config, UniPELTConfig):
+            produced[spec.name] = add_unipelt(handle, spec.name, config, spec.train)
         else:
-            handle.add(spec.name, method_config(spec.config, f"{source}: adapters.{spec.name}.config"), spec.train)
+            handle.add(spec.name, config, spec.train)
             produced[spec.name] = [spec.name]
         for name in produced[spec.name]:
             handle.stack.set_weight(name, spec.weight)
-    return handle, tokenizer, produced
+    return handle, produced
 
 
 def precision_for(config: TrainConfig) -> str:
@@ -71,7 +93,7 @@ def train(config: TrainConfig, source: str = "config", resume: bool = False) -> 
     if not resume and not launched_rank and out.exists() and any(out.iterdir()):
         raise StorageError(f"{out} already holds a run; pass --resume to continue it or choose another output")
     L.seed_everything(config.seed, verbose=False)
-    handle, tokenizer, produced = build_model(config, source)
+    (handle, produced), tokenizer = build_model(config, source)
     data = config.data
     train_examples = build_examples(data.train, data, tokenizer)
     eval_examples = build_examples(data.eval, data, tokenizer) if data.eval else []
@@ -107,6 +129,9 @@ def train(config: TrainConfig, source: str = "config", resume: bool = False) -> 
         ]
         if eval_examples and config.eval.early_stopping_patience:
             callbacks.append(EarlyStopping("val_loss", patience=config.eval.early_stopping_patience))
+        analytics = GateAnalytics(handle, out / "gates") if eval_examples and gates(handle) else None
+        if analytics is not None:
+            callbacks.append(analytics)
         loggers = [CSVLogger(out, name="logs", version="csv")]
         if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
             loggers.append(TensorBoardLogger(out, name="logs", version="tb"))
@@ -144,7 +169,8 @@ def train(config: TrainConfig, source: str = "config", resume: bool = False) -> 
     handle.model.eval()
     if not trainer.is_global_zero:
         return out / "adapter"  # rank 0 saves
-    return save_result(handle, config, produced, out / "adapter")
+    final = analytics.final if analytics is not None else None
+    return save_result(handle, config, produced, out / "adapter", final)
 
 
 def _remove_new(out: Path, existed: bool) -> None:
@@ -159,11 +185,19 @@ def _remove_new(out: Path, existed: bool) -> None:
             path.unlink(missing_ok=True)
 
 
-def save_result(handle: Adapted, config: TrainConfig, produced: dict[str, list[str]], target: Path) -> Path:
+def save_result(
+    handle: Adapted,
+    config: TrainConfig,
+    produced: dict[str, list[str]],
+    target: Path,
+    gate_stats: dict | None = None,
+) -> Path:
     """One trained adapter: an adapter directory. Several, or any expert bank: a bundle holding every
-    adapter of the run (frozen ones too, so a routed bundle stays whole: shared/ + experts/<key>/)."""
+    adapter of the run (frozen ones too, so a routed bundle stays whole: shared/ + experts/<key>/); a
+    gated model's bundle keeps the last read-out of its gates as gates.json."""
     trained = [n for spec in config.adapters if spec.train for n in produced[spec.name]]
     lineage = {"version": config.version, "parent": config.parent}
+    notes = {GATE_STATS: json.dumps(gate_stats, indent=1) + "\n"} if gate_stats else None
     if len(trained) == 1 and not handle.banks():
         return save_adapter(handle, trained[0], target, role=trained[0], overwrite=True, **lineage)
     members = [n for n in handle.configs if n not in handle.banks()]
@@ -172,5 +206,5 @@ def save_result(handle: Adapted, config: TrainConfig, produced: dict[str, list[s
             handle, target, {n: n for n in members}, roles={n: "shared" for n in members}, overwrite=True, **lineage
         )
     return save_bundle(
-        handle, target, {n: n for n in trained}, roles={n: n for n in trained}, overwrite=True, **lineage
+        handle, target, {n: n for n in trained}, roles={n: n for n in trained}, notes=notes, overwrite=True, **lineage
     )

@@ -19,7 +19,8 @@ def validation_message(err: ValidationError, source: str) -> str:
     return f"{source}: field {where!r}: {first['msg']}"
 
 
-def load_yaml(path: Path, model: type[Model]) -> Model:
+def read_yaml(path: Path) -> dict:
+    """The mapping a YAML config file holds, or a one-line error."""
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as err:
@@ -30,7 +31,15 @@ def load_yaml(path: Path, model: type[Model]) -> Model:
         raise ConfigError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of fields")
+    return data
+
+
+def validate(data: dict, model: type[Model], source: str) -> Model:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(validation_message(err, str(path))) from None
+        raise ConfigError(validation_message(err, source)) from None
+
+
+def load_yaml(path: Path, model: type[Model]) -> Model:
+    return validate(read_yaml(path), model, str(path))

@@ -235,3 +235,44 @@ def test_cli_train_predict_info_and_export(data, tmp_path):
     with handle.only("u-lora"):
         expected = ours(input_ids=ids).last_hidden_state
     torch.testing.assert_close(theirs(input_ids=ids).last_hidden_state, expected, atol=1e-5, rtol=0)
+
+
+def test_compare_methods_writes_the_table_data_and_plots(data, tmp_path):
+    from adaplex.bench import compare_methods as cm
+
+    config = cm.CompareConfig.model_validate(
+        {
+            "base": str(data / "bert"),
+            "output": str(tmp_path / "cmp"),
+            "seeds": [0, 1],
+            "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"), "batch_size": 8},
+            "optim": {"lr": 1e-2, "max_epochs": 2, "warmup_steps": 1},
+            "trainer": {"accelerator": "cpu"},
+            "methods": {"probe": None, "unipelt": {"method": "unipelt"}},
+            "sample_sizes": [4, "full"],
+            "latency_batch": 2,
+            "latency_seq": 8,
+            "latency_rounds": 2,
+        }
+    )
+    result = cm.compare(config)
+    cm.write(result, tmp_path / "gate-compare.json", tmp_path / "gate")
+    probe, unipelt = result["methods"]["probe"], result["methods"]["unipelt"]
+    assert probe["4"]["train_examples"] == 12 and probe["full"]["train_examples"] == 120  # K x 3 classes
+    assert unipelt["trainable_parameters"] > probe["trainable_parameters"] == 99
+    assert probe["latency_x_base"] > 0 and unipelt["peak_train_mib"] >= 0
+    assert len(result["epoch_curves"]["unipelt"]) == 2 and len(result["epoch_curves"]["unipelt"][0]) == 2
+    assert json.loads((tmp_path / "gate-compare.json").read_text())["sample_sizes"] == ["4", "full"]
+    for name in ("gate-sample-size.png", "gate-epochs.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_example_configs_validate():
+    from adaplex.bench.compare_methods import CompareConfig
+    from adaplex.train.config import load_train_config
+    from adaplex.util.yamlconfig import load_yaml
+
+    root = Path(__file__).parent.parent / "configs"
+    for name in ("style", "instruct", "style-v2", "unipelt-style", "classify-topics", "classify-pairs"):
+        load_train_config(root / f"{name}.yaml")
+    assert load_yaml(root / "compare-methods.yaml", CompareConfig).sample_sizes[-1] == "full"

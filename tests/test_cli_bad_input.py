@@ -170,7 +170,10 @@ CASES = {
         "already exists",
     ),
     "export gated": (["export", "{root}/classifier", "{root}/new-peft"], "pass --lora-only"),
-    "export lora-only plain": (["export", "{root}/adapter", "{root}/new-peft", "--lora-only"], "applies to a gated"),
+    "export lora-only plain": (
+        ["export", "{root}/adapter", "{root}/new-peft", "--lora-only", *B],
+        "applies to a gated",
+    ),
     "train one class": (["train", "{root}/one-class.yaml"], "a classifier needs two classes"),
     "train empty gate": (["train", "{root}/no-parts.yaml"], "enable at least one of lora, prefix, bottleneck"),
     "train classification resume": (["train", "{root}/one-class.yaml", "--resume"], "--resume applies"),

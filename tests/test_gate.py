@@ -84,7 +84,7 @@ def test_a_gate_computes_sigma_of_its_projection_from_the_hook_point():
     layer = model.model.layers[1]
     hooks = [
         layer.self_attn.q_proj.register_forward_hook(lambda m, a, o: captured.__setitem__("attn_in", a[0])),
-        layer.mlp.down_proj.base.register_forward_hook(lambda m, a, o: captured.__setitem__("ffn_out", o)),
+        layer.mlp.down_proj.base.register_forward_hook(lambda m, a, o: captured.__setitem__("ffn_out", o.clone())),
     ]
     ids = torch.randint(3, 90, (2, 6))
     with reading(handle) as readout:
@@ -99,7 +99,7 @@ def test_a_gate_computes_sigma_of_its_projection_from_the_hook_point():
     assert rows[(1, "lora")]["mean"] == pytest.approx(lora.mean().item(), rel=1e-5)
     assert rows[(1, "lora")]["std"] == pytest.approx(lora.std(unbiased=False).item(), rel=1e-4)
     assert rows[(1, "bottleneck")]["mean"] == pytest.approx(bottleneck.mean().item(), rel=1e-5)
-    assert rows[(1, "lora")]["tokens"] == 2 * 2 * 6  # q and v: the same gate, read twice
+    assert rows[(1, "lora")]["tokens"] == 2 * 6  # q and v: one gate, computed once
     assert sum(rows[(1, "prefix")]["histogram"]) == 12
 
 

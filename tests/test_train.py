@@ -332,3 +332,22 @@ def test_joint_routed_training_then_a_new_key(workspace, tmp_path):
 
     with route(handle, ["a100", "v100", None]):
         assert tiny.outputs(model, tiny.tokens(batch=3)).shape[0] == 3
+
+
+def test_gated_causal_lm_training_logs_gates_and_saves_a_bundle(workspace):
+    root = workspace
+    gated = {"method": "unipelt", "gate": {"l1": 0.01, "entropy": 0.01}}
+    result = train(config(root, "gated", adapters=[{"name": "u", "config": gated}]))
+    run = root / "gated"
+    val = losses(run, "val_loss")
+    assert len(val) == 3 and val[-1] < val[0]
+    assert losses(run, "gate_l1/u-gate") and losses(run, "gate_entropy/u-gate")  # in the loss logs
+    assert sorted(p.name for p in (run / "gates").glob("*.json")) == [f"epoch-00{i}.json" for i in range(3)]
+    info = describe(result)
+    assert [m["method"] for m in info["members"]] == ["lora", "prefix", "bottleneck", "gate"]
+    assert {(g["layer"], g["submodule"]) for g in info["gates"]} == {
+        (layer, s) for layer in (0, 1) for s in ("lora", "prefix", "bottleneck")
+    }
+    model, _ = load_base(str(root / "base"))
+    handle = load(model, result)
+    assert handle.configs["u-gate"].l1 == 0.01 and "u-lora" in handle.stack.kinds

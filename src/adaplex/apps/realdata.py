@@ -7,7 +7,13 @@
 ``adaplex data prepare OUT`` writes style/{train,heldout}.txt (fortunes), instruct/{train,heldout}.jsonl
 (questions about Python topics answered by the reference's first paragraphs, in chat form), and
 topics/<topic>/{train,heldout}.txt (one directory per fortunes topic) and topics/{train,heldout}.jsonl
-(every topic's fortunes with a "key" field), for routing experiments.
+(every topic's fortunes with a "key" field), for routing experiments; and two classification tasks:
+
+- classify/topics/{train,eval}.jsonl: which fortunes collection a fortune comes from (8 topics,
+  imbalanced as they come: 843 computers fortunes against 139 love ones);
+- classify/pydoc-pairs/{train,eval}.jsonl: does this paragraph (text_b) answer this question about a
+  Python topic (text_a)? "yes" for a paragraph of that topic, "no" for one of another topic, half each;
+  split by topic, so the evaluation asks about topics never seen in training.
 """
 
 from __future__ import annotations
@@ -56,6 +62,58 @@ def instruct_records(seed: int = 0) -> list[dict[str, str]]:
     return records
 
 
+def topic_paragraphs() -> dict[str, list[str]]:
+    """Each pydoc topic's prose paragraphs (no grammar blocks), whitespace-normalised, 80-600 characters."""
+    found = {}
+    for name, text in pydoc_topics().items():
+        paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
+        prose = [p for p in paragraphs if 80 < len(p) <= 600 and not p.startswith(("*", "=")) and "::=" not in p]
+        if prose:
+            found[name] = prose
+    return found
+
+
+def pair_records(topics: dict[str, list[str]], others: dict[str, list[str]], seed: int) -> list[dict[str, str]]:
+    """For every paragraph of every topic: (question, that paragraph, yes) and (question, a paragraph of
+    another topic, no)."""
+    rng = random.Random(seed)
+    pool = [(name, p) for name, ps in others.items() for p in ps]
+    records = []
+    for name, paragraphs in topics.items():
+        subject = f"'{name.replace('-', ' ')}'"
+        for paragraph in paragraphs:
+            question = rng.choice(QUESTIONS).format(subject)
+            records.append({"text_a": question, "text_b": paragraph, "label": "yes"})
+            other = rng.choice([p for n, p in pool if n != name])
+            records.append({"text_a": question, "text_b": other, "label": "no"})
+    rng.shuffle(records)
+    return records
+
+
+def classification_sets(seed: int = 0) -> dict[str, dict[str, list[dict[str, str]]]]:
+    """task -> {"train": records, "eval": records}; the topics task needs the fortunes collections."""
+    sets = {}
+    if fortunes_available():
+        labelled = {"train": [], "eval": []}
+        for topic in STYLE_TOPICS:
+            train, held = split(fortunes(topic), heldout_every=5)
+            labelled["train"] += [{"text": t, "label": topic} for t in train]
+            labelled["eval"] += [{"text": t, "label": topic} for t in held]
+        for part in labelled.values():
+            random.Random(seed).shuffle(part)
+        sets["topics"] = labelled
+    topics = topic_paragraphs()
+    names = sorted(topics)
+    held_names = set(names[::5])
+    train_topics = {n: topics[n] for n in names if n not in held_names}
+    eval_topics = {n: topics[n] for n in names if n in held_names}
+    sets["pydoc-pairs"] = {
+        "train": pair_records(train_topics, train_topics, seed),
+        "eval": pair_records(eval_topics, topics, seed + 1),
+    }
+    return sets
+
+
 def split(items: list, heldout_every: int = 10) -> tuple[list, list]:
     """Every ``heldout_every``-th item is held out."""
     return [x for i, x in enumerate(items) if i % heldout_every], items[::heldout_every]
@@ -92,4 +150,7 @@ def prepare(out: Path, seed: int = 0) -> dict[str, int]:
     train, held = split(instruct_records(seed))
     write(out / "instruct" / "train.jsonl", [json.dumps(r) for r in train])
     write(out / "instruct" / "heldout.jsonl", [json.dumps(r) for r in held])
+    for task, parts in classification_sets(seed).items():
+        for part, records in parts.items():
+            write(out / "classify" / task / f"{part}.jsonl", [json.dumps(r) for r in records])
     return counts

@@ -11,6 +11,7 @@ from rich.table import Table
 from adaplex.cli.common import (
     BaseOption,
     JsonOption,
+    app,
     at_least,
     bench_app,
     check_device,
@@ -19,6 +20,88 @@ from adaplex.cli.common import (
     print_mapping,
 )
 from adaplex.cli.faults import fault_inputs
+
+
+@app.command("compare-methods")
+def compare_methods(
+    config: Annotated[Path, typer.Argument(help="comparison config (YAML; see configs/compare-methods.yaml)")],
+    device: Annotated[str, typer.Option(help="cpu or cuda: where latency and memory are measured")] = "cpu",
+    out: Annotated[Path | None, typer.Option(help="the JSON (default: OUTPUT/gate-compare.json); plots beside it")] = (
+        None
+    ),
+    as_json: JsonOption = False,
+) -> None:
+    """Linear probe, LoRA, bottleneck, prefix and UniPELT on one task, data and seeds, at several
+    training-set sizes: accuracy and macro-F1 (mean ± std), parameters, latency, memory, plots."""
+    check_device(device)
+    from adaplex.bench import compare_methods as cm
+    from adaplex.util.yamlconfig import load_yaml
+
+    loaded = load_yaml(config, cm.CompareConfig)
+    result = cm.compare(loaded, str(config), device)
+    target = out or loaded.output / "gate-compare.json"
+    cm.write(result, target, target.with_name("gate"))
+    sizes = result["sample_sizes"]
+    table = Table(title=f"methods on {result['task']} ({result['base']}, {len(result['seeds'])} seeds): macro-F1")
+    for column in ("method", *(f"K={s}" if s != "full" else "full" for s in sizes), "accuracy (full)"):
+        table.add_column(column, justify="right")
+    for column in ("trainable", "latency x base", "peak train MiB"):
+        table.add_column(column, justify="right")
+    for method, row in result["methods"].items():
+        table.add_row(
+            method,
+            *(f"{row[s]['macro_f1']['mean']:.3f} ± {row[s]['macro_f1']['std']:.3f}" for s in sizes),
+            f"{row[sizes[-1]]['accuracy']['mean']:.3f} ± {row[sizes[-1]]['accuracy']['std']:.3f}",
+            f"{row['trainable_parameters']:,}",
+            f"{row['latency_x_base']:.3f}",
+            f"{row['peak_train_mib']:.0f}",
+        )
+    console.print(table)
+    console.print(f"wrote {target} and its plots beside it")
+    if as_json:
+        emit_json(result, None)
+
+
+@bench_app.command("gate")
+def bench_gate(
+    base: Annotated[str, typer.Option("--base", help="encoder: embedded name or directory")] = "minilm-l6",
+    batch: Annotated[int, at_least(1, "samples per batch")] = 16,
+    seq: Annotated[int, at_least(1, "tokens per sample")] = 128,
+    rounds: Annotated[int, at_least(1, "interleaved timing rounds")] = 20,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    bf16: Annotated[bool, typer.Option(help="bfloat16 weights (GPU)")] = False,
+    peers: Annotated[bool, typer.Option(help="also run AdapterHub's UniPELT (its own environment)")] = True,
+    peer_python: Annotated[
+        Path | None, typer.Option(help="python of the environment with AdapterHub's adapters (default: make peers')")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Inference latency of LoRA, prefix, bottleneck and UniPELT relative to the base, with AdapterHub's."""
+    check_device(device)
+    import torch
+
+    from adaplex.bench import gate
+
+    python = (peer_python or gate.PEER_PYTHON) if peers else None
+    result = gate.run(base, batch, seq, rounds, device, torch.bfloat16 if bf16 else torch.float32, python)
+    table = Table(title=f"gates on {result['base']} ({result['device']}, {result['dtype']}, batch {batch}x{seq})")
+    for column in ("variant", "latency x base", "AdapterHub x base", "trainable", "peak inference MiB"):
+        table.add_column(column, justify="right")
+    for name, ratio in result["ratio_to_base"].items():
+        peer = result["peers"].get(f"adapterhub_{name}")
+        table.add_row(
+            name,
+            f"{ratio:.3f}",
+            f"{peer:.3f}" if peer is not None else "-",
+            f"{result['trainable_params'][name]:,}",
+            f"{result['peak_inference_mib'][name]:.0f}",
+        )
+    console.print(table)
+    if "absent" in result["peer_run"]:
+        console.print(f"AdapterHub: {result['peer_run']['absent']}")
+    if as_json or out:
+        emit_json(result, out)
 
 
 @bench_app.command("overhead")

@@ -124,12 +124,12 @@ def forcing(handle: Adapted, name: str, **values: float) -> Iterator[None]:
     layers = layer_gates(handle, name)
     saved = [dict(g.forced) for g in layers]
     try:
-        for g in layers:
-            g.forced.update(values)
+        for g, forced in zip(layers, saved, strict=True):
+            g.force(forced | values)
         yield
     finally:
         for g, forced in zip(layers, saved, strict=True):
-            g.forced = forced
+            g.force(forced)
 
 
 @contextmanager

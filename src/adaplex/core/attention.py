@@ -79,16 +79,30 @@ class AttentionAdapters(nn.Module):
         """Prepend the prefixes to key and value (B, H_kv, S, D) and open them in the mask.
 
         ``mask`` is transformers' boolean SDPA mask (B or 1, 1, T, S), True = attend, or None
-        for a plain causal (or full) pattern, which is then built here explicitly.
+        for a plain causal (or full) pattern, which is then built here explicitly; a full pattern
+        becomes one row (B, 1, 1, P + S) shared by every query, or stays None on the CPU (where reading
+        the weights costs nothing) when every prefix is present.
         """
         batch, _, q_len, _ = query.shape
         kv_len = key.shape[2]
         pk, pv = zip(*(p(w) for p, w in prefixes), strict=True)  # each (H_kv, L, D) or (B, H_kv, L, D)
         pk, pv = _joined(pk, batch, key.dtype), _joined(pv, batch, value.dtype)  # (B, H_kv, P, D)
+        keys, values = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
+        if mask is None and not is_causal:  # every query sees every key: one row of visibility for them all
+            if key.device.type == "cpu" and _all_present(prefixes):
+                return keys, values, None
+            row = torch.ones(batch, 1, 1, kv_len, dtype=torch.bool, device=key.device)
+            present = torch.cat([_present(w, batch, p.shape[1], row) for p, w in prefixes], dim=-1)  # (B, 1, 1, P)
+            return keys, values, torch.cat([present, row], dim=-1)  # (B, 1, 1, P + S)
         mask = visible_mask(mask, q_len, kv_len, is_causal, key.device).expand(batch, 1, q_len, kv_len)
         present = torch.cat([_present(w, batch, p.shape[1], mask) for p, w in prefixes], dim=-1)  # (B, 1, 1, P)
         visible = present.expand(batch, 1, q_len, pk.shape[2])
-        return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), torch.cat([visible, mask], dim=-1)
+        return keys, values, torch.cat([visible, mask], dim=-1)
+
+
+def _all_present(prefixes: list[tuple[Prefix, SiteWeight]]) -> bool:
+    """No prefix has a weight of 0 for any sample (read on the host: for CPU tensors only)."""
+    return all(bool((per_sample(w, dims=2) != 0).all()) if isinstance(w, torch.Tensor) else w != 0 for _, w in prefixes)
 
 
 def _present(weight: SiteWeight, batch: int, length: int, like: torch.Tensor) -> torch.Tensor:

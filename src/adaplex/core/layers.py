@@ -40,12 +40,18 @@ def linear_shape(layer: nn.Module) -> tuple[int, int]:
 
 
 def apply_adapter(
-    adapter: nn.Module, kind: WeightKind, site: str, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor
+    adapter: nn.Module,
+    kind: WeightKind,
+    site: str,
+    out: torch.Tensor,
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    inplace: bool = False,
 ) -> torch.Tensor:
-    """out + w · Δ(x) for one adapter at ``site``, its weight kind resolved there."""
+    """out + w · Δ(x) for one adapter at ``site``, its weight kind resolved there (``inplace``: into out)."""
     if isinstance(adapter, FusedParts):
         return adapter.add_parts(out, x, base_out, kind, site)
-    return adapter.add_to(out, x, base_out, kind.at(site, adapter, x, base_out))
+    return adapter.add_to(out, x, base_out, kind.at(site, adapter, x, base_out), inplace)
 
 
 class FusedParts(nn.Module):
@@ -111,10 +117,13 @@ class AdaptedLinear(nn.Module):
             applied: tuple[str, ...] = ()
         else:
             base_out, out, applied = grouped
-        for name, adapter in self.adapters.items():
-            kind = active.get(name)
-            if kind is not None and name not in applied:
-                out = apply_adapter(adapter, kind, self.site, out, x, base_out)
+        todo = [(a, active[n]) for n, a in self.adapters.items() if n in active and n not in applied]
+        last = len(todo) - 1
+        for i, (adapter, kind) in enumerate(todo):
+            # into out in place once it is no longer the base output; into the base output only where
+            # nothing reads it later: no later adapter, and no autograd that saved it (a bottleneck's input)
+            inplace = out is not base_out or (i == last and not torch.is_grad_enabled())
+            out = apply_adapter(adapter, kind, self.site, out, x, base_out, inplace)
         return out
 
     @property

@@ -47,6 +47,19 @@ def per_sample(scale: Scale, dims: int) -> Scale:
     return scale.mean(dim=1).reshape(scale.shape[0], *([1] * (dims - 1)))
 
 
+def add_product(
+    out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, scale: float = 1.0, inplace: bool = False
+) -> torch.Tensor:
+    """out + scale · (h @ weightᵀ) for (..., n) out, (..., r) h and an (n, r) weight, in ONE addmm over the
+    flattened tokens: no separate passes over the (..., n) output to scale the product and add it (and,
+    ``inplace``, none to copy ``out`` first)."""
+    h2 = h.reshape(-1, h.shape[-1])
+    if inplace and out.is_contiguous():
+        out.view(-1, out.shape[-1]).addmm_(h2, weight.t(), alpha=scale)
+        return out
+    return torch.addmm(out.reshape(-1, out.shape[-1]), h2, weight.t(), alpha=scale).view(out.shape)
+
+
 def scale_of(weight: SiteWeight, method: str) -> Scale:
     """``weight`` as a Scale; per-sample factors are for methods that take them (banks, given LoRAs)."""
     if isinstance(weight, Factors):
@@ -81,12 +94,17 @@ class SiteAdapter(Adapter):
     """An adapter applied beside a base linear layer: y = base(x) + w · Δ(x, base(x)).
 
     A method implements ``forward`` (the delta alone) or, where it can fuse the addition, ``add_to``;
-    each defaults to the other. ``weight`` is already resolved at the site."""
+    each defaults to the other. ``weight`` is already resolved at the site. With ``inplace`` the method
+    may write the sum into ``out`` (after reading everything it reads): the layer says so when nothing
+    reads ``out`` afterwards, which saves a pass over the output."""
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight = 1.0) -> torch.Tensor:
         """w · Δ(x, base_out) alone."""
-        return self.add_to(torch.zeros_like(base_out), x, base_out, weight)
+        return self.add_to(torch.zeros_like(base_out), x, base_out, weight, inplace=True)
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight) -> torch.Tensor:
+    def add_to(
+        self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight, inplace: bool = False
+    ) -> torch.Tensor:
         """out + w · Δ(x, base_out)."""
-        return out + self(x, base_out, weight)
+        delta = self(x, base_out, weight)
+        return out.add_(delta) if inplace else out + delta

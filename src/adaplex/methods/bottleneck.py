@@ -46,5 +46,12 @@ class Bottleneck(SiteAdapter):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight = 1.0) -> torch.Tensor:
-        return self.up(self.act(self.down(base_out))) * scale_of(weight, "bottleneck")  # (..., hidden)
+    def add_to(
+        self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight, inplace: bool = False
+    ) -> torch.Tensor:
+        """out + w · U σ(D h), the scaling fused into the addition."""
+        delta = self.up(self.act(self.down(base_out)))  # (..., hidden)
+        scale = scale_of(weight, "bottleneck")
+        if isinstance(scale, torch.Tensor):  # (B, T|1, 1)
+            return out.addcmul_(delta, scale) if inplace else torch.addcmul(out, delta, scale)
+        return out.add_(delta, alpha=scale) if inplace else torch.add(out, delta, alpha=scale)

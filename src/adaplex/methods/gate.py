@@ -16,6 +16,7 @@ computed can be handed to a ``tap`` (read-outs, regularisation).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Literal
 
@@ -75,28 +76,40 @@ class LayerGate(Adapter):
         self.variant = config.variant
         self.temperature = config.temperature
         self.proj = nn.Linear(hidden, len(self.submodules))
-        self.forced: dict[str, float] = dict(config.forced)  # changed at run time by compose.gate.forcing
+        self.forced: dict[str, float] = dict(config.forced)  # see force()
         self.tap: GateTap | None = None
         self.site = ""  # the attention layer's path, set where it is placed
         self._shares: torch.Tensor | None = None  # softmax: this forward's shares (B, T, n)
+        self._last: tuple[str, weakref.ref, int, torch.Tensor] | None = None  # the last gate and its input
+
+    def force(self, values: dict[str, float]) -> None:
+        """From now on these submodules' gates are constants (submodule -> value); the others are computed."""
+        self.forced = dict(values)
+        self._last = None
 
     def value(self, submodule: str, hidden: torch.Tensor) -> torch.Tensor:
-        """The gate (B, T, 1) of ``submodule`` from the hidden states (B, T, hidden) at its hook point."""
+        """The gate (B, T, 1) of ``submodule`` from the hidden states (B, T, hidden) at its hook point.
+        Sites that read the same input (LoRA's q and v) get the value computed for the first of them."""
+        last = self._last
+        if last is not None and last[0] == submodule and last[1]() is hidden and last[2] == hidden._version:
+            return last[3]
         k = self.submodules.index(submodule)
         if submodule in self.forced:
             g = hidden.new_full((*hidden.shape[:-1], 1), self.forced[submodule])
         elif self.variant == "sigmoid":
             logit = F.linear(hidden, self.proj.weight[k : k + 1], self.proj.bias[k : k + 1])  # (B, T, 1)
-            g = torch.sigmoid(logit / self.temperature)
+            g = torch.sigmoid(logit if self.temperature == 1.0 else logit / self.temperature)
         else:
             g = self._softmax_share(k, submodule, hidden)
+        self._last = (submodule, weakref.ref(hidden), hidden._version, g)  # the input itself is not kept alive
         if self.tap is not None:
             self.tap(self.site, submodule, g)
         return g
 
     def _softmax_share(self, k: int, submodule: str, hidden: torch.Tensor) -> torch.Tensor:
         if submodule != "bottleneck":  # the attention input: compute every share of this layer
-            self._shares = torch.softmax(self.proj(hidden) / self.temperature, dim=-1)  # (B, T, n)
+            logits = self.proj(hidden)  # (B, T, n)
+            self._shares = torch.softmax(logits if self.temperature == 1.0 else logits / self.temperature, dim=-1)
         shares = self._shares
         if shares is None or shares.shape[:-1] != hidden.shape[:-1]:
             raise AdapterNameError(

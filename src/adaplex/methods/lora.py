@@ -19,7 +19,7 @@ from torch import nn
 
 from adaplex.errors import AdapterNameError
 from adaplex.kernels import gathered_lora
-from adaplex.methods.base import Factors, MethodConfig, SiteAdapter, SiteWeight, scale_of
+from adaplex.methods.base import Factors, MethodConfig, SiteAdapter, SiteWeight, add_product, scale_of
 from adaplex.util.names import name_matches
 
 ALL_LINEAR = ("all-linear",)
@@ -87,11 +87,18 @@ class LoRA(SiteAdapter):
             init_mixer(self.mixer, config.mixer_init)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight = 1.0) -> torch.Tensor:
+    def add_to(
+        self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight, inplace: bool = False
+    ) -> torch.Tensor:
+        """out + w · s · B (M) A x; a per-sample or per-token w scales the rank-r side, r/out times fewer
+        products than scaling the output."""
         h = F.linear(self.dropout(x), self.A)  # (..., r)
         if self.mixer is not None:
             h = F.linear(h, self.mixer)  # (..., r)
-        return F.linear(h, self.B) * (self.scaling * scale_of(weight, "LoRA"))  # (..., out)
+        scale = scale_of(weight, "LoRA")
+        if isinstance(scale, torch.Tensor):
+            h, scale = h * scale, 1.0  # (B, T, r) * (B, T|1, 1)
+        return add_product(out, h, self.B, self.scaling * scale, inplace)  # (..., out)
 
     def folded_B(self) -> torch.Tensor:
         """B with the mixer folded in (B·M), so that Δ = s · folded_B · A is plain LoRA."""
@@ -116,7 +123,9 @@ class PerSampleLoRA(SiteAdapter):
 
     needs: str  # what to do when the weight is not per-sample factors
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight) -> torch.Tensor:
+    def add_to(
+        self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, weight: SiteWeight, inplace: bool = False
+    ) -> torch.Tensor:
         if not isinstance(weight, Factors):
             raise AdapterNameError(self.needs)
         return per_sample_lora(out, x, weight)

@@ -135,8 +135,12 @@ def train_seed(config: ClassificationConfig, seed: int, source: str, out: Path, 
         train_set, data.batch_size, shuffle=True, generator=generator, collate_fn=lambda b: labelled.collate(b, pad)
     )
     eval_loader = DataLoader(eval_set, data.eval_batch_size, collate_fn=lambda b: labelled.collate(b, pad))
-    epochs = config.optim.max_epochs or 10
     per_epoch = -(-len(train_loader) // config.optim.grad_accum)
+    if config.optim.max_steps:  # a step budget: as many epochs as it takes, evaluated about ten times
+        epochs = -(-config.optim.max_steps // per_epoch)
+        every = max(1, epochs // 10)
+    else:
+        epochs, every = config.optim.max_epochs, 1
     total = config.optim.max_steps or per_epoch * epochs
     weights = labelled.class_weights(prepared.train, prepared.labels) if data.balance == "class_weights" else None
     module = AdapterClassifier(
@@ -153,6 +157,7 @@ def train_seed(config: ClassificationConfig, seed: int, source: str, out: Path, 
     trainer = L.Trainer(
         max_epochs=epochs,
         max_steps=config.optim.max_steps or -1,
+        check_val_every_n_epoch=every,
         accumulate_grad_batches=config.optim.grad_accum,
         gradient_clip_val=config.optim.gradient_clip,
         precision=precision_for(config),

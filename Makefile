@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench peers bench-gate clean
 
 $(BIN)/adaplex: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +35,15 @@ lint: venv
 bench: venv
 	$(BIN)/adaplex bench overhead --json --out benchmarks/results/overhead-cpu.json
 
+# AdapterHub's adapters, the peer of `adaplex bench gate`, in its own environment: it pins transformers 4.57.
+.venv-adapterhub/bin/python:
+	$(PYTHON) -m venv .venv-adapterhub
+	.venv-adapterhub/bin/pip install --quiet torch==2.13.0 transformers==4.57.6 adapters==1.3.0 numpy==2.4.6
+
+peers: .venv-adapterhub/bin/python
+
+bench-gate: venv peers
+	$(BIN)/adaplex bench gate --out benchmarks/results/gate-cpu.json
+
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) .venv-adapterhub demo-out

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks on the device machine (see README "Benchmarks"):  bash benchmarks/device_run.sh [SECTION...]
-# Sections (default: all): kernel route faults train; also profile (where a monitored forward's time goes), and
+# Sections (default: all): kernel route faults train; also profile (where a monitored forward's time goes), lora-speed
+# (the overhead and training benches alone), and
 # engine-route / engine-faults (after a change to the engine: the weight channel on CUDA, both kernels checked,
 # and their recorded ratios re-measured at the main shapes). Results go to $OUT (default /tmp/out).
 # Carried, not committed: .whl (pinned wheels the image lacks) and .devcarry (SmolLM2-135M's config and
@@ -63,6 +64,11 @@ trainer: {precision: auto, accelerator: auto, checkpoint_every_n_steps: 30}
 YAML
       python3 -m adaplex train /tmp/gpu-stage.yaml 2>&1 | tail -5
       cp /tmp/gpu-run/logs/csv/metrics.csv "$OUT/gpu-train-metrics.csv" ;;
+    lora-speed)  # after a change to LoRA's or the bottleneck's forward: the overhead and training benches alone
+      python3 -m adaplex bench train --base $BASE --device cuda --batch 16 --seq 256 --steps 8 --rounds 3 \
+        --out "$OUT/train-cuda.json" | tail -12
+      python3 -m adaplex bench overhead --base $BASE --device cuda --bf16 --batch 16 --seq 256 --rounds 5 \
+        --out "$OUT/overhead-cuda.json" | tail -14 ;;
     engine-route)
       python3 benchmarks/engine_check.py $BASE "$OUT/engine-check-cuda.json" | tail -20
       python3 benchmarks/kernel_check.py $BASE "$OUT/kernel-check-cuda.json" | tail -12
@@ -74,6 +80,6 @@ YAML
         --out "$OUT/faults-cuda-engine.json" | tail -12
       python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 32 --seq 1024 --repeats 15 --graphs \
         --out "$OUT/faults-cuda-large-graphed-engine.json" | tail -8 ;;
-    *) echo "unknown section $section (kernel route faults train profile engine-route engine-faults)"; exit 2 ;;
+    *) echo "unknown section $section (kernel route faults train profile lora-speed engine-route engine-faults)"; exit 2 ;;
   esac
 done

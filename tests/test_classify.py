@@ -77,11 +77,11 @@ def train_losses(run: Path) -> list[float]:
         return [float(r["train_loss"]) for r in csv.DictReader(f) if r.get("train_loss")]
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
-def test_gated_classification_trains_and_writes_gate_analytics(data, family):
-    summary = run_classification(config(data, f"run-{family}", family, seeds=[0, 1]))
+@pytest.mark.parametrize(("family", "seeds"), [("bert", [0, 1]), ("llama", [0])])
+def test_gated_classification_trains_and_writes_gate_analytics(data, family, seeds):
+    summary = run_classification(config(data, f"run-{family}", family, seeds=seeds))
     out = data / f"run-{family}"
-    for seed in (0, 1):
+    for seed in seeds:
         losses = train_losses(out / f"seed-{seed}")
         assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # the loss falls
         gates_dir = out / f"seed-{seed}" / "gates"
@@ -97,8 +97,9 @@ def test_gated_classification_trains_and_writes_gate_analytics(data, family):
             assert len(list(csv.DictReader(f))) == 6
     runs = summary["runs"]
     accuracies = [r["accuracy"] for r in runs]
-    assert summary["accuracy"]["mean"] == pytest.approx(sum(accuracies) / 2)
-    assert summary["accuracy"]["std"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / 2**0.5)
+    assert summary["accuracy"]["mean"] == pytest.approx(sum(accuracies) / len(seeds))
+    spread = abs(accuracies[0] - accuracies[1]) / 2**0.5 if len(seeds) == 2 else 0.0  # sample std of two
+    assert summary["accuracy"]["std"] == pytest.approx(spread)
     assert json.loads((out / "summary.json").read_text())["macro_f1"] == summary["macro_f1"]
     assert (out / "curves.png").is_file()
     # the saved model predicts what the best evaluation scored
@@ -244,9 +245,9 @@ def test_compare_methods_writes_the_table_data_and_plots(data, tmp_path):
         {
             "base": str(data / "bert"),
             "output": str(tmp_path / "cmp"),
-            "seeds": [0, 1],
+            "seeds": [0],
             "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"), "batch_size": 8},
-            "optim": {"lr": 1e-2, "max_epochs": 2, "warmup_steps": 1},
+            "optim": {"lr": 1e-2, "max_steps": 6, "warmup_steps": 1},
             "trainer": {"accelerator": "cpu"},
             "methods": {"probe": None, "unipelt": {"method": "unipelt"}},
             "sample_sizes": [4, "full"],
@@ -261,7 +262,9 @@ def test_compare_methods_writes_the_table_data_and_plots(data, tmp_path):
     assert probe["4"]["train_examples"] == 12 and probe["full"]["train_examples"] == 120  # K x 3 classes
     assert unipelt["trainable_parameters"] > probe["trainable_parameters"] == 99
     assert probe["latency_x_base"] > 0 and unipelt["peak_train_mib"] >= 0
-    assert len(result["epoch_curves"]["unipelt"]) == 2 and len(result["epoch_curves"]["unipelt"][0]) == 2
+    # a step budget of 6 ends inside the full set's first epoch (15 batches): evaluated there
+    (curve,) = result["epoch_curves"]["unipelt"]
+    assert [h["step"] for h in curve] == [6]
     assert json.loads((tmp_path / "gate-compare.json").read_text())["sample_sizes"] == ["4", "full"]
     for name in ("gate-sample-size.png", "gate-epochs.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

@@ -17,7 +17,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-import matplotlib
 import torch
 from pydantic import Field
 
@@ -38,10 +37,8 @@ from adaplex.train.config import (
 )
 from adaplex.train.run import model_with_adapters
 from adaplex.util.measure import interleaved_times, median_ratio, peak_memory_mib
+from adaplex.util.plots import axes, finish, save
 from adaplex.util.progress import report
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - after choosing the file-only backend
 
 PROBE = "probe"
 DEFAULT_METHODS: dict[str, dict[str, Any] | None] = {
@@ -177,35 +174,25 @@ def measure_costs(config: CompareConfig, source: str, device: str) -> dict[str, 
 def plot_sample_sizes(result: dict[str, Any], path: Path) -> None:
     """Macro-F1 (mean ± std over seeds) against the training examples per class; the full set last."""
     sizes = result["sample_sizes"]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = axes(6, 3.6)
     for method, row in result["methods"].items():
         means = [row[s]["macro_f1"]["mean"] for s in sizes]
         stds = [row[s]["macro_f1"]["std"] for s in sizes]
         ax.errorbar(range(len(sizes)), means, yerr=stds, marker="o", markersize=3, capsize=2, label=method)
     ax.set_xticks(range(len(sizes)), [f"K={s}" if s != "full" else "full" for s in sizes])
-    ax.set_xlabel("training examples per class")
-    ax.set_ylabel("macro-F1")
-    ax.set_title(f"{Path(result['task']).parent.name}: macro-F1 by training-set size", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(ax, "training examples per class", "macro-F1", f"{Path(result['task']).parent.name}: by training-set size")
+    save(fig, path)
 
 
 def plot_epochs(result: dict[str, Any], path: Path) -> None:
     """Evaluation macro-F1 per epoch at the largest size, mean over seeds, one line per method."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = axes(6, 3.6)
     for method, runs in result["epoch_curves"].items():
         length = min(len(h) for h in runs)
         means = [statistics.fmean(h[e]["val_macro_f1"] for h in runs) for e in range(length)]
         ax.plot(range(1, length + 1), means, marker="o", markersize=3, label=method)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("evaluation macro-F1")
-    ax.set_title(f"per-epoch evaluation, {result['sample_sizes'][-1]} training set", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(ax, "epoch", "evaluation macro-F1", f"per-epoch evaluation, {result['sample_sizes'][-1]} training set")
+    save(fig, path)
 
 
 def write(result: dict[str, Any], json_path: Path, plots: Path) -> None:

@@ -62,6 +62,7 @@ def lightning_chunk(handle: Adapted, batches: list[dict], device: torch.device, 
 
 
 def plain_chunk(model: nn.Module, batches: list[dict], device: torch.device, bf16: bool) -> list[float]:
+    model.to(device)  # a Lightning fit of the same model before it leaves it on the CPU
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
     times = []
     for batch in batches:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import matplotlib
 import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping
@@ -36,9 +35,7 @@ from adaplex.train.classifier import AdapterClassifier
 from adaplex.train.config import ClassificationConfig
 from adaplex.train.gates import GateAnalytics
 from adaplex.train.run import model_with_adapters, precision_for, spec_config
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - after choosing the file-only backend
+from adaplex.util.plots import axes, finish, save
 
 log = logging.getLogger(__name__)
 METRICS = ("accuracy", "macro_f1")
@@ -174,6 +171,8 @@ def train_seed(config: ClassificationConfig, seed: int, source: str, out: Path, 
     handle.model.train()
     head.train()
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=eval_loader)
+    if not module.history or module.history[-1]["step"] != trainer.global_step:
+        trainer.validate(module, eval_loader, verbose=False)  # a step budget that ended inside an epoch
     best.restore()
     handle.model.eval()
     head.eval()
@@ -233,20 +232,12 @@ class KeepBest(L.Callback):
 
 def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
     """Evaluation accuracy and macro-F1 per epoch, one line per seed."""
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(9, 3.2))
-    for ax, metric in zip(axes, METRICS, strict=True):
+    fig, panels = axes(9, 3.2, columns=len(METRICS))
+    for ax, metric in zip(panels, METRICS, strict=True):
         for run in runs:
-            ax.plot(
-                [h["epoch"] + 1 for h in run["history"]],
-                [h[f"val_{metric}"] for h in run["history"]],
-                marker="o",
-                markersize=3,
-                label=f"seed {run['seed']}",
-            )
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
+            epochs = [h["epoch"] + 1 for h in run["history"]]
+            values = [h[f"val_{metric}"] for h in run["history"]]
+            ax.plot(epochs, values, marker="o", markersize=3, label=f"seed {run['seed']}")
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        finish(ax, "epoch", metric)
+    save(fig, path)

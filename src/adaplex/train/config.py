@@ -16,6 +16,11 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def distinct(values: list, what: str) -> None:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what} repeat: {values}")
+
+
 class AdapterSpec(Strict):
     """One adapter of the run: created from ``config`` or loaded from ``path``; trained or frozen-and-active."""
 
@@ -97,9 +102,7 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _checks(self) -> TrainConfig:
-        names = [a.name for a in self.adapters]
-        if len(set(names)) != len(names):
-            raise ValueError(f"adapter names repeat: {names}")
+        distinct([a.name for a in self.adapters], "adapter names")
         if not any(a.train for a in self.adapters):
             raise ValueError("no adapter has train: true; nothing would be trained")
         return self
@@ -168,11 +171,8 @@ class ClassificationConfig(Strict):
 
     @model_validator(mode="after")
     def _checks(self) -> ClassificationConfig:
-        names = [a.name for a in self.adapters]
-        if len(set(names)) != len(names):
-            raise ValueError(f"adapter names repeat: {names}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds repeat: {self.seeds}")
+        distinct([a.name for a in self.adapters], "adapter names")
+        distinct(self.seeds, "seeds")
         return self
 
 

@@ -11,14 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import matplotlib
 import torch
 
 from adaplex.compose.gate import GateReadout, gates, reading, regularising
 from adaplex.core.adapted import Adapted
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - after choosing the file-only backend
+from adaplex.util.plots import axes, finish, save
 
 
 class GateRegulariser:
@@ -54,8 +51,8 @@ class GateRegulariser:
 
 class GateAnalytics(L.Callback):
     """At each evaluation: the gates' mean, spread and histogram per layer and submodule over the
-    evaluation set's real tokens, as gates/epoch-NNN.{json,csv} with a heatmap and a histogram PNG;
-    at the end of training, gates/trajectory.png (each gate's mean over the evaluations)."""
+    evaluation set's real tokens, as gates/epoch-NNN.{json,csv} with a heatmap and a histogram PNG, and
+    gates/trajectory.png (each gate's mean over the evaluations so far)."""
 
     def __init__(self, handle: Adapted, out: Path) -> None:
         self.handle, self.out = handle, out
@@ -83,10 +80,7 @@ class GateAnalytics(L.Callback):
         epoch = len(self.history)
         self.history.append({"epoch": epoch, "step": trainer.global_step, "gates": rows})
         write_readout(self.out, f"epoch-{epoch:03d}", self.history[-1])
-
-    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if self.history and trainer.is_global_zero:
-            plot_trajectory(self.history, self.out / "trajectory.png")
+        plot_trajectory(self.history, self.out / "trajectory.png")
 
     @property
     def final(self) -> dict[str, Any] | None:
@@ -119,7 +113,7 @@ def plot_heatmap(readout: dict[str, Any], path: Path) -> None:
     values = [
         [cell[(layer, s)]["mean"] if (layer, s) in cell else float("nan") for s in submodules] for layer in layers
     ]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(submodules), 1.0 + 0.45 * len(layers)))
+    fig, ax = axes(1.6 + 1.4 * len(submodules), 1.0 + 0.45 * len(layers))
     image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     for i, layer in enumerate(layers):
         for j, s in enumerate(submodules):
@@ -128,30 +122,22 @@ def plot_heatmap(readout: dict[str, Any], path: Path) -> None:
                 ax.text(j, i, f"{r['mean']:.2f}±{r['std']:.2f}", ha="center", va="center", fontsize=7, color="w")
     ax.set_xticks(range(len(submodules)), submodules)
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-    ax.set_ylabel("layer")
-    ax.set_title(f"gates, evaluation {readout['epoch']} (step {readout['step']})", fontsize=9)
+    finish(ax, "", "layer", f"gates, evaluation {readout['epoch']} (step {readout['step']})", legend=None)
     fig.colorbar(image, ax=ax, fraction=0.05)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_histogram(readout: dict[str, Any], path: Path) -> None:
     """The distribution of gate values over tokens, per submodule (all layers together)."""
     rows = readout["gates"]
     _, submodules = _grid(rows)
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = axes(5, 3)
     for s in submodules:
         counts = torch.tensor([r["histogram"] for r in rows if r["submodule"] == s], dtype=torch.float64).sum(0)
         edges = torch.linspace(0, 1, len(counts) + 1)
         ax.stairs((counts / counts.sum().clamp(min=1)).tolist(), edges.tolist(), label=s)
-    ax.set_xlabel("gate value")
-    ax.set_ylabel("share of tokens")
-    ax.set_title(f"gate values, evaluation {readout['epoch']}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(ax, "gate value", "share of tokens", f"gate values, evaluation {readout['epoch']}")
+    save(fig, path)
 
 
 def plot_trajectory(history: list[dict[str, Any]], path: Path) -> None:
@@ -161,7 +147,7 @@ def plot_trajectory(history: list[dict[str, Any]], path: Path) -> None:
     for readout in history:
         for r in readout["gates"]:
             series.setdefault((r["layer"], r["submodule"]), []).append((readout["step"], r["mean"]))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = axes(6, 3.5)
     labelled = set()
     for (layer, s), points in sorted(series.items()):
         steps, means = zip(*points, strict=True)
@@ -176,11 +162,6 @@ def plot_trajectory(history: list[dict[str, Any]], path: Path) -> None:
             markersize=2,
             label=label,
         )
-    ax.set_xlabel("training step")
-    ax.set_ylabel("mean gate")
     ax.set_ylim(0, 1)
-    ax.set_title("gates over training (darker: deeper layer)", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(ax, "training step", "mean gate", "gates over training (darker: deeper layer)")
+    save(fig, path)

@@ -210,3 +210,13 @@ def test_bad_gate_configs_say_what_is_wrong():
         add_unipelt(handle, "v", UniPELTConfig(prefix=None))
         with forcing(handle, "v-gate", prefix=1.0):
             pass
+
+
+def test_gated_models_run_under_inference_mode():
+    """Inference tensors have no version counter; a gate and a grouped site still tell inputs apart."""
+    model, handle, names = gated_model("llama", torch.float32)
+    ids = torch.randint(3, 90, (2, 6))
+    with torch.no_grad():
+        expected = output(model, ids)
+    with torch.inference_mode():
+        assert torch.equal(output(model, ids), expected)

@@ -28,6 +28,7 @@ from adaplex.core.stack import Stack
 from adaplex.core.weights import WeightKind
 from adaplex.kernels import gathered_lora
 from adaplex.methods import Factors, PerSampleLoRA, SiteAdapter
+from adaplex.util.tensors import version
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
@@ -172,7 +173,7 @@ class SharedInputGroup:
         """``member``'s result computed as part of the group, or None: compute it alone."""
         pending = self._pending.pop(id(member), None)
         if pending is not None:
-            if pending.x is x and pending.version == x._version:
+            if pending.x is x and pending.version == version(x):
                 return pending.result
             self.members.remove(member)  # called on another input: not a sibling after all
             return None
@@ -197,7 +198,7 @@ class SharedInputGroup:
             outs = gathered_lora.grouped_lora_add(x, [(out, f.down, f.up) for out, f in zip(outs, row, strict=True)])
         applied = tuple(names)
         for m, base, out in zip(joined[1:], bases[1:], outs[1:], strict=True):
-            self._pending[id(m)] = _Pending(x, x._version, (base, out, applied))
+            self._pending[id(m)] = _Pending(x, version(x), (base, out, applied))
         return bases[0], outs[0], applied
 
 

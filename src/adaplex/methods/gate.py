@@ -27,6 +27,7 @@ from torch import nn
 
 from adaplex.errors import AdapterNameError
 from adaplex.methods.base import Adapter, MethodConfig
+from adaplex.util.tensors import version
 
 Submodule = Literal["lora", "prefix", "bottleneck"]
 SUBMODULES: tuple[Submodule, ...] = ("lora", "prefix", "bottleneck")
@@ -91,7 +92,7 @@ class LayerGate(Adapter):
         """The gate (B, T, 1) of ``submodule`` from the hidden states (B, T, hidden) at its hook point.
         Sites that read the same input (LoRA's q and v) get the value computed for the first of them."""
         last = self._last
-        if last is not None and last[0] == submodule and last[1]() is hidden and last[2] == hidden._version:
+        if last is not None and last[0] == submodule and last[1]() is hidden and last[2] == version(hidden):
             return last[3]
         k = self.submodules.index(submodule)
         if submodule in self.forced:
@@ -101,7 +102,7 @@ class LayerGate(Adapter):
             g = torch.sigmoid(logit if self.temperature == 1.0 else logit / self.temperature)
         else:
             g = self._softmax_share(k, submodule, hidden)
-        self._last = (submodule, weakref.ref(hidden), hidden._version, g)  # the input itself is not kept alive
+        self._last = (submodule, weakref.ref(hidden), version(hidden), g)  # the input itself is not kept alive
         if self.tap is not None:
             self.tap(self.site, submodule, g)
         return g

@@ -1,0 +1,1 @@
+"""The prompt-to-LoRA generator: checkpoint tokenizer (so far)."""

@@ -37,10 +37,10 @@ from adaplex.train.module import AdapterLM
 log = logging.getLogger(__name__)
 
 
-def build_model(config: TrainConfig, source: str) -> tuple[Adapted, object, dict[str, list[str]]]:
+def build_model(config: TrainConfig, source: str) -> tuple[tuple[Adapted, dict[str, list[str]]], object]:
     """Base model (the one rule: config.base, else the first loaded adapter's base, else the default)
-    with every adapter of the config created or loaded, trained or frozen, and weighted. Returns the
-    adapter names each spec produced (a bundle produces several)."""
+    with every adapter of the config created or loaded, trained or frozen, and weighted: ((handle, the
+    adapter names each spec produced; a bundle produces several), tokenizer)."""
     loaded = [a.path for a in config.adapters if a.path is not None]
     recorded, relative_to = recorded_base(loaded[0]) if loaded else (None, None)
     model, tokenizer = load_base(choose_base(config.base, recorded), relative_to=relative_to)

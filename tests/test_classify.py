@@ -145,7 +145,7 @@ def test_sentence_pairs_from_csv(tmp_path):
         writer = csv.writer(f)
         writer.writerow(["text_a", "text_b", "label"])
         writer.writerows([["w3 w4", "w5", "yes"], ["w6", "w7 w8", "no"]])
-    records = labelled.read_labelled(path, ClassificationData(train=path))
+    records, _ = labelled.read_labelled(path, ClassificationData(train=path))
     assert records[0].texts == ("w3 w4", "w5") and records[1].label == "no"
     tokenizer = tiny.word_tokenizer()
     encoded = labelled.encode(records, tokenizer, ("no", "yes"), 16)
@@ -163,7 +163,7 @@ def test_save_then_load_gives_identical_predictions(data, tmp_path, dtype):
     torch.manual_seed(0)
     torch.nn.init.normal_(head.out.weight)
     save_classifier(handle, head, head_config, tmp_path / "model", None)
-    records = labelled.read_labelled(data / "eval.jsonl", ClassificationData(train=data / "eval.jsonl"))
+    records, _ = labelled.read_labelled(data / "eval.jsonl", ClassificationData(train=data / "eval.jsonl"))
     from_memory = Classifier(handle, head, head_config, tokenizer)
     loaded = load_classifier(tmp_path / "model", dtype=dtype)
     assert torch.equal(loaded.probabilities(records), from_memory.probabilities(records))

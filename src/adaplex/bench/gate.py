@@ -21,7 +21,7 @@ from torch import nn
 from adaplex.compose.gate import UniPELTConfig, add_unipelt
 from adaplex.core.adapted import Adapted
 from adaplex.core.models import find_base, load_base
-from adaplex.util.measure import interleaved_times, median_ratio, peak_memory_mib
+from adaplex.util.measure import device_name, interleaved_times, median_ratio, peak_memory_mib
 
 PEER_SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "peers" / "adapterhub_gate.py"
 PEER_PYTHON = Path(__file__).resolve().parents[3] / ".venv-adapterhub" / "bin" / "python"
@@ -92,7 +92,7 @@ def run(
     return {
         "benchmark": "gate",
         "base": base_spec,
-        "device": device if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "device": device_name(dev),
         "dtype": name,
         "batch": batch,
         "seq": seq,

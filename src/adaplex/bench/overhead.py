@@ -21,7 +21,7 @@ from adaplex.core.adapted import Adapted
 from adaplex.core.inject import select_sites
 from adaplex.core.models import load_base
 from adaplex.methods import BottleneckConfig, LoRAConfig, MoSLoRAConfig, PrefixConfig
-from adaplex.util.measure import interleaved_times, median_ratio, peak_memory_mib
+from adaplex.util.measure import device_name, interleaved_times, median_ratio, peak_memory_mib
 
 
 @dataclass
@@ -122,7 +122,7 @@ def run(
     return {
         "benchmark": "overhead",
         "base": base_spec,
-        "device": device if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "device": device_name(dev),
         "dtype": str(dtype).removeprefix("torch."),
         "batch": batch,
         "seq": seq,

@@ -28,7 +28,7 @@ from adaplex.core.graphs import graphed_decode
 from adaplex.core.models import load_base
 from adaplex.kernels import gathered_lora
 from adaplex.methods import ExpertsConfig
-from adaplex.util.measure import interleaved_times, median_ratio
+from adaplex.util.measure import device_name, interleaved_times, median_ratio
 from adaplex.util.progress import report
 
 
@@ -128,7 +128,7 @@ def run(
         "benchmark": "route",
         "base": base_spec,
         "mode": mode,
-        "device": device if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "device": device_name(dev),
         "dtype": "bfloat16" if bf16 else "float32",
         "batch": batch,
         "seq": seq,

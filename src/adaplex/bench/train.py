@@ -27,7 +27,7 @@ from adaplex.core.adapted import Adapted
 from adaplex.core.models import load_base
 from adaplex.methods import LoRAConfig, MoSLoRAConfig
 from adaplex.train.module import AdapterLM
-from adaplex.util.measure import peak_memory_mib, sync
+from adaplex.util.measure import device_name, peak_memory_mib, sync
 
 
 class StepTimer(L.Callback):
@@ -129,7 +129,7 @@ def run(
     return {
         "benchmark": "train",
         "base": base_spec,
-        "device": device if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "device": device_name(dev),
         "precision": precision,
         "batch": batch,
         "seq": seq,

@@ -68,8 +68,6 @@ def predict_file(
     if target.exists() and not overwrite:
         raise StorageError(f"{target} already exists; choose another path or pass --overwrite")
     records = labelled.read_records(source)
-    if not records:
-        raise StorageError(f"{source} holds no records")
     labels = classifier.config.labels
     scored = all(r.get(label_field) not in (None, "") for _, r in records)
     items = labelled.as_labelled(records, classifier.config.text_fields, label_field if scored else None)

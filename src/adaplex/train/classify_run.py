@@ -52,11 +52,10 @@ class Prepared:
 def prepare(config: ClassificationConfig, seed: int) -> Prepared:
     """Training and evaluation records of one seed: read and checked, few-shot sampled, balanced."""
     data = config.data
-    records = labelled.read_labelled(data.train, data)
-    fields = labelled.text_fields(labelled.read_records(data.train), data, data.train)
+    records, fields = labelled.read_labelled(data.train, data)
     labels = labelled.label_set(records, data.train)
     if data.eval is not None:
-        held = labelled.read_labelled(data.eval, data, fields)
+        held, _ = labelled.read_labelled(data.eval, data, fields)
         labelled.check_labels(held, labels)
         train = records
     else:

@@ -35,16 +35,20 @@ class Labelled:
 
 
 def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(file:line, record) of a CSV (header row) or JSONL file."""
+    """(file:line, record) of a CSV (header row) or JSONL file; a file without records is an error."""
     if not path.is_file():
         raise ConfigError(f"{path} is not a file; give a CSV or JSONL file of labelled texts")
     if path.suffix.lower() == ".csv":
         try:
             with path.open(encoding="utf-8", newline="") as f:
-                return [(f"{path}:{i + 2}", row) for i, row in enumerate(csv.DictReader(f))]
+                records = [(f"{path}:{i + 2}", row) for i, row in enumerate(csv.DictReader(f))]
         except (UnicodeDecodeError, csv.Error) as err:
             raise ConfigError(f"{path} is not a readable UTF-8 CSV file ({err})") from None
-    return [(f"{path}:{i + 1}", r) for i, r in enumerate(read_lines(path))]
+    else:
+        records = [(f"{path}:{i + 1}", r) for i, r in enumerate(read_lines(path))]
+    if not records:
+        raise ConfigError(f"{path} holds no records")
+    return records
 
 
 def text_fields(records: list[tuple[str, dict[str, Any]]], config: ClassificationData, path: Path) -> tuple[str, ...]:
@@ -62,12 +66,14 @@ def text_fields(records: list[tuple[str, dict[str, Any]]], config: Classificatio
     )
 
 
-def read_labelled(path: Path, config: ClassificationData, fields: tuple[str, ...] | None = None) -> list[Labelled]:
-    """Every record of ``path`` as Labelled; a missing or empty field is an error naming the line."""
+def read_labelled(
+    path: Path, config: ClassificationData, fields: tuple[str, ...] | None = None
+) -> tuple[list[Labelled], tuple[str, ...]]:
+    """Every record of ``path`` as Labelled, and the text fields read (``fields``, else ``text_fields``);
+    a missing or empty field is an error naming the line."""
     records = read_records(path)
-    if not records:
-        raise ConfigError(f"{path} holds no records")
-    return as_labelled(records, fields or text_fields(records, config, path), config.label_field)
+    fields = fields or text_fields(records, config, path)
+    return as_labelled(records, fields, config.label_field), fields
 
 
 def as_labelled(

@@ -22,6 +22,11 @@ Step = Callable[[], object]
 T = TypeVar("T")
 
 
+def device_name(device: torch.device) -> str:
+    """ "cpu", or the CUDA device's name, as benchmark results record it."""
+    return str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -178,6 +178,17 @@ CASES = {
     "train empty gate": (["train", "{root}/no-parts.yaml"], "enable at least one of lora, prefix, bottleneck"),
     "train classification resume": (["train", "{root}/one-class.yaml", "--resume"], "--resume applies"),
     "train unknown task": (["train", "{root}/task.yaml"], "unknown task 'regression'"),
+    "gen generate missing generator": (
+        ["gen", "generate", "{root}/missing", "hi", "--out", "{root}/g"],
+        "not a generator",
+    ),
+    "gen generate empty prompt": (["gen", "generate", "{root}/missing", " ", "--out", "{root}/g"], "prompt is empty"),
+    "gen generate empty file": (
+        ["gen", "generate", "{root}/missing", "--file", "{root}/empty.jsonl", "--out", "{root}/g"],
+        "holds no prompts",
+    ),
+    "gen generate taken": (["gen", "generate", "{root}/missing", "hi", "--out", "{root}/taken"], "already exists"),
+    "gen test-tokenization not a zoo": (["gen", "test-tokenization", "{root}/empty"], "is not a zoo"),
     "unknown command": (["frobnicate"], "No such command"),
     "unknown option": (["info", "--colour"], "No such option"),
 }

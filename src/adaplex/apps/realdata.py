@@ -24,20 +24,10 @@ import re
 from pathlib import Path
 
 from adaplex.errors import ConfigError
-from adaplex.train.data import pydoc_topics
+from adaplex.train.corpora import FORTUNES_DIR, fortunes, pydoc_topics, split, topic_paragraphs
 
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
 STYLE_TOPICS = ("computers", "science", "wisdom", "work", "food", "love", "politics", "literature")
 QUESTIONS = ("What does the Python reference say about {}?", "Explain {} in Python.", "How does {} work in Python?")
-
-
-def fortunes(topic: str) -> list[str]:
-    """The fortunes of one collection, whitespace-normalised, short ones only (<= 400 characters)."""
-    path = FORTUNES_DIR / topic
-    if not path.is_file():
-        raise ConfigError(f"fortunes collection {path} not found; install it with `apt-get install fortunes`")
-    entries = [" ".join(e.split()) for e in path.read_text(encoding="utf-8", errors="replace").split("\n%\n")]
-    return [e for e in entries if 20 <= len(e) <= 400]
 
 
 def fortunes_available() -> bool:
@@ -60,17 +50,6 @@ def instruct_records(seed: int = 0) -> list[dict[str, str]]:
             subject = f"'{name.replace('-', ' ')}'"
             records.append({"prompt": rng.choice(QUESTIONS).format(subject), "response": answer[:600]})
     return records
-
-
-def topic_paragraphs() -> dict[str, list[str]]:
-    """Each pydoc topic's prose paragraphs (no grammar blocks), whitespace-normalised, 80-600 characters."""
-    found = {}
-    for name, text in pydoc_topics().items():
-        paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
-        prose = [p for p in paragraphs if 80 < len(p) <= 600 and not p.startswith(("*", "=")) and "::=" not in p]
-        if prose:
-            found[name] = prose
-    return found
 
 
 def pair_records(topics: dict[str, list[str]], others: dict[str, list[str]], seed: int) -> list[dict[str, str]]:
@@ -112,11 +91,6 @@ def classification_sets(seed: int = 0) -> dict[str, dict[str, list[dict[str, str
         "eval": pair_records(eval_topics, topics, seed + 1),
     }
     return sets
-
-
-def split(items: list, heldout_every: int = 10) -> tuple[list, list]:
-    """Every ``heldout_every``-th item is held out."""
-    return [x for i, x in enumerate(items) if i % heldout_every], items[::heldout_every]
 
 
 def prepare(out: Path, seed: int = 0) -> dict[str, int]:

@@ -14,7 +14,7 @@ import warnings
 
 import typer
 
-from adaplex.cli import adapters, bench, faults, run  # noqa: F401 - importing registers the commands
+from adaplex.cli import adapters, bench, faults, gen, run  # noqa: F401 - importing registers the commands
 from adaplex.cli.common import app, phase_lines
 from adaplex.errors import AdaplexError
 

@@ -25,7 +25,8 @@ def fault_inputs(base: str | None, batch: int, seq: int, count: int, bf16: bool 
     import torch
 
     from adaplex.core.models import choose_base, load_base
-    from adaplex.train.data import pydoc_topics, token_blocks
+    from adaplex.train.corpora import pydoc_topics
+    from adaplex.train.data import token_blocks
 
     model, tokenizer = load_base(choose_base(base, None), dtype=torch.bfloat16 if bf16 else torch.float32)
     blocks = token_blocks(list(pydoc_topics().values()), tokenizer, seq)

@@ -43,6 +43,18 @@ class Layout:
         """What two adapters must share to be tokenized alike."""
         return self.width, tuple((e.key, e.shape, e.dtype) for e in self.entries)
 
+    def layers(self) -> tuple[int, int]:
+        """(L, t): the grid as L layers of t tokens each, where every layer (the first number in a key's
+        path) holds the same number of tokens; else (1, T)."""
+        per_layer: dict[int, int] = {}
+        for e in self.entries:
+            numbers = [int(p) for p in e.key.split(".") if p.isdigit()]
+            if not numbers:
+                return 1, self.tokens
+            per_layer[numbers[0]] = per_layer.get(numbers[0], 0) + e.tokens
+        counts = set(per_layer.values())
+        return (len(per_layer), counts.pop()) if len(counts) == 1 else (1, self.tokens)
+
     def padding(self) -> torch.Tensor:
         """(T, D) boolean: True where a position holds no value of any tensor."""
         pad = torch.zeros(self.tokens, self.width, dtype=torch.bool)
@@ -54,13 +66,18 @@ class Layout:
         return pad
 
 
+def natural_key(key: str) -> tuple:
+    """Sort key that orders 'layers.2' before 'layers.10', so that each layer's tensors are contiguous."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split("."))
+
+
 def layout_of(tensors: dict[str, torch.Tensor], width: int = DEFAULT_WIDTH) -> Layout:
-    """The layout of one adapter's tensors, keys in sorted order."""
+    """The layout of one adapter's tensors, keys in natural order (layer by layer)."""
     if width < 1:
         raise ConfigError(f"token width {width} must be at least 1")
     entries = tuple(
         Entry(k, tuple(t.shape), str(t.dtype).removeprefix("torch."), max(1, math.ceil(t.numel() / width)))
-        for k, t in sorted(tensors.items())
+        for k, t in sorted(tensors.items(), key=lambda item: natural_key(item[0]))
     )
     for e in entries:
         if e.dtype not in ("float32", "float16", "bfloat16"):
@@ -158,3 +175,13 @@ def _difference(a: Layout, b: Layout) -> str:
         if (e.shape, e.dtype) != (other.shape, other.dtype):
             return f"tensor {key!r} is {e.dtype} {list(e.shape)}, the layout has {other.dtype} {list(other.shape)}"
     return f"token width {a.width} against {b.width}"
+
+
+def layout_fields(layout: Layout) -> dict:
+    """The layout as JSON fields (its statistics, tensors, are stored beside it)."""
+    return {"width": layout.width, "entries": [[e.key, list(e.shape), e.dtype, e.tokens] for e in layout.entries]}
+
+
+def layout_from_fields(fields: dict, mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> Layout:
+    entries = tuple(Entry(key, tuple(shape), dtype, tokens) for key, shape, dtype, tokens in fields["entries"])
+    return Layout(int(fields["width"]), entries, mean, std)

@@ -25,6 +25,9 @@ LEGACY_WEIGHTS = "adapter.bin"
 BUNDLE_FILE = "bundle.json"
 
 
+LATE_FIELDS = ("provenance",)  # added after files were written without them: hashed only when set
+
+
 class Record(BaseModel):
     """Fields shared by adapter and bundle records; ``checksum`` covers all the others."""
 
@@ -41,7 +44,8 @@ class Record(BaseModel):
     checksum: str = ""
 
     def content_hash(self) -> str:
-        fields = self.model_dump(exclude={"checksum"})
+        unset_late = {k for k in LATE_FIELDS if getattr(self, k, None) is None}
+        fields = self.model_dump(exclude={"checksum"} | unset_late)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -51,6 +55,7 @@ class AdapterRecord(Record):
     config: dict[str, Any]
     dtype: str
     weights_sha256: str
+    provenance: dict[str, Any] | None = None  # where the weights came from (a generator and its prompt, a zoo run)
 
 
 class BundleRecord(Record):
@@ -71,7 +76,7 @@ def write_record(record: Record, path: Path) -> None:
     path.write_text(json.dumps(record.model_dump(), indent=2) + "\n")
 
 
-def _read_record(path: Path, kind: type[Record]) -> Record:
+def read_record_file(path: Path, kind: type[Record]) -> Record:
     if not path.is_file():
         raise StorageError(f"{path} not found; is {path.parent} an adaplex adapter or bundle directory?")
     try:
@@ -91,11 +96,11 @@ def _first_error(err: Exception) -> str:
 
 
 def read_adapter_record(directory: Path) -> AdapterRecord:
-    return _read_record(directory / CONFIG_FILE, AdapterRecord)  # type: ignore[return-value]
+    return read_record_file(directory / CONFIG_FILE, AdapterRecord)  # type: ignore[return-value]
 
 
 def read_bundle_record(directory: Path) -> BundleRecord:
-    return _read_record(directory / BUNDLE_FILE, BundleRecord)  # type: ignore[return-value]
+    return read_record_file(directory / BUNDLE_FILE, BundleRecord)  # type: ignore[return-value]
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -111,5 +116,5 @@ def read_record(directory: Path) -> Record | None:
     """The verified record of a bundle or adapter directory; None when it holds neither file."""
     for file, kind in ((BUNDLE_FILE, BundleRecord), (CONFIG_FILE, AdapterRecord)):
         if (directory / file).is_file():
-            return _read_record(directory / file, kind)
+            return read_record_file(directory / file, kind)
     return None

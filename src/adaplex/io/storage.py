@@ -51,9 +51,16 @@ def _base_fields(model: nn.Module, version: str | None, parent: str | None) -> d
     }
 
 
-def write_adapter(handle: Adapted, name: str, directory: Path, role: str, base_fields: dict[str, Any]) -> None:
+def write_adapter(
+    handle: Adapted,
+    name: str,
+    directory: Path,
+    role: str,
+    base_fields: dict[str, Any],
+    provenance: dict[str, Any] | None = None,
+) -> None:
     """Write adapter ``name`` into an existing, empty ``directory`` (no atomicity here)."""
-    write_files(directory, name, role, handle.configs[name], handle.state_dict(name), base_fields)
+    write_files(directory, name, role, handle.configs[name], handle.state_dict(name), base_fields, provenance)
 
 
 def save_adapter(
@@ -65,13 +72,26 @@ def save_adapter(
     version: str | None = None,
     parent: str | None = None,
     overwrite: bool = False,
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
     """Save one adapter atomically; an existing directory is replaced only with ``overwrite``."""
     handle.stack.check(name)
     directory = Path(directory)
     with atomic_directory(directory, overwrite) as staging:
-        write_adapter(handle, name, staging, role, _base_fields(handle.model, version, parent))
+        write_adapter(handle, name, staging, role, _base_fields(handle.model, version, parent), provenance)
     return directory
+
+
+def base_fields_of(record: Record) -> dict[str, Any]:
+    """Record fields for new adapter files made for the base that ``record`` names, without the model
+    in hand (a generator's output is for the base of the zoo it learned from)."""
+    return {
+        "base": record.base,
+        "base_model_type": record.base_model_type,
+        "base_fingerprint": record.base_fingerprint,
+        "adaplex_version": VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
 @dataclass(frozen=True)

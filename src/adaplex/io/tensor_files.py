@@ -32,6 +32,7 @@ def write_files(
     config: MethodConfig,
     tensors: dict[str, torch.Tensor],
     base_fields: dict[str, Any],
+    provenance: dict[str, Any] | None = None,
 ) -> None:
     """adapter.safetensors and its verified adapter_config.json."""
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
@@ -43,6 +44,7 @@ def write_files(
         config=config.model_dump(mode="json"),
         dtype=dtypes.pop() if len(dtypes) == 1 else "mixed",
         weights_sha256=file_sha256(directory / WEIGHTS_FILE),
+        provenance=provenance,
         **base_fields,
     )
     write_record(record, directory / CONFIG_FILE)

@@ -29,13 +29,6 @@ IGNORE = -100
 Example = dict[str, Any]  # input_ids, labels (lists of ints) and, for routed data, key
 
 
-def pydoc_topics() -> dict[str, str]:
-    """Python's reference documentation topics, name -> text (shipped with every Python)."""
-    from pydoc_data.topics import topics
-
-    return dict(sorted(topics.items()))
-
-
 def token_stream(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The texts' tokens, one after the other, each text followed by EOS."""
     stream: list[int] = []

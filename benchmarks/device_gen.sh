@@ -30,7 +30,7 @@ sed -e "s#^output: zoo#output: /tmp/zoo#" -e "s#^base: smollm2-135m#base: /tmp/s
   -e "s#fortunes: all .*#fortunes: []#" -e "s#pydoc_groups: 6 .*#pydoc_groups: 12#" configs/gen-zoo.yaml > /tmp/zoo.yaml
 python3 -m adaplex gen zoo /tmp/zoo.yaml --out "$OUT/gen-zoo-cuda.json" | tail -1
 sed -e "s#^zoo: zoo#zoo: /tmp/zoo#" -e "s#^output: .*#output: /tmp/gen-run#" -e "s#^encoder: .*#encoder: /tmp/minilm#" \
-  -e "s#heldout_every: 6 .*#heldout_every: 4#" -e "s#max_steps: 1500#max_steps: 600#" configs/gen-train.yaml > /tmp/gen.yaml
+  -e "s#heldout_every: 6 .*#heldout_every: 4#" configs/gen-train.yaml > /tmp/gen.yaml
 python3 -m adaplex gen train /tmp/gen.yaml --json | tail -1 > "$OUT/gen-train-cuda.json"
 cat "$OUT/gen-train-cuda.json"
 python3 benchmarks/gen_cuda.py /tmp/gen-run/generator /tmp/smollm2 "$OUT/gen-cuda.json"

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ import adaplex
 from adaplex.core.models import load_base
 from adaplex.errors import AdapterNameError, ConfigError, StorageError
 from adaplex.generator.config import GenConfig
-from adaplex.generator.dataset import round_trip, token_set
+from adaplex.generator.dataset import analyze, round_trip, token_set
 from adaplex.generator.evaluate import evaluate, row_losses
 from adaplex.generator.generate import PromptToLoRA, read_prompt_file
 from adaplex.generator.training import GeneratorModule, train_generator
@@ -270,3 +272,40 @@ def test_bad_input(trained, tmp_path):
         PromptToLoRA(tmp_path)
     with pytest.raises(ConfigError, match="is not in the zoo"):
         train_generator(gen_config(root, "x", heldout=["nope"]), dry_run=True)
+
+
+def test_zoo_statistics(world):
+    result = analyze(read_zoo(world / "zoo"), width=16)
+    zoo = read_zoo(world / "zoo")
+    kinds = {row["kind"]: row for row in result["kinds"]}
+    assert set(kinds) == {"q_proj.A", "q_proj.B", "v_proj.A", "v_proj.B"} and len(result["layers"]) == 2
+    tensors = [zoo.tensors(m) for m in zoo.members]
+    norms = [torch.cat([t[k].reshape(-1) for k in sorted(t) if k.endswith("q_proj.B")]).norm() for t in tensors]
+    assert math.isclose(kinds["q_proj.B"]["norm"], float(torch.stack(norms).mean()), rel_tol=1e-3)
+    assert all(row["spread"] > 0 for row in result["kinds"])
+
+
+def test_command_line_generates_adapters_every_command_loads(trained, tmp_path):
+    root, _ = trained
+    run = [sys.executable, "-m", "adaplex"]
+    made = subprocess.run(
+        [
+            *run,
+            "gen",
+            "generate",
+            str(root / "run" / "generator"),
+            "w10 w10 w40\\nw60 w70",
+            "--out",
+            str(tmp_path / "g"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert made.returncode == 0, made.stderr[-2000:]
+    (adapter,) = [p for p in (tmp_path / "g").iterdir() if p.is_dir()]
+    info = subprocess.run([*run, "info", str(adapter)], capture_output=True, text=True, timeout=300)
+    assert info.returncode == 0 and "lora" in info.stdout, info.stderr[-2000:]
+    alone = PromptToLoRA(root / "run" / "generator").tensors(["w10 w10 w40\nw60 w70"])[0]
+    for key, tensor in load(tiny.llama(), adapter).state_dict("000-w10-w10-w40-w60-w70").items():
+        torch.testing.assert_close(tensor, alone[key])

@@ -50,6 +50,7 @@ class GenConfig(Strict):
     lines: int = Field(5, gt=0, description="conditioning lines: a description and sample inputs")
     heldout: list[str] | None = Field(None, description="zoo subsets the generator never sees")
     heldout_every: int = Field(6, gt=1, description="without `heldout`: every n-th subset (by name) is held out")
+    steps: list[int] | None = Field(None, description="the zoo checkpoints (by step) to learn from; default: all")
     model: GeneratorShape = GeneratorShape()
     optim: GenOptim = GenOptim()
     loss: GenLoss = GenLoss()

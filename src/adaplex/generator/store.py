@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from safetensors.torch import save_file
 
 from adaplex.errors import StorageError
@@ -87,9 +86,3 @@ def load_generator(directory: Path) -> tuple[GeneratorRecord, HyperConvGenerator
         raise StorageError(f"{directory / WEIGHTS} does not fit its record ({str(err).splitlines()[0]})") from None
     layout = layout_from_fields(record.layout, *stats)
     return record, network.eval(), layout
-
-
-def fits_layout(record: GeneratorRecord, tensors: dict[str, torch.Tensor]) -> bool:
-    """Whether adapter tensors have the keys and shapes of the generator's layout."""
-    own = {key: tuple(shape) for key, shape, _, _ in record.layout["entries"]}
-    return own == {k: tuple(t.shape) for k, t in tensors.items()}

@@ -31,6 +31,7 @@ from adaplex.generator.tokenizer import Layout, layout_fields, normalize, with_s
 from adaplex.generator.zoo import Zoo, read_zoo
 from adaplex.train.data import ResumableLoader, StepSampler
 from adaplex.train.module import adapter_optimizer, check_finite
+from adaplex.train.run import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,18 @@ class Prepared:
     train: list[str]
     heldout: list[str]
     encoder: TextEncoder
+    steps: list[int] | None = None  # the checkpoints to learn from (None: all)
+
+    def kept_rows(self, subset: str) -> list[int]:
+        rows = self.tokens.rows_of([subset])
+        return [i for i in rows if self.steps is None or self.tokens.members[i].step in self.steps]
 
     def items(self, subsets: list[str], evaluation: bool = False) -> list[tuple[int, torch.Tensor]]:
         """(grid row, condition (P, E)) pairs: every checkpoint of the subsets with each conditioning
         text of its run; for evaluation, each run's last checkpoint with its held-out prompt."""
         found = []
         for subset in subsets:
-            rows = self.tokens.rows_of([subset])
+            rows = self.kept_rows(subset)
             if evaluation:
                 last = max(rows, key=lambda i: self.tokens.members[i].step)
                 found.append((last, self.conditions[f"{subset}:eval"][0]))
@@ -75,9 +81,13 @@ def prepare(config: GenConfig) -> Prepared:
             f"width {config.width}; raise `tokens` or leave it out"
         )
     train, heldout = split_subsets(zoo, config)
+    kept = [i for i in tokens.rows_of(train) if config.steps is None or tokens.members[i].step in config.steps]
+    if not kept:
+        steps = sorted({m.step for m in tokens.members})
+        raise ConfigError(f"the zoo holds no checkpoint at steps {config.steps}; it holds steps {steps}")
     layout = tokens.layout
     if config.normalize:
-        layout = with_statistics(layout, tokens.grids[tokens.rows_of(train)])
+        layout = with_statistics(layout, tokens.grids[kept])
     grids = normalize(tokens.grids, layout)
     extra = rows - layout.tokens
     mask = (~layout.padding()).float()
@@ -85,7 +95,8 @@ def prepare(config: GenConfig) -> Prepared:
         grids = torch.cat([grids, grids.new_zeros(len(grids), extra, layout.width)], dim=1)
         mask = torch.cat([mask, mask.new_zeros(extra, layout.width)])
     encoder = TextEncoder(config.encoder, config.lines)
-    return Prepared(zoo, tokens, layout, rows, grids, mask, condition_embeddings(zoo, encoder), train, heldout, encoder)
+    conditions = condition_embeddings(zoo, encoder)
+    return Prepared(zoo, tokens, layout, rows, grids, mask, conditions, train, heldout, encoder, config.steps)
 
 
 def summary(prepared: Prepared) -> dict[str, Any]:
@@ -203,13 +214,6 @@ def _loggers(config: GenConfig) -> list[Logger]:
     return loggers
 
 
-def _precision(config: GenConfig) -> str:
-    if config.trainer.precision != "auto":
-        return config.trainer.precision
-    gpu = torch.cuda.is_available() and config.trainer.accelerator in ("auto", "gpu", "cuda")
-    return "bf16-mixed" if gpu else "32-true"
-
-
 def train_generator(config: GenConfig, resume: bool = False, dry_run: bool = False) -> dict[str, Any]:
     """Train the generator the config describes (or, with ``dry_run``, check data, shapes and one step
     without writing anything); a summary of the run."""
@@ -244,7 +248,7 @@ def train_generator(config: GenConfig, resume: bool = False, dry_run: bool = Fal
         val_check_interval=min(config.trainer.val_every_n_steps, config.optim.max_steps) if prepared.heldout else None,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
-        precision=_precision(config),
+        precision=resolve_precision(config.trainer.precision, config.trainer.accelerator),
         accelerator=config.trainer.accelerator,
         devices=1,
         logger=_loggers(config),

@@ -40,6 +40,7 @@ from adaplex.train.config import DataConfig
 from adaplex.train.corpora import fortunes, fortunes_collections, split, topic_paragraphs
 from adaplex.train.data import CausalLMData, token_blocks
 from adaplex.train.module import AdapterLM
+from adaplex.train.run import resolve_precision
 from adaplex.util.jsonl import read_lines
 from adaplex.util.measure import device_name
 from adaplex.util.progress import report
@@ -223,7 +224,7 @@ def train_run(
             max_steps=config.steps,
             max_epochs=1,
             gradient_clip_val=config.gradient_clip,
-            precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
+            precision=resolve_precision("auto"),
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,

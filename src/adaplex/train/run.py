@@ -76,11 +76,17 @@ def model_with_adapters(model, specs: list[AdapterSpec], source: str) -> tuple[A
     return handle, produced
 
 
-def precision_for(config: TrainConfig) -> str:
-    if config.trainer.precision != "auto":
-        return config.trainer.precision
-    gpu = torch.cuda.is_available() and config.trainer.accelerator in ("auto", "gpu", "cuda")
+def resolve_precision(precision: str, accelerator: str = "auto") -> str:
+    """Lightning's precision for a config's ``precision``: "auto" is bf16-mixed where training runs on a
+    GPU, else 32-true."""
+    if precision != "auto":
+        return precision
+    gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
     return "bf16-mixed" if gpu else "32-true"
+
+
+def precision_for(config: TrainConfig) -> str:
+    return resolve_precision(config.trainer.precision, config.trainer.accelerator)
 
 
 def train(config: TrainConfig, source: str = "config", resume: bool = False) -> Path:

@@ -39,16 +39,24 @@ class TextEncoder(nn.Module):
         return fingerprint(self.model)
 
     @torch.no_grad()
-    def embed(self, sentences: list[str]) -> torch.Tensor:
-        """(N, E) mean-pooled, L2-normalised embeddings."""
+    def embed(self, sentences: list[str], chunk: int = 16) -> torch.Tensor:
+        """(N, E) mean-pooled, L2-normalised embeddings; sentences run in chunks of similar length, so
+        that a batch pads little."""
+        ids = self.tokenizer(sentences, truncation=True, max_length=self.max_length)["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        pooled = torch.empty(len(ids), self.width)
+        for start in range(0, len(order), chunk):
+            rows = order[start : start + chunk]
+            pooled[rows] = self._pool([ids[i] for i in rows])
+        return F.normalize(pooled, dim=-1)
+
+    def _pool(self, ids: list[list[int]]) -> torch.Tensor:
+        """(n, E) mean over the tokens of each sequence of token ids."""
         device = next(self.model.parameters()).device
-        batch = self.tokenizer(
-            sentences, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(device)
+        batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
         hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (N, S, 1)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (N, E)
-        return F.normalize(pooled.float(), dim=-1)
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (n, S, 1)
+        return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float().cpu()  # (n, E)
 
     def forward(self, texts: list[str]) -> torch.Tensor:
         sentences = [line for text in texts for line in condition_lines(text, self.lines)]

@@ -55,7 +55,7 @@ class PromptToLoRA:
     def grids(self, prompts: list[str]) -> torch.Tensor:
         """(N, T, D) denormalised token grids, one per prompt, in one batch."""
         check_prompts(prompts)
-        cond = self.encoder(prompts)  # (N, P, E)
+        cond = self.encoder(prompts).to(self.device)  # (N, P, E)
         grid = self.network(cond).float()[:, : self.layout.tokens].cpu()  # (N, T, D)
         return denormalize(grid, self.layout)
 

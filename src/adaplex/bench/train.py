@@ -4,7 +4,9 @@ Same base, LoRA rank, alpha and targets, same batches. Rounds alternate: K Light
 adaplex LoRA, K of adaplex MoSLoRA, K plain-loop steps of adaplex LoRA (the engine without
 Lightning) and K plain-loop steps of PEFT LoRA. A step is forward, backward,
 optimizer step and zero_grad; Lightning steps are timed by a callback from batch start to batch
-end. Ratios are medians of per-round ratios; peak memory is each chunk's peak above its start.
+end. Ratios are medians of per-round ratios; peak memory is each chunk's peak above its start. Every
+variant trains its own copy of the base (Lightning's teardown moves a model back to the CPU, which
+must not reach another variant), and each step's loss must be on the device asked for.
 """
 
 from __future__ import annotations
@@ -31,19 +33,26 @@ from adaplex.util.measure import device_name, peak_memory_mib, sync
 
 
 class StepTimer(L.Callback):
+    """Each step's time, and the devices its losses were on."""
+
     def __init__(self, device: torch.device) -> None:
         self.device, self.times, self._start = device, [], 0.0
+        self.devices: set[str] = set()
 
     def on_train_batch_start(self, *args) -> None:
         sync(self.device)
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, *args) -> None:
+    def on_train_batch_end(self, trainer, module, outputs, *args) -> None:
         sync(self.device)
         self.times.append(time.perf_counter() - self._start)
+        self.devices.add(str(outputs["loss"].device))
 
 
-def lightning_chunk(handle: Adapted, batches: list[dict], device: torch.device, precision: str) -> list[float]:
+Chunk = tuple[list[float], set[str]]  # step times, the devices the losses were on
+
+
+def lightning_chunk(handle: Adapted, batches: list[dict], device: torch.device, precision: str) -> Chunk:
     timer = StepTimer(device)
     trainer = L.Trainer(
         max_steps=len(batches),
@@ -58,13 +67,12 @@ def lightning_chunk(handle: Adapted, batches: list[dict], device: torch.device, 
         num_sanity_val_steps=0,
     )
     trainer.fit(AdapterLM(handle, lr=1e-4, warmup=0, total_steps=10**6), DataLoader(batches, batch_size=None))
-    return timer.times
+    return timer.times, timer.devices
 
 
-def plain_chunk(model: nn.Module, batches: list[dict], device: torch.device, bf16: bool) -> list[float]:
-    model.to(device)  # a Lightning fit of the same model before it leaves it on the CPU
+def plain_chunk(model: nn.Module, batches: list[dict], device: torch.device, bf16: bool) -> Chunk:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
-    times = []
+    times, devices = [], set()
     for batch in batches:
         sync(device)
         start = time.perf_counter()
@@ -76,7 +84,28 @@ def plain_chunk(model: nn.Module, batches: list[dict], device: torch.device, bf1
         optimizer.zero_grad(set_to_none=True)
         sync(device)
         times.append(time.perf_counter() - start)
-    return times
+        devices.add(str(loss.device))
+    return times, devices
+
+
+def variants(base: nn.Module, rank: int, device: torch.device) -> dict[str, tuple[str, nn.Module]]:
+    """name -> (how it trains: "lightning" or "plain", its own model on ``device``): adaplex LoRA and
+    MoSLoRA on Lightning, adaplex LoRA and PEFT LoRA in a plain loop, each a separate copy of ``base``."""
+    lora = LoRAConfig(r=rank, alpha=2 * rank)
+    found: dict[str, tuple[str, nn.Module]] = {}
+    for name, loop, config in (
+        ("adaplex-lora", "lightning", lora),
+        ("adaplex-moslora", "lightning", MoSLoRAConfig(r=rank, alpha=2 * rank)),
+        ("adaplex-lora-plain-loop", "plain", lora),
+    ):
+        handle = Adapted.of(copy.deepcopy(base).to(device))
+        handle.add(name, config)
+        found[name] = (loop, handle.model.train())
+    peft = PeftLoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=peft_targets(base, lora.targets)
+    )
+    found["peft-lora"] = ("plain", get_peft_model(copy.deepcopy(base).to(device), peft).train())
+    return found
 
 
 def run(
@@ -95,30 +124,24 @@ def run(
     bf16 = dev.type == "cuda"
     base, _ = load_base(base_spec)
     base.requires_grad_(False)
-    lora = LoRAConfig(r=rank, alpha=2 * rank)
-    handles = {}
-    for name, config in {"adaplex-lora": lora, "adaplex-moslora": MoSLoRAConfig(r=rank, alpha=2 * rank)}.items():
-        handle = Adapted.of(copy.deepcopy(base).to(dev))
-        handle.add(name, config)
-        handle.model.train()
-        handles[name] = handle
-    peft_model = get_peft_model(
-        copy.deepcopy(base).to(dev),
-        PeftLoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=peft_targets(base, lora.targets)),
-    ).train()
     ids = torch.randint(0, base.config.vocab_size, (steps, batch, seq))
     batches = [{"input_ids": i, "labels": i} for i in ids]
     precision = "bf16-mixed" if bf16 else "32-true"
-    chunks: dict[str, Callable[[], list[float]]] = {
-        name: (lambda h=h: lightning_chunk(h, batches, dev, precision)) for name, h in handles.items()
-    }
-    chunks["adaplex-lora-plain-loop"] = lambda: plain_chunk(handles["adaplex-lora"].model, batches, dev, bf16)
-    chunks["peft-lora"] = lambda: plain_chunk(peft_model, batches, dev, bf16)
+
+    def chunk_of(loop: str, model: nn.Module) -> Callable[[], Chunk]:
+        if loop == "lightning":
+            return lambda: lightning_chunk(Adapted.of(model), batches, dev, precision)
+        return lambda: plain_chunk(model, batches, dev, bf16)
+
+    chunks = {name: chunk_of(loop, model) for name, (loop, model) in variants(base, rank, dev).items()}
+    expected = str(torch.empty(0, device=dev).device)  # "cuda" -> "cuda:0"
     times: dict[str, list[float]] = {n: [] for n in chunks}
     peaks: dict[str, list[float]] = {n: [] for n in chunks}
     for round_index in range(rounds + 1):  # round 0 warms up
         for name, chunk in chunks.items():
-            peak, step_times = peak_memory_mib(chunk, dev)
+            peak, (step_times, devices) = peak_memory_mib(chunk, dev)
+            if devices != {expected}:
+                raise RuntimeError(f"bench train: {name} trained on {sorted(devices)}, not on {expected}")
             if round_index:
                 times[name].append(statistics.median(step_times[1:]))  # a chunk's first step builds state
                 peaks[name].append(peak)
@@ -131,6 +154,7 @@ def run(
         "base": base_spec,
         "device": device_name(dev),
         "precision": precision,
+        "variants": list(chunks),
         "batch": batch,
         "seq": seq,
         "rank": rank,

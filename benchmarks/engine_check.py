@@ -13,7 +13,7 @@ import sys
 import torch
 from check_output import report
 
-from adaplex.bench.route import build
+from adaplex.bench.route import build_routed
 from adaplex.compose.route import route
 from adaplex.core.adapted import Adapted
 from adaplex.core.models import load_base
@@ -57,7 +57,7 @@ def given_loras(base: torch.nn.Module, device: torch.device, batch: int = 8, ran
 
 def unrouted_base_with_prefix(base: torch.nn.Module, device: torch.device) -> dict:
     """Routed batch (bank of 4 keys, a prefix shared adapter) with unrouted='base': each sample vs alone."""
-    routed, _ = build(base, [f"k{i}" for i in range(4)], 16)
+    routed, _ = build_routed(base, [f"k{i}" for i in range(4)], (16,))
     routed.add("shared", PrefixConfig(length=8))
     routed.add("style", LoRAConfig(r=8, targets=("q", "v")))
     with torch.no_grad():

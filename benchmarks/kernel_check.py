@@ -12,7 +12,7 @@ import time
 import torch
 from check_output import report
 
-from adaplex.bench.route import build
+from adaplex.bench.route import build_routed
 from adaplex.compose.route import route
 from adaplex.core.graphs import static_generate
 from adaplex.core.models import load_base
@@ -154,7 +154,7 @@ def routed_logits(base_dir: str, device: torch.device) -> dict:
     base, _ = load_base(base_dir, dtype=torch.bfloat16)
     base.to(device).requires_grad_(False)
     keys = [f"k{i}" for i in range(8)]
-    routed, _ = build(base, keys, 16)
+    routed, _ = build_routed(base, keys, (16,))
     ids = torch.randint(0, base.config.vocab_size, (16, 64), device=device)
     per_sample = [keys[i % 8] for i in range(16)]
     with torch.no_grad(), route(routed, per_sample):
@@ -172,7 +172,7 @@ def graphed_generation(base_dir: str, device: torch.device, new_tokens: int = 32
     base, _ = load_base(base_dir, dtype=torch.bfloat16)
     base.to(device).requires_grad_(False)
     keys = [f"k{i}" for i in range(8)]
-    routed, _ = build(base, keys, 16)
+    routed, _ = build_routed(base, keys, (16,))
     ids = torch.randint(0, base.config.vocab_size, (64, 128), device=device)
     with torch.no_grad(), route(routed, [keys[i % 8] for i in range(64)]):
         seconds = {}

@@ -154,6 +154,9 @@ CASES = {
     "bench train steps": (["bench", "train", "--steps", "1"], "greater than or equal to"),
     "bench route adapters": (["bench", "route", "--adapters", "0"], "greater than or equal to"),
     "bench route seq": (["bench", "route", "--seq", "0"], "greater than or equal to"),
+    "bench route peers": (["bench", "route", "--peers", "vllm"], "give peft or none"),
+    "bench route layers alone": (["bench", "route", "--layers", "2"], "give --shape CONFIG too"),
+    "bench route bad shape": (["bench", "route", "--shape", "{root}/latin1.txt", "--peers", "none"], "not a readable"),
     "bench faults repeats": (["bench", "faults", "--repeats", "0"], "greater than or equal to"),
     "predict unseen label": (
         ["predict", "{root}/classifier", "{root}/zeta.jsonl", "{root}/p.jsonl"],

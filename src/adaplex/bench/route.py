@@ -13,22 +13,25 @@ from __future__ import annotations
 
 import copy
 import statistics
+import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import nn
-from transformers import DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from adaplex.bench.overhead import peft_targets
 from adaplex.compose.route import route
 from adaplex.core.adapted import Adapted
 from adaplex.core.graphs import graphed_decode
 from adaplex.core.models import load_base
+from adaplex.errors import ConfigError
 from adaplex.kernels import gathered_lora
 from adaplex.methods import ExpertsConfig
-from adaplex.util.measure import device_name, interleaved_times, median_ratio
+from adaplex.util.measure import device_name, interleaved_times, median_ratio, sync
 from adaplex.util.progress import report
 
 
@@ -39,29 +42,56 @@ def _randomize(params, seed: int) -> None:
             p.copy_((torch.randn(p.shape, generator=gen) * 0.01).to(p.dtype))
 
 
-def build(base: nn.Module, keys: list[str], rank: int) -> tuple[Adapted, nn.Module]:
+def key_ranks(keys: list[str], ranks: tuple[int, ...]) -> dict[str, int]:
+    """Key i gets rank ranks[i % len(ranks)]: mixed ranks across the bank."""
+    return {k: ranks[i % len(ranks)] for i, k in enumerate(keys)}
+
+
+def build_routed(base: nn.Module, keys: list[str], ranks: tuple[int, ...]) -> tuple[Adapted, float]:
+    """A copy of ``base`` with one bank of random experts of the given ranks; and the seconds it took."""
+    started = time.perf_counter()
     routed = Adapted.of(copy.deepcopy(base))
-    routed.add("experts", ExpertsConfig(keys=tuple(keys), r=rank, alpha=2 * rank), trainable=False)
+    config = ExpertsConfig(keys=tuple(keys), r=ranks[0], alpha=2 * ranks[0], key_ranks=key_ranks(keys, ranks))
+    routed.add("experts", config, trainable=False)
     _randomize(routed.parameters("experts"), 0)
-    config = PeftLoraConfig(
-        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=peft_targets(base, ("all-linear",))
-    )
-    peft_model = get_peft_model(copy.deepcopy(base), config, adapter_name=keys[0])
+    sync(next(base.parameters()).device)
+    return routed, time.perf_counter() - started
+
+
+def build_peft(base: nn.Module, keys: list[str], ranks: tuple[int, ...]) -> nn.Module:
+    """PEFT's model of the same adapters (random too), one named adapter per key."""
+    targets = peft_targets(base, ("all-linear",))
+    configs = {
+        k: PeftLoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets)
+        for k, r in key_ranks(keys, ranks).items()
+    }
+    peft_model = get_peft_model(copy.deepcopy(base), configs[keys[0]], adapter_name=keys[0])
     for key in keys[1:]:
-        peft_model.add_adapter(key, config)
+        peft_model.add_adapter(key, configs[key])
     _randomize([p for n, p in peft_model.named_parameters() if "lora_" in n], 0)
-    return routed, peft_model.eval()
+    return peft_model.eval()
 
 
-def measure(base: nn.Module, ids: torch.Tensor, count: int, rank: int, rounds: int, mode: str) -> dict:
-    """Times of base, adaplex routed and PEFT mixed for one number of distinct adapters."""
+def measure(
+    base: nn.Module, ids: torch.Tensor, count: int, ranks: tuple[int, ...], rounds: int, mode: str, peers: str
+) -> dict:
+    """Times of base, adaplex routed and (``peers="peft"``) PEFT mixed for one number of distinct adapters;
+    the bank's size and the time to build it."""
     batch, seq = ids.shape
     keys = [f"k{i}" for i in range(count)]
     per_sample = [keys[b % count] for b in range(batch)]
-    report(f"{count} distinct adapters: building adaplex's bank and PEFT's {count} adapters")
-    routed, peft_model = build(base, keys, rank)
-    models = {"base": base, "adaplex-routed": routed.model, "peft-mixed": peft_model}
-    kwargs = {"base": {}, "adaplex-routed": {}, "peft-mixed": {"adapter_names": per_sample}}
+    report(
+        f"{count} distinct adapters: building adaplex's bank"
+        + (f" and PEFT's {count} adapters" if peers == "peft" else "")
+    )
+    routed, build_s = build_routed(base, keys, ranks)
+    bank_bytes = sum(p.numel() * p.element_size() for p in routed.parameters("experts"))
+    actual_share = sum(key_ranks(keys, ranks).values()) / (len(keys) * max(ranks))  # the bank pads to max rank
+    models = {"base": base, "adaplex-routed": routed.model}
+    kwargs: dict[str, dict] = {"base": {}, "adaplex-routed": {}}
+    if peers == "peft":
+        models["peft-mixed"] = build_peft(base, keys, ranks)
+        kwargs["peft-mixed"] = {"adapter_names": per_sample}
     if gathered_lora.available(ids):  # the same routed model without its fused kernel, side by side
         models["adaplex-routed-bmm"] = routed.model
         kwargs["adaplex-routed-bmm"] = {}
@@ -94,6 +124,8 @@ def measure(base: nn.Module, ids: torch.Tensor, count: int, rank: int, rounds: i
             steps |= {f"{n}-graph": graphed_decode(models[n], ids) for n in ("base", "adaplex-routed")}
         times = interleaved_times(steps, rounds, ids.device, warmup=2)
     ratios = {
+        "peft_x_base": ("peft-mixed", "base"),
+        "peft_x_routed": ("peft-mixed", "adaplex-routed"),
         "routed_bmm_x_base": ("adaplex-routed-bmm", "base"),
         "graph_routed_x_base": ("adaplex-routed-graph", "base-graph"),
         "graph_base_x_base": ("base-graph", "base"),
@@ -103,9 +135,32 @@ def measure(base: nn.Module, ids: torch.Tensor, count: int, rank: int, rounds: i
         "adapters": count,
         "step_s": {n: statistics.median(t) for n, t in times.items()},
         "routed_x_base": median_ratio(times, "adaplex-routed", "base"),
-        "peft_x_base": median_ratio(times, "peft-mixed", "base"),
-        "peft_x_routed": median_ratio(times, "peft-mixed", "adaplex-routed"),
+        "bank_bytes": bank_bytes,
+        "bank_bytes_at_actual_ranks": round(bank_bytes * actual_share),
+        "bank_build_s": round(build_s, 3),
     } | {name: median_ratio(times, *pair) for name, pair in ratios.items()}
+
+
+def shaped_model(config_path: Path, layers: int | None, dtype: torch.dtype) -> nn.Module:
+    """A causal LM of a local config's shape (config.json or its directory), cut to ``layers`` layers if
+    given, with random weights: N(0, 0.02) matrices, norms 1, other vectors 0 (from_config alone leaves
+    some weights uninitialised on some installs)."""
+    try:
+        config = AutoConfig.from_pretrained(config_path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--shape {config_path}: not a readable model config ({str(err).splitlines()[0]})") from None
+    if layers is not None:
+        config.num_hidden_layers = layers
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            else:
+                p.fill_(1.0 if "norm" in name.lower() else 0.0)
+    model.config.name_or_path = str(config_path)
+    return model.eval()
 
 
 def run(
@@ -113,26 +168,35 @@ def run(
     adapters: tuple[int, ...] = (8,),
     batch: int = 8,
     seq: int = 128,
-    rank: int = 16,
+    ranks: tuple[int, ...] = (16,),
     rounds: int = 3,
     device: str = "cpu",
     mode: str = "prefill",
     bf16: bool = False,
+    peers: str = "peft",
+    shape: Path | None = None,
+    layers: int | None = None,
 ) -> dict:
+    """The routed bench on ``base_spec``, or with ``shape`` on a random model of that config's shape."""
+    if peers not in ("peft", "none"):
+        raise ConfigError(f"--peers {peers!r}: give peft or none")
     dev = torch.device(device)
-    base, _ = load_base(base_spec, dtype=torch.bfloat16 if bf16 else torch.float32)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    base = shaped_model(shape, layers, dtype) if shape is not None else load_base(base_spec, dtype=dtype)[0]
     base.to(dev).requires_grad_(False)
     torch.manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (batch, seq), device=dev)
     return {
         "benchmark": "route",
-        "base": base_spec,
+        "base": str(shape) if shape is not None else base_spec,
+        "layers": base.config.num_hidden_layers,
         "mode": mode,
         "device": device_name(dev),
         "dtype": "bfloat16" if bf16 else "float32",
         "batch": batch,
         "seq": seq,
-        "rank": rank,
+        "rank": ranks[0] if len(ranks) == 1 else list(ranks),
+        "peers": peers,
         "rounds": rounds,
-        "results": [measure(base, ids, count, rank, rounds, mode) for count in adapters],
+        "results": [measure(base, ids, count, ranks, rounds, mode, peers) for count in adapters],
     }

@@ -20,6 +20,7 @@ from adaplex.cli.common import (
     print_mapping,
 )
 from adaplex.cli.faults import fault_inputs
+from adaplex.errors import ConfigError
 
 
 @app.command("compare-methods")
@@ -178,30 +179,55 @@ def bench_route(
     adapters: Annotated[list[int], at_least(1, "distinct adapters in the batch, repeatable", "--adapters")] = [8],  # noqa: B006
     batch: Annotated[int, at_least(1, "samples per batch")] = 8,
     seq: Annotated[int, at_least(1, "tokens per sample (decode: cached tokens)")] = 128,
-    rank: Annotated[int, at_least(1, "adapter rank")] = 16,
+    rank: Annotated[
+        list[int], at_least(1, "adapter rank; repeat for mixed ranks (key i gets the i-th, cycling)", "--rank")
+    ] = [16],  # noqa: B006
     rounds: Annotated[int, at_least(1, "interleaved rounds")] = 3,
     mode: Annotated[str, typer.Option(help="prefill (full forward) or decode (one cached step)")] = "prefill",
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     bf16: Annotated[bool, typer.Option(help="bfloat16 weights (GPU)")] = False,
+    peers: Annotated[str, typer.Option(help="peft (PEFT's mixed-adapter batches side by side) or none")] = "peft",
+    shape: Annotated[
+        Path | None, typer.Option(help="a model config (config.json or its directory): random weights of that shape")
+    ] = None,
+    layers: Annotated[int | None, typer.Option(min=1, help="with --shape: this many layers")] = None,
     out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Mixed-key batches: adaplex routed experts against PEFT mixed-adapter batches and the base."""
     check_device(device)
+    if layers is not None and shape is None:
+        raise ConfigError("--layers applies to a --shape model; give --shape CONFIG too")
     from adaplex.bench import route as route_bench
     from adaplex.core.models import choose_base
 
-    result = route_bench.run(choose_base(base, None), tuple(adapters), batch, seq, rank, rounds, device, mode, bf16)
-    table = Table(title=f"{mode} on {result['base']} ({result['device']}, batch {batch}, seq {seq}, rank {rank})")
-    for column in ("adapters", "base s", "routed x base", "PEFT x base", "PEFT / routed"):
+    result = route_bench.run(
+        choose_base(base, None),
+        tuple(adapters),
+        batch,
+        seq,
+        tuple(rank),
+        rounds,
+        device,
+        mode,
+        bf16,
+        peers=peers,
+        shape=shape,
+        layers=layers,
+    )
+    title = f"{mode} on {result['base']} ({result['device']}, batch {batch}, seq {seq}, rank {result['rank']})"
+    table = Table(title=title)
+    for column in ("adapters", "base s", "routed x base", "PEFT x base", "PEFT / routed", "bank MiB", "bank build s"):
         table.add_column(column, justify="right")
     for r in result["results"]:
         table.add_row(
             str(r["adapters"]),
             f"{r['step_s']['base']:.4f}",
             f"{r['routed_x_base']:.2f}",
-            f"{r['peft_x_base']:.2f}",
-            f"{r['peft_x_routed']:.2f}",
+            f"{r['peft_x_base']:.2f}" if "peft_x_base" in r else "—",
+            f"{r['peft_x_routed']:.2f}" if "peft_x_routed" in r else "—",
+            f"{r['bank_bytes'] / 2**20:.1f}",
+            f"{r['bank_build_s']:.2f}",
         )
     console.print(table)
     if as_json or out:

@@ -51,7 +51,9 @@ def build_routed(base: nn.Module, keys: list[str], ranks: tuple[int, ...]) -> tu
     """A copy of ``base`` with one bank of random experts of the given ranks; and the seconds it took."""
     started = time.perf_counter()
     routed = Adapted.of(copy.deepcopy(base))
-    config = ExpertsConfig(keys=tuple(keys), r=ranks[0], alpha=2 * ranks[0], key_ranks=key_ranks(keys, ranks))
+    by_key = key_ranks(keys, ranks)
+    alphas = {k: 2.0 * r for k, r in by_key.items()}  # alpha = 2r for every expert, as for PEFT's adapters
+    config = ExpertsConfig(keys=tuple(keys), r=ranks[0], key_ranks=by_key, key_alphas=alphas)
     routed.add("experts", config, trainable=False)
     _randomize(routed.parameters("experts"), 0)
     sync(next(base.parameters()).device)

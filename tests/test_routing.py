@@ -12,6 +12,7 @@ import adaplex
 from adaplex import LoRAConfig
 from adaplex.compose.registry import Registry, RegistryError, load_registry
 from adaplex.compose.route import route
+from adaplex.core.inject import wrappers
 from adaplex.errors import AdapterNameError, ConfigError, StorageError
 from adaplex.io.describe import describe
 from adaplex.io.storage import load, save_adapter, save_bundle
@@ -251,3 +252,17 @@ def test_the_example_registry_loads_and_resolves():
     assert registry.resolve("nvcc -arch=sm_80") == "a100"
     assert registry.resolve("Tesla-V100") == "v100"
     assert registry.resolve("riscv64") == "i7"  # the default
+
+
+def test_a_bank_larger_than_host_memory_is_refused_with_its_size(monkeypatch):
+    model = tiny.llama()
+    handle = adaplex.Adapted.of(model)
+    config = ExpertsConfig(keys=("a", "b", "c"), r=2, key_ranks={"c": 4})
+    need = handle.bank_bytes(config)
+    monkeypatch.setattr("adaplex.core.adapted.available_host_bytes", lambda: need - 1)
+    with pytest.raises(StorageError, match=r"bank of 3 experts needs 0\.0 GiB of host memory"):
+        handle.add("experts", config)
+    assert "experts" not in handle.configs and not wrappers(model)  # nothing was built or wrapped
+    monkeypatch.setattr("adaplex.core.adapted.available_host_bytes", lambda: need)
+    handle.add("experts", config)
+    assert sum(p.numel() * 4 for p in handle.parameters("experts")) == need

@@ -48,6 +48,7 @@ from adaplex.methods import (
     site_adapter,
 )
 from adaplex.methods.gate import SUBMODULE_METHODS
+from adaplex.util.measure import available_host_bytes
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 _HANDLES: weakref.WeakKeyDictionary[nn.Module, Adapted] = weakref.WeakKeyDictionary()
@@ -101,6 +102,8 @@ class Adapted:
         if isinstance(config, GateConfig):
             placements, kinds = self._build_gates(config)
         else:
+            if isinstance(config, ExpertsConfig):
+                self._check_bank_fits(config)
             placements = self._build(config)
         for place, module in placements:
             place[name] = module.to(device=device, dtype=dtype)
@@ -120,6 +123,22 @@ class Adapted:
         except AdaplexError:
             self.remove(name)
             raise
+
+    def bank_bytes(self, config: ExpertsConfig) -> int:
+        """Bytes of the expert bank ``config`` describes, in float32 as it is built: every expert at the
+        bank's largest rank, Σ_sites (in + out) · r_max · K · 4."""
+        r = max(config.rank(k) for k in config.keys)
+        sites = [s for group in select_sites(self.model, self.family, config.targets).values() for s in group]
+        return sum(sum(site_shape(self.model, self.family, s)) for s in sites) * r * len(config.keys) * 4
+
+    def _check_bank_fits(self, config: ExpertsConfig) -> None:
+        """A bank is built in host memory: one larger than the memory available is refused, with its size."""
+        need, available = self.bank_bytes(config), available_host_bytes()
+        if available is not None and need > available:
+            raise StorageError(
+                f"an expert bank of {len(config.keys)} experts needs {need / 2**30:.1f} GiB of host memory to "
+                f"build, and {available / 2**30:.1f} GiB are available; use fewer keys or a lower rank"
+            )
 
     def _build(self, config: MethodConfig) -> list[tuple[nn.ModuleDict, Adapter]]:
         if isinstance(config, PrefixConfig):

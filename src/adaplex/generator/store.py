@@ -5,7 +5,6 @@ are for, the encoder, and the zoo subsets it was trained on and held out."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,8 +15,8 @@ from adaplex.generator.model import GeneratorShape, HyperConvGenerator
 from adaplex.generator.tokenizer import Layout, layout_from_fields
 from adaplex.io.atomic import atomic_directory
 from adaplex.io.records import AdapterRecord, Record, file_sha256, read_record_file, write_record
+from adaplex.io.storage import base_fields_of
 from adaplex.io.tensor_files import read_safetensors
-from adaplex.util.version import VERSION
 
 RECORD_FILE = "generator.json"
 WEIGHTS = "generator.safetensors"
@@ -48,15 +47,7 @@ def build_network(record: GeneratorRecord) -> HyperConvGenerator:
 
 def generator_record(like: AdapterRecord, **fields: Any) -> GeneratorRecord:
     """A record for a generator of adapters for the base that zoo member record ``like`` names."""
-    return GeneratorRecord(
-        name="generator",
-        base=like.base,
-        base_model_type=like.base_model_type,
-        base_fingerprint=like.base_fingerprint,
-        adaplex_version=VERSION,
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-        **fields,
-    )
+    return GeneratorRecord(name="generator", **base_fields_of(like), **fields)
 
 
 def save_generator(directory: Path, record: GeneratorRecord, network: HyperConvGenerator, layout: Layout) -> Path:

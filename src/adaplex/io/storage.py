@@ -39,13 +39,16 @@ from adaplex.util.version import VERSION
 log = logging.getLogger(__name__)
 
 
+def _written_now() -> dict[str, str]:
+    return {"adaplex_version": VERSION, "created": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
 def _base_fields(model: nn.Module, version: str | None, parent: str | None) -> dict[str, Any]:
     return {
         "base": str(model.config.name_or_path or model.config.model_type),
         "base_model_type": model.config.model_type,
         "base_fingerprint": fingerprint(model),
-        "adaplex_version": VERSION,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **_written_now(),
         "version": version,
         "parent": parent,
     }
@@ -89,8 +92,7 @@ def base_fields_of(record: Record) -> dict[str, Any]:
         "base": record.base,
         "base_model_type": record.base_model_type,
         "base_fingerprint": record.base_fingerprint,
-        "adaplex_version": VERSION,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **_written_now(),
     }
 
 

@@ -146,9 +146,8 @@ def analyze(zoo: Zoo, width: int) -> dict[str, Any]:
     row = 0
     for e in layout.entries:
         values = tokens.grids[:, row : row + e.tokens].reshape(len(tokens.members), -1)[:, : math.prod(e.shape)]
-        numbers = [p for p in e.key.split(".") if p.isdigit()]
         kind = ".".join(e.key.split(".")[-2:])
-        rows.setdefault(("layer", numbers[0] if numbers else "-"), []).append(values)
+        rows.setdefault(("layer", "-" if e.layer is None else str(e.layer)), []).append(values)
         rows.setdefault(("kind", kind), []).append(values)
         row += e.tokens
     summary: dict[str, Any] = {"members": len(tokens.members), "runs": len(zoo.runs), "tokens": layout.tokens}

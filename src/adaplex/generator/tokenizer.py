@@ -27,6 +27,11 @@ class Entry:
     dtype: str
     tokens: int
 
+    @property
+    def layer(self) -> int | None:
+        """The layer the tensor belongs to: the first number in its key's path (None: no number)."""
+        return next((int(p) for p in self.key.split(".") if p.isdigit()), None)
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -48,10 +53,9 @@ class Layout:
         path) holds the same number of tokens; else (1, T)."""
         per_layer: dict[int, int] = {}
         for e in self.entries:
-            numbers = [int(p) for p in e.key.split(".") if p.isdigit()]
-            if not numbers:
+            if e.layer is None:
                 return 1, self.tokens
-            per_layer[numbers[0]] = per_layer.get(numbers[0], 0) + e.tokens
+            per_layer[e.layer] = per_layer.get(e.layer, 0) + e.tokens
         counts = set(per_layer.values())
         return (len(per_layer), counts.pop()) if len(counts) == 1 else (1, self.tokens)
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from adaplex.core.adapted import Adapted
 from adaplex.core.models import load_base
 from adaplex.errors import ConfigError
+from adaplex.generator.dataset import condition_embeddings
 from adaplex.generator.generate import PromptToLoRA
 from adaplex.generator.zoo import Zoo, read_zoo
 from adaplex.train.data import token_blocks
@@ -82,12 +83,12 @@ class Scorer:
         return found
 
 
-def _nearest(generator: PromptToLoRA, prompt: str, runs: dict[str, torch.Tensor]) -> str:
-    """The subset whose conditioning texts' mean embedding is nearest (cosine) to the prompt's."""
-    own = generator.encoder([prompt]).mean(1)  # (1, E)
+def _nearest(prompt: torch.Tensor, runs: dict[str, torch.Tensor]) -> str:
+    """The subset whose conditioning texts' mean embedding is nearest (cosine) to the prompt's, all
+    embedded by the generator's encoder: prompt (1, P, E), runs subset -> (V, P, E)."""
     names = list(runs)
-    sims = F.cosine_similarity(own, torch.stack([runs[n] for n in names]).to(own.device), dim=-1)
-    return names[int(sims.argmax())]
+    means = torch.stack([runs[n].mean((0, 1)) for n in names])  # (S, E)
+    return names[int(F.cosine_similarity(prompt.mean((0, 1))[None], means, dim=-1).argmax())]
 
 
 def score_subset(
@@ -99,7 +100,8 @@ def score_subset(
         raise ConfigError(
             f"subset {subset}'s held-out text is shorter than one block of {block} tokens; pass a smaller --block"
         )
-    nearest = _nearest(scorer.generator, prompt, baselines["embeddings"])
+    embedded = baselines["embeddings"]
+    nearest = _nearest(embedded[f"{subset}:eval"], {s: embedded[s] for s in baselines["finals"]})
     adapters = {
         "generated": scorer.generator.tensors([prompt])[0],
         "trained": final_tensors(zoo, subset),
@@ -145,7 +147,7 @@ def evaluate(
     baselines = {
         "finals": finals,
         "mean": mean_adapter(list(finals.values())),
-        "embeddings": {s: generator.encoder(zoo.run(s)["conditions"]).mean((0, 1)) for s in train},
+        "embeddings": condition_embeddings(zoo, generator.encoder),  # cached beside the zoo
     }
     groups = {"heldout": generator.record.heldout_subsets, "seen": sorted(train)[:seen]}
     result: dict[str, Any] = {

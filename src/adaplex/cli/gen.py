@@ -37,6 +37,7 @@ def show(result: dict, json_out: bool, title: str) -> None:
         print_mapping(title, result)
 
 
+ZooArgument = Annotated[Path, typer.Argument(help="zoo directory (built by `adaplex gen zoo`)")]
 WidthOption = Annotated[int, typer.Option("--width", min=1, help="token width D of the grid")]
 DeviceOption = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")]
 
@@ -56,7 +57,7 @@ def prepare(
 
 @gen_app.command()
 def analyze(
-    zoo_dir: Annotated[Path, typer.Argument(help="zoo directory")],
+    zoo_dir: ZooArgument,
     width: WidthOption = 384,
     json_out: JsonOption = False,
 ) -> None:
@@ -79,7 +80,7 @@ def analyze(
 
 @gen_app.command("test-tokenization")
 def test_tokenization(
-    zoo_dir: Annotated[Path, typer.Argument(help="zoo directory")],
+    zoo_dir: ZooArgument,
     width: WidthOption = 384,
     json_out: JsonOption = False,
 ) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks on the device machine (see README "Benchmarks"):  bash benchmarks/device_run.sh [SECTION...]
-# Sections (default: all): kernel route faults train; also profile (where a monitored forward's time goes), lora-speed
+# Sections (default: all): kernel route faults train; also route-8b (an 8B layer shape, 1,024 experts), profile (where a monitored forward's time goes), lora-speed
 # (the overhead and training benches alone), and
 # engine-route / engine-faults (after a change to the engine: the weight channel on CUDA, both kernels checked,
 # and their recorded ratios re-measured at the main shapes). Results go to $OUT (default /tmp/out).
@@ -32,6 +32,10 @@ for section in $SECTIONS; do
       python3 -m adaplex bench route --base $BASE --device cuda --bf16 --mode decode --batch 64 --seq 128 \
         --adapters 1 --adapters 8 --adapters 16 --adapters 32 --adapters 64 --rounds 9 \
         --out "$OUT/route-decode-cuda.json" | tail -12 ;;
+    route-8b)  # a Llama-3-8B layer shape (2 layers, random weights): 64 and 1,024 resident experts, 64 keys a batch
+      python3 -m adaplex bench route --shape benchmarks/shapes/llama-3-8b.json --layers 2 --device cuda --bf16 \
+        --mode decode --batch 64 --seq 128 --adapters 64 --adapters 1024 --peers none --rounds 7 \
+        --out "$OUT/route-decode-cuda-8b.json" | tail -12 ;;
     faults)  # the checked-attention kernel against SDPA, then the overhead of the fused checks
       python3 benchmarks/faults_kernel_check.py $BASE "$OUT/faults-kernel-check-cuda.json" | tail -40
       python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 8 --seq 512 --repeats 21 \

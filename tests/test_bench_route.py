@@ -8,6 +8,7 @@ import math
 import pytest
 
 from adaplex.bench import route as bench_route
+from adaplex.bench import shapes as bench_shapes
 from adaplex.errors import ConfigError
 
 import tiny
@@ -19,7 +20,7 @@ def shape(tmp_path_factory):
 
 
 def test_shaped_model_has_random_weights_of_the_config_cut_to_layers(shape):
-    model = bench_route.shaped_model(shape / "config.json", layers=1, dtype=tiny.torch.float32)
+    model = bench_shapes.shaped_model(shape / "config.json", layers=1, dtype=tiny.torch.float32)
     assert model.config.num_hidden_layers == 1 and len(model.model.layers) == 1
     weights = model.model.layers[0].self_attn.q_proj.weight
     assert math.isclose(float(weights.detach().std()), 0.02, rel_tol=0.2)
@@ -31,7 +32,7 @@ def test_mixed_ranks_without_peers_report_the_bank_at_its_actual_ranks(shape):
         adapters=(2, 4), batch=4, seq=8, ranks=(2, 4), rounds=1, peers="none", shape=shape, layers=2
     )
     assert result["peers"] == "none" and result["rank"] == [2, 4] and result["layers"] == 2
-    model = bench_route.shaped_model(shape, layers=2, dtype=tiny.torch.float32)
+    model = bench_shapes.shaped_model(shape, layers=2, dtype=tiny.torch.float32)
     sides = sum(m.in_features + m.out_features for n, m in model.named_modules() if n.endswith("_proj"))
     for row, ranks in zip(result["results"], ([2, 4], [2, 4, 2, 4]), strict=True):
         assert "peft_x_base" not in row and row["routed_x_base"] > 0 and row["bank_build_s"] > 0

@@ -21,13 +21,13 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
 from adaplex.bench.overhead import peft_targets
+from adaplex.bench.shapes import bench_model
 from adaplex.compose.route import route
 from adaplex.core.adapted import Adapted
 from adaplex.core.graphs import graphed_decode
-from adaplex.core.models import load_base
 from adaplex.errors import ConfigError
 from adaplex.kernels import gathered_lora
 from adaplex.methods import ExpertsConfig
@@ -143,28 +143,6 @@ def measure(
     } | {name: median_ratio(times, *pair) for name, pair in ratios.items()}
 
 
-def shaped_model(config_path: Path, layers: int | None, dtype: torch.dtype) -> nn.Module:
-    """A causal LM of a local config's shape (config.json or its directory), cut to ``layers`` layers if
-    given, with random weights: N(0, 0.02) matrices, norms 1, other vectors 0 (from_config alone leaves
-    some weights uninitialised on some installs)."""
-    try:
-        config = AutoConfig.from_pretrained(config_path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"--shape {config_path}: not a readable model config ({str(err).splitlines()[0]})") from None
-    if layers is not None:
-        config.num_hidden_layers = layers
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-            else:
-                p.fill_(1.0 if "norm" in name.lower() else 0.0)
-    model.config.name_or_path = str(config_path)
-    return model.eval()
-
-
 def run(
     base_spec: str = "smollm2-135m",
     adapters: tuple[int, ...] = (8,),
@@ -183,14 +161,13 @@ def run(
     if peers not in ("peft", "none"):
         raise ConfigError(f"--peers {peers!r}: give peft or none")
     dev = torch.device(device)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    base = shaped_model(shape, layers, dtype) if shape is not None else load_base(base_spec, dtype=dtype)[0]
+    base, label = bench_model(base_spec, shape, layers, torch.bfloat16 if bf16 else torch.float32)
     base.to(dev).requires_grad_(False)
     torch.manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (batch, seq), device=dev)
     return {
         "benchmark": "route",
-        "base": str(shape) if shape is not None else base_spec,
+        "base": label,
         "layers": base.config.num_hidden_layers,
         "mode": mode,
         "device": device_name(dev),

@@ -39,6 +39,9 @@ def quiet_libraries() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("lightning").propagate = False
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
+    # bitsandbytes on a CPU with AVX512-BF16 looks for an optional hub kernel (never fetched here) and
+    # warns on every import that it is missing; its own CPU kernels run instead
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     for message in LIBRARY_DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

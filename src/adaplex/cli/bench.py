@@ -22,6 +22,11 @@ from adaplex.cli.common import (
 from adaplex.cli.faults import fault_inputs
 from adaplex.errors import ConfigError
 
+ShapeOption = Annotated[
+    Path | None, typer.Option(help="a model config (config.json or its directory): random weights of that shape")
+]
+LayersOption = Annotated[int | None, typer.Option(min=1, help="with --shape: this many layers")]
+
 
 @app.command("compare-methods")
 def compare_methods(
@@ -153,22 +158,54 @@ def bench_train(
     steps: Annotated[int, at_least(2, "steps per timed chunk (its first is not timed)")] = 4,
     rounds: Annotated[int, at_least(1, "interleaved rounds")] = 3,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    shape: ShapeOption = None,
+    layers: LayersOption = None,
+    precision: Annotated[str, typer.Option(help="auto (bf16-mixed on GPU), bf16-mixed, bf16-true or 32-true")] = "auto",
+    quantize: Annotated[str, typer.Option(help="none, 4bit or 8bit: the base's linear layers (bitsandbytes)")] = "none",
+    variant: Annotated[
+        list[str] | None, typer.Option("--variant", help="a variant to run, repeatable (default: all that apply)")
+    ] = None,
+    profile: Annotated[bool, typer.Option(help="also profile a few plain-loop steps of every variant")] = False,
     out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Training step time and peak memory: adaplex (Lightning) against PEFT in a plain loop."""
+    """Training step time and peak memory: adaplex (Lightning, and in a plain loop) against PEFT."""
     check_device(device)
+    if quantize not in ("none", "4bit", "8bit"):
+        raise ConfigError(f"--quantize {quantize!r}: give none, 4bit or 8bit")
     from adaplex.bench import train as train_bench
     from adaplex.core.models import choose_base
 
-    result = train_bench.run(choose_base(base, None), batch, seq, rank, steps, rounds, device)
-    table = Table(title=f"training step on {result['base']} ({result['device']}, {result['precision']})")
-    for column in ("variant", "step s", "tokens/s", "peak MiB"):
+    result = train_bench.run(
+        choose_base(base, None),
+        batch,
+        seq,
+        rank,
+        steps,
+        rounds,
+        device,
+        shape,
+        layers,
+        precision,
+        quantize,
+        tuple(variant) if variant else None,
+        profile,
+    )
+    title = f"training step on {result['base']} ({result['device']}, {result['precision']}, base {result['quantize']})"
+    table = Table(title=title)
+    for column in ("variant", "step s", "tokens/s", "peak MiB", "tokens/s x PEFT", "memory x PEFT"):
         table.add_column(column, justify="right")
     for name, step in result["step_s"].items():
-        table.add_row(name, f"{step:.3f}", f"{result['tokens_per_s'][name]:.0f}", f"{result['peak_mib'][name]:.0f}")
+        vs = result.get("vs_peft", {}).get(name)
+        table.add_row(
+            name,
+            f"{step:.3f}",
+            f"{result['tokens_per_s'][name]:.0f}",
+            f"{result['peak_mib'][name]:.0f}",
+            f"{vs['tokens_per_s_x']:.3f}" if vs else "",
+            f"{vs['peak_memory_x']:.3f}" if vs else "",
+        )
     console.print(table)
-    console.print(result["adaplex_vs_peft"], {"moslora_vs_lora_step_time_x": result["moslora_vs_lora_step_time_x"]})
     if as_json or out:
         emit_json(result, out)
 
@@ -187,17 +224,13 @@ def bench_route(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     bf16: Annotated[bool, typer.Option(help="bfloat16 weights (GPU)")] = False,
     peers: Annotated[str, typer.Option(help="peft (PEFT's mixed-adapter batches side by side) or none")] = "peft",
-    shape: Annotated[
-        Path | None, typer.Option(help="a model config (config.json or its directory): random weights of that shape")
-    ] = None,
-    layers: Annotated[int | None, typer.Option(min=1, help="with --shape: this many layers")] = None,
+    shape: ShapeOption = None,
+    layers: LayersOption = None,
     out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Mixed-key batches: adaplex routed experts against PEFT mixed-adapter batches and the base."""
     check_device(device)
-    if layers is not None and shape is None:
-        raise ConfigError("--layers applies to a --shape model; give --shape CONFIG too")
     from adaplex.bench import route as route_bench
     from adaplex.core.models import choose_base
 

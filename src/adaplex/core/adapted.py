@@ -33,6 +33,7 @@ from adaplex.core.inject import (
     wrappers,
 )
 from adaplex.core.layers import FusedParts
+from adaplex.core.quantize import is_quantized
 from adaplex.core.stack import Stack
 from adaplex.core.weights import Gated, Given
 from adaplex.errors import AdaplexError, AdapterNameError, StorageError
@@ -337,6 +338,12 @@ class Adapted:
     # ---- merging ---------------------------------------------------------------------------
 
     def _mergeable(self, names: list[str]) -> None:
+        quantized = [path for path, w in wrappers(self.model).items() if is_quantized(w.base)]
+        if quantized:
+            raise AdapterNameError(
+                f"cannot merge into a quantized base ({quantized[0]} holds bitsandbytes weights); load the base "
+                "unquantized (quantize: none) with the adapter and merge there, e.g. adaplex merge ADAPTER --out DIR"
+            )
         gated = [n for n in names if self.gate_of(n) is not None]
         if gated:
             raise AdapterNameError(

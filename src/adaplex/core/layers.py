@@ -171,6 +171,8 @@ class SharedInputGroup:
 
     def take(self, member: AdaptedLinear, x: torch.Tensor, active: dict[str, WeightKind]) -> Result | None:
         """``member``'s result computed as part of the group, or None: compute it alone."""
+        if not self._pending and torch.is_grad_enabled():
+            return None  # groups lead only without autograd (and so add no guards on members to a compiled step)
         pending = self._pending.pop(id(member), None)
         if pending is not None:
             if pending.x is x and pending.version == version(x):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from adaplex.core.quantize import Quantization, quantize_linears
 from adaplex.errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -106,13 +107,19 @@ def is_causal_lm(path: Path) -> bool:
 
 
 def load_base(
-    spec: str, relative_to: Path | None = None, dtype: torch.dtype = torch.float32
+    spec: str,
+    relative_to: Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    quantize: Quantization = "none",
+    device: torch.device | str = "cpu",
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """Load a base model (causal LM head where the family has one) and its tokenizer, in eval mode."""
+    """Load a base model (causal LM head where the family has one) and its tokenizer, in eval mode;
+    ``quantize``: its linear layers in 4 or 8 bits on ``device``, computing in ``dtype``."""
     path = find_base(spec, relative_to)
     auto = AutoModelForCausalLM if is_causal_lm(path) else AutoModel
     model = auto.from_pretrained(path, dtype=dtype, local_files_only=True)
     model.config.name_or_path = spec
+    quantize_linears(model, quantize, dtype, torch.device(device))
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

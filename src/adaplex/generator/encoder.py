@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaplex.core.fingerprint import fingerprint
 from adaplex.core.models import load_base
 from adaplex.errors import ConfigError
-from adaplex.io.fingerprint import fingerprint
 
 
 def condition_lines(text: str, lines: int) -> list[str]:

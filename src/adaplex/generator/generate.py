@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from adaplex.core.adapted import Adapted
+from adaplex.core.fingerprint import fingerprint
 from adaplex.errors import AdapterNameError, ConfigError, StorageError
 from adaplex.generator.encoder import TextEncoder, condition_lines
 from adaplex.generator.model import HyperConvGenerator
 from adaplex.generator.store import load_generator
 from adaplex.generator.tokenizer import denormalize, detokenize
 from adaplex.io.atomic import atomic_directory
-from adaplex.io.fingerprint import fingerprint
 from adaplex.io.storage import base_fields_of, check_base
 from adaplex.io.tensor_files import write_files
 from adaplex.methods import GivenLoRAConfig, LoRAConfig, method_config

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from adaplex.core.adapted import Adapted
+from adaplex.core.fingerprint import fingerprint
 from adaplex.errors import StorageError
 from adaplex.io import peft, peft_format
 from adaplex.io.atomic import atomic_directory
 from adaplex.io.banks import add_bank_from_experts, expert_config, expert_state
-from adaplex.io.fingerprint import fingerprint
 from adaplex.io.records import (
     BUNDLE_FILE,
     CONFIG_FILE,

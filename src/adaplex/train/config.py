@@ -85,11 +85,20 @@ class TrainerConfig(Strict):
     strategy: str = "auto"
     checkpoint_every_n_steps: int = Field(50, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
+    fused_loss: Literal["auto", "on", "off"] = Field(
+        "auto", description="Liger's fused linear cross-entropy (no logits tensor): auto where it runs (CUDA)"
+    )
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        "off", description="torch.compile every decoder block in this mode (a one-off compile first)"
+    )
 
 
 class TrainConfig(Strict):
     task: Literal["causal-lm"] = "causal-lm"
     base: str | None = None
+    quantize: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="the base's linear layers in 4-bit NF4 or 8-bit (bitsandbytes), as QLoRA trains"
+    )
     output: Path
     seed: int = 0
     adapters: list[AdapterSpec] = Field(min_length=1)
@@ -105,6 +114,11 @@ class TrainConfig(Strict):
         distinct([a.name for a in self.adapters], "adapter names")
         if not any(a.train for a in self.adapters):
             raise ValueError("no adapter has train: true; nothing would be trained")
+        if self.quantize != "none" and self.trainer.precision in ("bf16-true", "16-mixed"):
+            raise ValueError(
+                f"quantize {self.quantize} trains under precision auto, bf16-mixed or 32-true, "
+                f"not {self.trainer.precision}"
+            )
         return self
 
 

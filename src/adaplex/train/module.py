@@ -14,6 +14,7 @@ from adaplex.core.adapted import Adapted
 from adaplex.errors import AdaplexError
 from adaplex.train.data import IGNORE
 from adaplex.train.gates import GateRegulariser
+from adaplex.train.speed import next_token_loss, use_fused_loss
 
 
 class TrainingDiverged(AdaplexError):
@@ -36,11 +37,17 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
         )
 
 
+def adamw(parameters: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW; its fused kernel (one launch for every tensor) where the parameters are on CUDA."""
+    fused = bool(parameters) and all(p.is_cuda for p in parameters)
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def adapter_optimizer(
     parameters: list[torch.nn.Parameter], lr: float, weight_decay: float, warmup: int, total: int
 ) -> dict[str, Any]:
     """AdamW with linear warm-up then cosine decay, stepped every optimizer step."""
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    optimizer = adamw(parameters, lr, weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -49,18 +56,28 @@ class AdapterLM(L.LightningModule):
     """Next-token loss; only adapter parameters are optimised, and checkpoints hold only them."""
 
     def __init__(
-        self, handle: Adapted, lr: float = 1e-3, warmup: int = 10, total_steps: int = 100, weight_decay: float = 0.0
+        self,
+        handle: Adapted,
+        lr: float = 1e-3,
+        warmup: int = 10,
+        total_steps: int = 100,
+        weight_decay: float = 0.0,
+        fused_loss: str = "auto",
     ) -> None:
         super().__init__()
         self.handle = handle
         self.model = handle.model
         self.lr, self.warmup, self.total_steps, self.weight_decay = lr, warmup, total_steps, weight_decay
+        self.fused_loss = fused_loss  # auto | on | off, resolved on the first batch (its device decides)
+        self._fused: bool | None = None
         self.strict_loading = False  # checkpoints carry the adapters, not the base weights
         self._key_losses: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # this optimizer step's (sum, tokens)
         self.regulariser = GateRegulariser(handle)
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.model(**batch).loss
+        if self._fused is None:
+            self._fused = use_fused_loss(self.fused_loss, self.model, batch["input_ids"])
+        return next_token_loss(self.model, batch, self._fused)
 
     def loss(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         """Mean next-token loss; a batch with routing keys runs routed and logs each key's loss too."""
@@ -68,7 +85,8 @@ class AdapterLM(L.LightningModule):
         if keys is None:
             return self(batch)
         with route(self.handle, keys):
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            logits = self.model(**inputs, use_cache=False).logits
         labels = batch["labels"][:, 1:]  # (B, T-1)
         per_token = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none"

@@ -33,6 +33,7 @@ from adaplex.train.config import AdapterSpec, TrainConfig
 from adaplex.train.data import CausalLMData, build_examples
 from adaplex.train.gates import GateAnalytics
 from adaplex.train.module import AdapterLM
+from adaplex.train.speed import compile_blocks
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,14 @@ def build_model(config: TrainConfig, source: str) -> tuple[tuple[Adapted, dict[s
     adapter names each spec produced; a bundle produces several), tokenizer)."""
     loaded = [a.path for a in config.adapters if a.path is not None]
     recorded, relative_to = recorded_base(loaded[0]) if loaded else (None, None)
-    model, tokenizer = load_base(choose_base(config.base, recorded), relative_to=relative_to)
+    gpu = uses_gpu(config.trainer.accelerator)
+    model, tokenizer = load_base(
+        choose_base(config.base, recorded),
+        relative_to=relative_to,
+        dtype=torch.bfloat16 if config.quantize != "none" and gpu else torch.float32,
+        quantize=config.quantize,
+        device="cuda" if config.quantize != "none" and gpu else "cpu",
+    )
     return model_with_adapters(model, config.adapters, source), tokenizer
 
 
@@ -81,8 +89,12 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     GPU, else 32-true."""
     if precision != "auto":
         return precision
-    gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-    return "bf16-mixed" if gpu else "32-true"
+    return "bf16-mixed" if uses_gpu(accelerator) else "32-true"
+
+
+def uses_gpu(accelerator: str) -> bool:
+    """Whether Lightning's ``accelerator`` setting trains on a GPU here."""
+    return torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
 
 
 def precision_for(config: TrainConfig) -> str:
@@ -118,7 +130,10 @@ def train(config: TrainConfig, source: str = "config", resume: bool = False) -> 
             warmup=config.optim.warmup_steps,
             total_steps=steps,
             weight_decay=config.optim.weight_decay,
+            fused_loss=config.trainer.fused_loss,
         )
+        if config.trainer.compile != "off":
+            compile_blocks(handle.model, config.trainer.compile)
         datamodule = CausalLMData(
             train_examples, eval_examples, data, steps * per_step, config.seed, tokenizer.pad_token_id or 0
         )

@@ -1,4 +1,4 @@
-"""The base model's identity recorded beside every adapter and bundle, and checked on load."""
+"""The base model's identity, recorded beside every adapter and bundle and checked on load."""
 
 from __future__ import annotations
 
@@ -33,11 +33,18 @@ def base_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     yield from walk(model, "")
 
 
+RECORDED = "_adaplex_fingerprint"  # attribute of a quantized model: the fingerprint of its weights before
+
+
 def fingerprint(model: nn.Module) -> str:
     """Cheap identity of a base model: its type, every parameter's name and shape, and a hash of
     a fixed sample (up to 4096 evenly spaced values, rounded to bfloat16 so that float32 and
     bfloat16 copies agree) of each base linear weight. Adapters attached to it do not count, and a
-    merged layer counts with its base weight."""
+    merged layer counts with its base weight. A model quantized by ``adaplex.core.quantize`` has the
+    fingerprint of the 16-bit model it was quantized from (an adapter trained on either fits both)."""
+    recorded = getattr(model, RECORDED, None)
+    if recorded is not None:
+        return recorded
     digest = hashlib.sha256(str(getattr(model.config, "model_type", "")).encode())
     for name, p in base_parameters(model):
         digest.update(f"{name}:{tuple(p.shape)};".encode())

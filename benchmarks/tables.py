@@ -45,28 +45,32 @@ def overhead(result: dict) -> str:
 
 
 def train(result: dict) -> str:
+    shape = f", {result['layers']} layers" if "layers" in result else ""
     lines = [
-        f"**{result['device']}**, {result['precision']}, batch {result['batch']} x {result['seq']}, "
-        f"rank {result['rank']} (`adaplex bench train`):",
+        f"**{result['device']}**, {result['base']}{shape}, {result['precision']}, base "
+        f"{result.get('quantize', 'none')}, batch {result['batch']} x {result['seq']}, rank {result['rank']} "
+        "(`adaplex bench train`):",
         "",
-        "| variant | step s | tokens/s | peak MiB |",
-        "|---|---:|---:|---:|",
+        "| variant | step s | tokens/s | peak MiB | tokens/s x PEFT | memory x PEFT |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, step in result["step_s"].items():
-        lines.append(f"| {name} | {step:.3f} | {result['tokens_per_s'][name]:,.0f} | {result['peak_mib'][name]:.0f} |")
-    vs = result["adaplex_vs_peft"]
-    lines += [
-        "",
-        "adaplex (Lightning) / PEFT (plain loop): step time "
-        f"{vs['step_time_x']:.3f}x, peak memory {vs['peak_memory_x']:.3f}x"
-        + (
-            f"; the engine alone in the same plain loop: {vs['plain_loop_step_time_x']:.3f}x time, "
-            f"{vs['plain_loop_peak_memory_x']:.3f}x memory"
-            if "plain_loop_step_time_x" in vs
-            else ""
+        vs = result.get("vs_peft", {}).get(name)
+        ratios = f"{vs['tokens_per_s_x']:.2f} | {vs['peak_memory_x']:.2f}" if vs else "— | —"
+        lines.append(
+            f"| {name} | {step:.3f} | {result['tokens_per_s'][name]:,.0f} | {result['peak_mib'][name]:.0f} | {ratios} |"
         )
-        + f". MoSLoRA / LoRA step time: {result['moslora_vs_lora_step_time_x']:.3f}x.",
-    ]
+    if "profile" in result:
+        lines += [
+            "",
+            "Profile of a plain-loop step (torch.profiler, 3 steps): "
+            + "; ".join(
+                f"{name} {p['wall_ms']:.0f} ms wall, {p['busy_ms']:.0f} ms of kernels"
+                + (f", {p['launches']:,} launches" if p["launches"] else "")
+                for name, p in result["profile"].items()
+            )
+            + ".",
+        ]
     return "\n".join(lines)
 
 
@@ -136,6 +140,9 @@ def main() -> None:
         ("overhead-cuda.json", overhead),
         ("train-cpu.json", train),
         ("train-cuda.json", train),
+        ("train-cuda-graphs.json", train),
+        ("train-cuda-1b.json", train),
+        ("train-cuda-4bit.json", train),
         ("route-prefill-cpu.json", route),
         ("route-decode-cuda.json", route),
     ]

@@ -35,7 +35,11 @@ for section in $SECTIONS; do
     route-8b)  # a Llama-3-8B layer shape (2 layers, random weights): 64 and 1,024 resident experts, 64 keys a batch
       python3 -m adaplex bench route --shape benchmarks/shapes/llama-3-8b.json --layers 2 --device cuda --bf16 \
         --mode decode --batch 64 --seq 128 --adapters 64 --adapters 1024 --peers none --rounds 7 \
-        --out "$OUT/route-decode-cuda-8b.json" | tail -12 ;;
+        --out "$OUT/route-decode-cuda-8b.json" | tail -12
+      # the same 1,024 experts paged: all in host memory, 64 slots on the GPU; the first use of a batch's keys
+      python3 -m adaplex bench route --shape benchmarks/shapes/llama-3-8b.json --layers 2 --device cuda --bf16 \
+        --mode decode --batch 64 --seq 128 --adapters 1024 --slots 64 --peers none --rounds 7 \
+        --out "$OUT/route-decode-cuda-8b-paged.json" | tail -12 ;;
     faults)  # the checked-attention kernel against SDPA, then the overhead of the fused checks
       python3 benchmarks/faults_kernel_check.py $BASE "$OUT/faults-kernel-check-cuda.json" | tail -40
       python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 8 --seq 512 --repeats 21 \

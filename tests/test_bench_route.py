@@ -53,3 +53,18 @@ def test_bad_peers_and_shapes_are_named(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not a readable model config"):
         bench_route.run(shape=tmp_path / "config.json", peers="none")
+
+
+def test_a_paged_bank_holds_its_slots_on_the_device_and_times_their_first_use(shape):
+    result = bench_route.run(
+        adapters=(2, 6), batch=4, seq=8, ranks=(2,), rounds=1, peers="none", shape=shape, layers=2, slots=4
+    )
+    model = bench_shapes.shaped_model(shape, layers=2, dtype=tiny.torch.float32)
+    sides = sum(m.in_features + m.out_features for n, m in model.named_modules() if n.endswith("_proj"))
+    for row, count in zip(result["results"], (2, 6), strict=True):
+        assert row["slots"] == min(4, count) and row["first_use_s"] > 0 and row["first_use_per_key_ms"] > 0
+        assert row["bank_bytes"] == sides * row["slots"] * 2 * 4  # only the slots are on the device
+        assert row["bank_host_bytes"] == sides * count * 2 * 4  # every expert in host memory
+        assert row["routed_x_base"] > 0
+    with pytest.raises(ConfigError, match="--slots 2: a batch uses up to 4 keys"):
+        bench_route.run(adapters=(6,), batch=4, seq=8, peers="none", shape=shape, layers=2, slots=2)

@@ -266,3 +266,62 @@ def test_a_bank_larger_than_host_memory_is_refused_with_its_size(monkeypatch):
     monkeypatch.setattr("adaplex.core.adapted.available_host_bytes", lambda: need)
     handle.add("experts", config)
     assert sum(p.numel() * 4 for p in handle.parameters("experts")) == need
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "config"])
+def test_a_missing_or_corrupt_expert_is_named_when_the_bundle_loads_before_any_batch(damage, tmp_path):
+    _, handle = routed()
+    save_bundle(handle, tmp_path / "bundle")
+    victim = tmp_path / "bundle" / "experts" / "a100"
+    if damage == "missing":
+        shutil.rmtree(victim)
+    elif damage == "truncated":
+        weights = victim / "adapter.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+    else:
+        (victim / "adapter_config.json").write_text("{not json")
+    model = tiny.llama()
+    with pytest.raises(StorageError, match="experts/a100"):
+        load(model, tmp_path / "bundle")
+    assert not wrappers(model)  # nothing of the bundle was attached: no batch can run half-loaded
+
+
+def test_a_paged_bank_routes_as_the_whole_bank_loading_only_what_each_batch_lacks(tmp_path):
+    _, whole = routed()
+    model, handle = routed()  # the same experts (same seeds)
+    handle.set_trainable("experts", False)
+    pager = handle.page("experts", slots=2)
+    ids = tiny.tokens(batch=2)
+    loads = []
+    for keys in (["v100", "a100"], ["a100", "i7"], ["v100", None], ["i7", "v100"], ["i7", "i7"]):
+        with route(handle, keys):
+            paged = tiny.outputs(model, ids)
+        with route(whole, keys):
+            torch.testing.assert_close(paged, tiny.outputs(whole.model, ids), atol=0, rtol=0)
+        loads.append(pager.loads)
+    # v100, a100 | i7 replaces v100 (least recent) | v100 replaces a100 | both there | there
+    assert loads == [2, 3, 4, 4, 4]
+    assert handle.adapters("experts")["model.layers.0.self_attn.q_proj"].A.shape[0] == 2  # two slots on the device
+    with pytest.raises(AdapterNameError, match="uses 3 keys of bank 'experts', which keeps 2 on the device"):
+        route(handle, ["v100", "a100", "i7"])
+    save_bundle(handle, tmp_path / "paged")  # every expert is saved, from host memory
+    save_bundle(whole, tmp_path / "whole")
+    for key in KEYS:
+        for name in ("adapter.safetensors",):
+            assert (tmp_path / "paged" / "experts" / key / name).read_bytes() == (
+                tmp_path / "whole" / "experts" / key / name
+            ).read_bytes()
+
+
+def test_paging_refuses_what_it_cannot_do():
+    _, handle = routed()
+    with pytest.raises(AdapterNameError, match="bank 'experts' is trainable; freeze it"):
+        handle.page("experts", 2)
+    handle.set_trainable("experts", False)
+    with pytest.raises(AdapterNameError, match="page it with 1 to 3 slots"):
+        handle.page("experts", 4)
+    with pytest.raises(AdapterNameError, match="'shared' is not an expert bank"):
+        handle.page("shared", 1)
+    handle.page("experts", 1)
+    with pytest.raises(AdapterNameError, match="is paged .*train an unpaged bank"):
+        handle.set_trainable("experts", True)

@@ -74,11 +74,34 @@ def build_peft(base: nn.Module, keys: list[str], ranks: tuple[int, ...]) -> nn.M
     return peft_model.eval()
 
 
+def first_use(routed: Adapted, keys: list[str], slots: int) -> dict:
+    """Page the bank into ``slots`` device slots, then time the route that brings a batch's experts there
+    (none resident yet): the cost of a key's first use."""
+    pager = routed.page("experts", slots)
+    device = next(routed.model.parameters()).device
+    sync(device)
+    started = time.perf_counter()
+    with route(routed, keys):
+        sync(device)
+    seconds = time.perf_counter() - started
+    host = sum(t.numel() * t.element_size() for b in pager.banks for t in b.host.values())
+    return {"slots": slots, "first_use_s": seconds, "first_use_per_key_ms": seconds / pager.loads * 1e3,
+            "bank_host_bytes": host}  # fmt: skip
+
+
 def measure(
-    base: nn.Module, ids: torch.Tensor, count: int, ranks: tuple[int, ...], rounds: int, mode: str, peers: str
+    base: nn.Module,
+    ids: torch.Tensor,
+    count: int,
+    ranks: tuple[int, ...],
+    rounds: int,
+    mode: str,
+    peers: str,
+    slots: int | None = None,
 ) -> dict:
     """Times of base, adaplex routed and (``peers="peft"``) PEFT mixed for one number of distinct adapters;
-    the bank's size and the time to build it."""
+    the bank's size (on the device) and the time to build it; with ``slots``, the bank paged and the cost
+    of its batch's first use."""
     batch, seq = ids.shape
     keys = [f"k{i}" for i in range(count)]
     per_sample = [keys[b % count] for b in range(batch)]
@@ -87,6 +110,7 @@ def measure(
         + (f" and PEFT's {count} adapters" if peers == "peft" else "")
     )
     routed, build_s = build_routed(base, keys, ranks)
+    paged = first_use(routed, per_sample, min(slots, count)) if slots is not None else {}
     bank_bytes = sum(p.numel() * p.element_size() for p in routed.parameters("experts"))
     actual_share = sum(key_ranks(keys, ranks).values()) / (len(keys) * max(ranks))  # the bank pads to max rank
     models = {"base": base, "adaplex-routed": routed.model}
@@ -133,14 +157,18 @@ def measure(
         "graph_base_x_base": ("base-graph", "base"),
     }
     ratios = {name: pair for name, pair in ratios.items() if pair[0] in times}
-    return {
-        "adapters": count,
-        "step_s": {n: statistics.median(t) for n, t in times.items()},
-        "routed_x_base": median_ratio(times, "adaplex-routed", "base"),
-        "bank_bytes": bank_bytes,
-        "bank_bytes_at_actual_ranks": round(bank_bytes * actual_share),
-        "bank_build_s": round(build_s, 3),
-    } | {name: median_ratio(times, *pair) for name, pair in ratios.items()}
+    return (
+        {
+            "adapters": count,
+            "step_s": {n: statistics.median(t) for n, t in times.items()},
+            "routed_x_base": median_ratio(times, "adaplex-routed", "base"),
+            "bank_bytes": bank_bytes,
+            "bank_bytes_at_actual_ranks": round(bank_bytes * actual_share),
+            "bank_build_s": round(build_s, 3),
+        }
+        | paged
+        | {name: median_ratio(times, *pair) for name, pair in ratios.items()}
+    )
 
 
 def run(
@@ -156,10 +184,15 @@ def run(
     peers: str = "peft",
     shape: Path | None = None,
     layers: int | None = None,
+    slots: int | None = None,
 ) -> dict:
-    """The routed bench on ``base_spec``, or with ``shape`` on a random model of that config's shape."""
+    """The routed bench on ``base_spec``, or with ``shape`` on a random model of that config's shape;
+    with ``slots``, each bank paged into that many device slots."""
     if peers not in ("peft", "none"):
         raise ConfigError(f"--peers {peers!r}: give peft or none")
+    if slots is not None and slots < min(max(adapters), batch):
+        distinct = min(max(adapters), batch)
+        raise ConfigError(f"--slots {slots}: a batch uses up to {distinct} keys, all on the device; give at least that")
     dev = torch.device(device)
     base, label = bench_model(base_spec, shape, layers, torch.bfloat16 if bf16 else torch.float32)
     base.to(dev).requires_grad_(False)
@@ -177,5 +210,6 @@ def run(
         "rank": ranks[0] if len(ranks) == 1 else list(ranks),
         "peers": peers,
         "rounds": rounds,
-        "results": [measure(base, ids, count, ranks, rounds, mode, peers) for count in adapters],
+        "slots": slots,
+        "results": [measure(base, ids, count, ranks, rounds, mode, peers, slots) for count in adapters],
     }

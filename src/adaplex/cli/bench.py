@@ -226,6 +226,9 @@ def bench_route(
     peers: Annotated[str, typer.Option(help="peft (PEFT's mixed-adapter batches side by side) or none")] = "peft",
     shape: ShapeOption = None,
     layers: LayersOption = None,
+    slots: Annotated[
+        int | None, typer.Option(min=1, help="page the bank: experts in host memory, this many on the device")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -247,10 +250,12 @@ def bench_route(
         peers=peers,
         shape=shape,
         layers=layers,
+        slots=slots,
     )
     title = f"{mode} on {result['base']} ({result['device']}, batch {batch}, seq {seq}, rank {result['rank']})"
     table = Table(title=title)
-    for column in ("adapters", "base s", "routed x base", "PEFT x base", "PEFT / routed", "bank MiB", "bank build s"):
+    columns = ("adapters", "base s", "routed x base", "PEFT x base", "PEFT / routed", "bank MiB", "bank build s")
+    for column in (*columns, "first use ms/key"):
         table.add_column(column, justify="right")
     for r in result["results"]:
         table.add_row(
@@ -261,6 +266,7 @@ def bench_route(
             f"{r['peft_x_routed']:.2f}" if "peft_x_routed" in r else "—",
             f"{r['bank_bytes'] / 2**20:.1f}",
             f"{r['bank_build_s']:.2f}",
+            f"{r['first_use_per_key_ms']:.2f}" if "first_use_per_key_ms" in r else "—",
         )
     console.print(table)
     if as_json or out:

@@ -36,6 +36,8 @@ def route(handle: Adapted, keys: Sequence[str | None], unrouted: str = "shared")
     kinds: dict[str, WeightKind] = {}
     for name, config in found.items():  # a key lives in one bank; the others give that sample no expert
         index = [config.keys.index(k) if k in config.keys else -1 for k in keys]
+        if name in handle.pagers:  # a paged bank: its batch's experts on the device first
+            handle.pagers[name].ensure(index)
         kinds[name] = Routed(torch.tensor(index, dtype=torch.long, device=device))
     if unrouted == "base":
         routed = torch.tensor([k not in UNROUTED for k in keys], dtype=torch.float32, device=device)  # (B,)

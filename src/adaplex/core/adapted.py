@@ -33,12 +33,14 @@ from adaplex.core.inject import (
     wrappers,
 )
 from adaplex.core.layers import FusedParts
+from adaplex.core.paging import ExpertPager
 from adaplex.core.quantize import is_quantized
 from adaplex.core.stack import Stack
 from adaplex.core.weights import Gated, Given
 from adaplex.errors import AdaplexError, AdapterNameError, StorageError
 from adaplex.methods import (
     Adapter,
+    ExpertBank,
     ExpertsConfig,
     GateConfig,
     GivenLoRAConfig,
@@ -72,6 +74,7 @@ class Adapted:
         self.model = model
         self.stack = Stack()
         self.configs: dict[str, MethodConfig] = {}
+        self.pagers: dict[str, ExpertPager] = {}  # paged expert banks by adapter name
         self._attn_implementation = model.config._attn_implementation
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         attention.register()
@@ -214,6 +217,7 @@ class Adapted:
             attention.record_input(self.model.get_submodule(path), len(child.prefixes) > 0)
         link_shared_inputs(self.model, self.family)
         del self.configs[name]
+        self.pagers.pop(name, None)
 
     def detach(self) -> nn.Module:
         """Remove every adapter and return the model exactly as it was before attaching."""
@@ -250,6 +254,20 @@ class Adapted:
     def banks(self) -> dict[str, ExpertsConfig]:
         """The expert banks' configs by adapter name."""
         return {n: c for n, c in self.configs.items() if isinstance(c, ExpertsConfig)}
+
+    def page(self, name: str, slots: int) -> ExpertPager:
+        """Keep bank ``name``'s experts in host memory and at most ``slots`` of them on the model's device;
+        a route loads the experts its batch uses that are not there (``adaplex.core.paging``)."""
+        config = self.banks().get(name)
+        if config is None:
+            raise AdapterNameError(f"{name!r} is not an expert bank of this model; banks: {', '.join(self.banks())}")
+        if name in self.pagers:
+            raise AdapterNameError(f"bank {name!r} is paged already")
+        if any(p.requires_grad for p in self.parameters(name)):
+            raise AdapterNameError(f"bank {name!r} is trainable; freeze it (set_trainable({name!r}, False)) to page it")
+        banks = [m for a in self.adapters(name).values() for m in a.modules() if isinstance(m, ExpertBank)]
+        self.pagers[name] = ExpertPager(name, banks, config.keys, slots)
+        return self.pagers[name]
 
     # ---- parameters ------------------------------------------------------------------------
 
@@ -290,6 +308,11 @@ class Adapted:
         return [p for p in self.parameters() if p.requires_grad]
 
     def set_trainable(self, name: str, trainable: bool = True) -> None:
+        if trainable and name in self.pagers:
+            raise AdapterNameError(
+                f"bank {name!r} is paged (its device slots hold whichever experts were used "
+                "last); train an unpaged bank"
+            )
         for p in self.parameters(name):
             p.requires_grad_(trainable)
 

@@ -5,7 +5,8 @@ The bank holds A: (K, r, in), B: (K, out, r) (and M: (K, r, r)); experts of smal
 zero-padded to r and masked, so they stay exactly rank r_k. A forward gathers each sample's
 A and its B (with M, scale and weight folded in) and applies them with the per-sample functional
 LoRA (``lora.per_sample_lora``): no Python loop over samples or keys. A sample routed to no key
-(index -1) gets no expert delta.
+(index -1) gets no expert delta. A paged bank (``page``) keeps its experts in host memory and a few
+of them in device slots; ``adaplex.core.paging`` decides which.
 """
 
 from __future__ import annotations
@@ -83,6 +84,30 @@ class ExpertBank(PerSampleLoRA):
             self.mixer = nn.Parameter(torch.empty(count, r, r))
             for m in self.mixer:
                 init_mixer(m, config.mixer_init)
+        self.host: dict[str, torch.Tensor] | None = None  # paged: every expert's tensors, in host memory
+        self.slot_of: torch.Tensor | None = None  # paged: (K,) each key's slot on the device, -1: not there
+
+    def _tensors(self) -> dict[str, nn.Parameter]:
+        return {"A": self.A, "B": self.B} | ({"mixer": self.mixer} if self.mixer is not None else {})
+
+    @torch.no_grad()
+    def page(self, slots: int) -> None:
+        """Keep every expert in host memory (pinned where the bank is on CUDA, so copies overlap) and room
+        for ``slots`` of them on the bank's device: A, B (and M) become (slots, ...), filled by ``load_slot``."""
+        device = self.A.device
+        self.host = {}
+        for name, tensor in self._tensors().items():
+            host = tensor.detach().to("cpu", copy=True)
+            self.host[name] = host.pin_memory() if device.type == "cuda" else host
+            resident = torch.zeros(slots, *tensor.shape[1:], dtype=tensor.dtype, device=device)
+            setattr(self, name, nn.Parameter(resident, requires_grad=False))
+        self.slot_of = torch.full((len(self.scale),), -1, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def load_slot(self, slot: int, k: int) -> None:
+        """Copy expert k from host memory into device slot ``slot`` (``slot_of`` is set by the pager)."""
+        for name, tensor in self._tensors().items():
+            tensor[slot].copy_(self.host[name][k], non_blocking=True)
 
     def gather(self, index: torch.Tensor, weight: float | torch.Tensor, dtype: torch.dtype) -> Factors:
         """Each sample's (A_k^T, (w·s_k·B_k M_k)^T), rank-masked, in ``dtype``: (B, in, r) and (B, r, out).
@@ -90,23 +115,27 @@ class ExpertBank(PerSampleLoRA):
         ``index`` (B,) holds each sample's expert (-1: none, a zero update); ``weight`` is a float or
         one value per sample (B,)."""
         known = index.clamp(min=0)  # (B,)
+        rows = known if self.slot_of is None else self.slot_of[known]  # where each sample's expert is held
         mask = self.rank_mask[known]  # (B, r)
         gate = (index >= 0).to(self.scale.dtype) * self.scale[known] * weight  # (B,)
-        down = self.A[known] * mask.unsqueeze(-1)  # (B, r, in)
-        up = self.B[known] * mask.unsqueeze(1)  # (B, out, r)
+        down = self.A[rows] * mask.unsqueeze(-1)  # (B, r, in)
+        up = self.B[rows] * mask.unsqueeze(1)  # (B, out, r)
         if self.mixer is not None:
-            up = torch.bmm(up, self.mixer[known] * mask.unsqueeze(1) * mask.unsqueeze(-1))  # (B, out, r)
+            up = torch.bmm(up, self.mixer[rows] * mask.unsqueeze(1) * mask.unsqueeze(-1))  # (B, out, r)
         return Factors(down.transpose(1, 2).to(dtype), (up * gate.view(-1, 1, 1)).transpose(1, 2).to(dtype))
 
     def expert_state(self, k: int, rank: int) -> dict[str, torch.Tensor]:
         """Expert k as a plain LoRA/MoSLoRA state dict of rank ``rank`` (keys A, B, mixer)."""
-        state = {"A": self.A[k, :rank], "B": self.B[k, :, :rank]}
+        every = self.host if self.host is not None else self._tensors()
+        state = {"A": every["A"][k, :rank], "B": every["B"][k, :, :rank]}
         if self.mixer is not None:
-            state["mixer"] = self.mixer[k, :rank, :rank]
+            state["mixer"] = every["mixer"][k, :rank, :rank]
         return {n: t.detach().clone() for n, t in state.items()}
 
     @torch.no_grad()
     def load_expert(self, k: int, state: dict[str, torch.Tensor]) -> None:
+        if self.host is not None:
+            raise RuntimeError("a paged bank's experts are fixed: load them before paging it")
         rank = state["A"].shape[0]
         self.A[k].zero_()
         self.B[k].zero_()

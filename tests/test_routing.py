@@ -14,6 +14,7 @@ from adaplex.compose.registry import Registry, RegistryError, load_registry
 from adaplex.compose.route import route
 from adaplex.core.inject import wrappers
 from adaplex.errors import AdapterNameError, ConfigError, StorageError
+from adaplex.infer.batch import worker_device
 from adaplex.io.describe import describe
 from adaplex.io.storage import load, save_adapter, save_bundle
 from adaplex.methods import ExpertsConfig
@@ -228,6 +229,15 @@ def test_infer_with_workers_keeps_order_and_reports_a_crashed_shard(tmp_path):
     partial = [json.loads(line) for line in (tmp_path / "crash.jsonl").read_text().splitlines()]
     assert [r.get("completion") for r in partial[:2]] == [r["completion"] for r in out[:2]]
     assert all("crashed" in r["error"] for r in partial[2:])
+
+
+def test_each_infer_worker_takes_its_own_gpu_where_there_are_several(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [worker_device("cuda", w) for w in range(6)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]
+    assert [worker_device("cuda:2", w) for w in range(2)] == ["cuda:2", "cuda:2"]  # an explicit device: all there
+    assert worker_device("cpu", 3) == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert [worker_device("cuda", w) for w in range(2)] == ["cuda", "cuda"]
 
 
 def test_static_generation_equals_generate_for_a_routed_batch():

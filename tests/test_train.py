@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from adaplex.io.records import CONFIG_FILE, WEIGHTS_FILE, read_adapter_record
 from adaplex.io.storage import load
 from adaplex.io.tensor_files import read_tensors
 from adaplex.train.config import TrainConfig
+from adaplex.train.data import StepSampler
 from adaplex.train.module import TrainingDiverged
 from adaplex.train.run import train
 from adaplex.util.yamlconfig import load_yaml
@@ -159,6 +161,48 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(workspace):
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)
 
 
+def test_the_run_order_splits_across_processes_and_resumes_in_each():
+    size, total, batch = 10, 36, 3  # 36 positions span four epochs of 10 samples
+    whole = list(StepSampler(size, total, seed=5))
+    ranks = [list(StepSampler(size, total, seed=5, rank=r, world=2)) for r in range(2)]
+    assert [len(StepSampler(size, total, 5, r, 2)) for r in range(2)] == [18, 18] == [len(r) for r in ranks]
+    for step in range(total // (2 * batch)):  # a step's two batches hold what one batch of 6 would
+        together = ranks[0][step * batch : (step + 1) * batch] + ranks[1][step * batch : (step + 1) * batch]
+        assert sorted(together) == sorted(whole[step * 2 * batch : (step + 1) * 2 * batch])
+    resumed = StepSampler(size, total, seed=5, rank=1, world=2)
+    resumed.start = 12  # two steps of both processes done
+    assert list(resumed) == ranks[1][6:]
+
+
+def test_ddp_on_two_cpu_processes_killed_and_resumed_equals_one_process_with_the_same_global_batch(workspace):
+    root = workspace
+    common = {"optim": {"lr": 5e-3, "warmup_steps": 2, "max_steps": 12}, "eval": {"every_n_steps": 12}}
+    one = train(config(root, "one-process", data={"batch_size": 8}, **common))
+    ddp = config(
+        root,
+        "ddp",
+        data={"batch_size": 4},
+        trainer={"accelerator": "cpu", "devices": 2, "strategy": "ddp", "checkpoint_every_n_steps": 2},
+        **common,
+    )
+    path = root / "ddp.yaml"
+    path.write_text(yaml.safe_dump(ddp.model_dump(mode="json")))
+    command = [sys.executable, "-m", "adaplex", "train", str(path)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not list((root / "ddp" / "checkpoints").glob("step-step=4.ckpt")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the process it started for rank 1
+    proc.wait()
+    assert not (root / "ddp" / "adapter").exists()  # it really died mid-run
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.count("trained adapter saved") == 1  # rank 1 says nothing
+    a, b = (load(load_base(str(root / "base"))[0], d).state_dict("style") for d in (one, root / "ddp" / "adapter"))
+    for key in a:  # 2 processes x 4 samples = 1 x 8, the order resumed where it stopped
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
+
+
 def test_continue_into_a_new_version_leaves_the_old_one(workspace):
     root = workspace
     v1 = train(config(root, "v1", optim={"max_steps": 4}, version="v1"))
@@ -229,6 +273,9 @@ def test_bad_data_and_config_errors(workspace, tmp_path, caplog):
     with pytest.raises(ConfigError, match="trainer: .*gpu"):  # fails after the output directory was made
         train(config(root, "e7", trainer={"accelerator": "gpu"}))
     assert not (root / "e7").exists()  # a run that failed before its first step leaves nothing behind
+    with pytest.raises(ConfigError, match="trainer: The strategy `fsdp` requires a GPU accelerator"):
+        train(config(root, "e8", trainer={"accelerator": "cpu", "devices": 2, "strategy": "fsdp"}))
+    assert not (root / "e8").exists()
     yaml_path = tmp_path / "bad.yaml"
     yaml_path.write_text(yaml.safe_dump(config(root, "e5").model_dump(mode="json") | {"learning_rate": 1}))
     with pytest.raises(ConfigError, match=f"{yaml_path}: field 'learning_rate'"):
@@ -351,3 +398,27 @@ def test_gated_causal_lm_training_logs_gates_and_saves_a_bundle(workspace):
     model, _ = load_base(str(root / "base"))
     handle = load(model, result)
     assert handle.configs["u-gate"].l1 == 0.01 and "u-lora" in handle.stack.kinds
+
+
+def test_gated_training_under_ddp_equals_one_process_with_the_same_global_batch(workspace):
+    root = workspace
+    gated = [{"name": "u", "config": {"method": "unipelt", "gate": {"l1": 0.01, "entropy": 0.01}}}]
+    common = {"adapters": gated, "optim": {"lr": 5e-3, "warmup_steps": 2, "max_steps": 8}, "eval": {"every_n_steps": 8}}
+    one = train(config(root, "gated-one", data={"batch_size": 8}, **common))
+    ddp = config(
+        root,
+        "gated-ddp",
+        data={"batch_size": 4},
+        trainer={"accelerator": "cpu", "devices": 2, "strategy": "ddp"},
+        **common,
+    )
+    path = root / "gated-ddp.yaml"
+    path.write_text(yaml.safe_dump(ddp.model_dump(mode="json")))
+    done = subprocess.run([sys.executable, "-m", "adaplex", "train", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in (root / "gated-ddp" / "gates").glob("*.json")) == ["epoch-000.json"]
+    a, b = (load(load_base(str(root / "base"))[0], d) for d in (one, root / "gated-ddp" / "adapter"))
+    assert set(a.configs) == set(b.configs) == {"u-lora", "u-prefix", "u-bottleneck", "u-gate"}
+    for name in a.configs:
+        for key, tensor in a.state_dict(name).items():
+            torch.testing.assert_close(b.state_dict(name)[key], tensor, atol=1e-5, rtol=0)

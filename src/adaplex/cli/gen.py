@@ -102,9 +102,11 @@ def train_command(
     """Train the hyper-convolutional generator on a zoo (Lightning)."""
     from adaplex.generator.config import load_gen_config
     from adaplex.generator.training import train_generator
+    from adaplex.train.run import main_process
 
     result = train_generator(load_gen_config(config), resume=resume, dry_run=dry_run)
-    show(result, json_out, "generator")
+    if main_process():  # the other processes of a DDP run say nothing
+        show(result, json_out, "generator")
 
 
 @gen_app.command()

@@ -57,10 +57,12 @@ def train(
             f"{len(summary['runs'])} seeds; models under {loaded.output}/seed-*/model"
         )
         return
+    from adaplex.train.run import main_process
     from adaplex.train.run import train as run_training
 
     result = run_training(loaded, source=str(config), resume=resume)
-    console.print(f"trained adapter saved to {result}")
+    if main_process():
+        console.print(f"trained adapter saved to {result}")
 
 
 @app.command()
@@ -143,7 +145,8 @@ def infer(
             f"[red]worker {failure['worker']} crashed (exit code {failure['exit_code']}); records "
             f"{failure['records'][0]}-{failure['records'][1]} have no completion[/]"
         )
-    console.print(f"wrote {summary['records']} results to {output} with {summary['workers']} workers")
+    devices = ", ".join(dict.fromkeys(summary["devices"]))
+    console.print(f"wrote {summary['records']} results to {output} with {summary['workers']} workers on {devices}")
     console.print("records per key: " + ", ".join(f"{k} {n}" for k, n in summary["per_key"].items()))
     if as_json:
         emit_json(summary, None)

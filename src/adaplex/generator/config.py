@@ -35,6 +35,8 @@ class GenLoss(Strict):
 class GenTrainer(Strict):
     precision: Literal["auto", "32-true", "bf16-mixed", "bf16-true"] = "auto"
     accelerator: str = "auto"
+    devices: int | str | list[int] = 1
+    strategy: str = Field("auto", description="Lightning's strategy, e.g. ddp (batch_size is then per process)")
     checkpoint_every_n_steps: int = Field(250, gt=0)
     val_every_n_steps: int = Field(250, gt=0)
     swanlab: bool = Field(True, description="also log to SwanLab (offline) where swanlab is installed")

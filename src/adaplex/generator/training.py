@@ -31,7 +31,7 @@ from adaplex.generator.tokenizer import Layout, layout_fields, normalize, with_s
 from adaplex.generator.zoo import Zoo, read_zoo
 from adaplex.train.data import ResumableLoader, StepSampler
 from adaplex.train.module import adapter_optimizer, check_finite
-from adaplex.train.run import resolve_precision
+from adaplex.train.run import lightning_trainer, main_process, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +135,11 @@ class GeneratorData(L.LightningDataModule):
         self.optim, self.seed = optim, seed
 
     def train_dataloader(self) -> DataLoader:
-        total = self.optim.max_steps * self.optim.batch_size
-        loader = ResumableLoader(
-            self.train, batch_size=self.optim.batch_size, sampler=StepSampler(len(self.train), total, self.seed)
-        )
         trainer = self.trainer
-        loader.consumed = lambda: trainer.global_step * self.optim.batch_size
+        world, per_step = trainer.world_size, self.optim.batch_size * trainer.world_size  # one order, split
+        sampler = StepSampler(len(self.train), self.optim.max_steps * per_step, self.seed, trainer.global_rank, world)
+        loader = ResumableLoader(self.train, batch_size=self.optim.batch_size, sampler=sampler)
+        loader.consumed = lambda: trainer.global_step * per_step
         return loader
 
     def val_dataloader(self) -> DataLoader | list:
@@ -167,7 +166,7 @@ class GeneratorModule(L.LightningModule):
         cond, target = batch
         terms = grid_loss(self.network(cond), target, self.mask, self.weights)
         check_finite(terms["loss"], self.global_step)
-        self.log_dict({f"train_{k}": v for k, v in terms.items()}, prog_bar=True)
+        self.log_dict({f"train_{k}": v for k, v in terms.items()}, prog_bar=True, sync_dist=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return terms["loss"]
 
@@ -225,7 +224,7 @@ def train_generator(config: GenConfig, resume: bool = False, dry_run: bool = Fal
             raise StorageError(f"nothing to resume: {last} does not exist; run without --resume")
         if (out / "config.yaml").read_text() != snapshot:
             raise ConfigError(f"the config differs from the one {out} was started with; resume with that one")
-    elif not dry_run and out.exists() and any(out.iterdir()):
+    elif not dry_run and main_process() and out.exists() and any(out.iterdir()):
         raise StorageError(f"{out} already holds a run; pass --resume to continue it or choose another output")
     L.seed_everything(config.seed, verbose=False)
     prepared = prepare(config)
@@ -239,9 +238,10 @@ def train_generator(config: GenConfig, resume: bool = False, dry_run: bool = Fal
         return info | _one_step(module, data)
     existed = out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume and main_process():
         (out / "config.yaml").write_text(snapshot)
-    trainer = L.Trainer(
+    trainer = lightning_trainer(
+        str(config.output),
         max_steps=config.optim.max_steps,
         max_epochs=1,
         gradient_clip_val=config.optim.gradient_clip,
@@ -250,7 +250,9 @@ def train_generator(config: GenConfig, resume: bool = False, dry_run: bool = Fal
         num_sanity_val_steps=0,
         precision=resolve_precision(config.trainer.precision, config.trainer.accelerator),
         accelerator=config.trainer.accelerator,
-        devices=1,
+        devices=config.trainer.devices,
+        strategy=config.trainer.strategy,
+        use_distributed_sampler=False,  # GeneratorData splits its one run order across processes
         logger=_loggers(config),
         callbacks=[
             ModelCheckpoint(
@@ -270,17 +272,18 @@ def train_generator(config: GenConfig, resume: bool = False, dry_run: bool = Fal
     try:
         trainer.fit(module, datamodule=data, ckpt_path=last if resume else None, weights_only=True)
     except BaseException:
-        if not resume and trainer.global_step == 0 and not existed:
+        if not resume and trainer.global_step == 0 and not existed and main_process():
             shutil.rmtree(out, ignore_errors=True)  # a run that failed before its first step leaves nothing
         raise
     seconds = time.perf_counter() - began
-    save_generator(out / "generator", record, network.cpu(), prepared.layout)
+    if trainer.is_global_zero:  # the other processes of a DDP run hold the same weights
+        save_generator(out / "generator", record, network.cpu(), prepared.layout)
     metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()}
     return info | {
         "generator": str(out / "generator"),
         "steps": trainer.global_step,
         "seconds": round(seconds, 1),
-        "pairs_per_second": round(trainer.global_step * config.optim.batch_size / seconds, 1),
+        "pairs_per_second": round(trainer.global_step * config.optim.batch_size * trainer.world_size / seconds, 1),
         "metrics": metrics,
     }
 

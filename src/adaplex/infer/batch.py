@@ -1,10 +1,11 @@
 """`adaplex infer`: batch generation over a JSONL of (key or target, prompt), across worker processes.
 
-Each worker (spawn start method: safe with CUDA) loads its own model and bundle, reads its own
-contiguous shard, generates in routed mixed-key batches and writes its shard file; the parent
-writes every result in input order. A worker that crashes is reported with its shard (records
-a..b) and its records get an "error" field; no other result is lost. Setting the environment
-variable ADAPLEX_INFER_CRASH_SHARD=i makes worker i exit abruptly (for testing that path).
+Each worker (spawn start method: safe with CUDA) loads its own model and bundle on its own device
+(``worker_device``: one GPU a worker where there are several), reads its own contiguous shard,
+generates in routed mixed-key batches and writes its shard file; the parent writes every result in
+input order. A worker that crashes is reported with its shard (records a..b) and its records get an
+"error" field; no other result is lost. Setting the environment variable ADAPLEX_INFER_CRASH_SHARD=i
+makes worker i exit abruptly (for testing that path).
 """
 
 from __future__ import annotations
@@ -64,20 +65,29 @@ def resolve_keys(
     return keys
 
 
+def worker_device(device: str, worker: int) -> str:
+    """Worker ``worker``'s device: with plain "cuda" on a machine of G GPUs, GPU worker mod G (one GPU a
+    worker when there are as many); an explicit device ("cuda:1", "cpu") for every worker."""
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        return f"cuda:{worker % torch.cuda.device_count()}"
+    return device
+
+
 def _worker(shard: int, items: list[tuple[int, str | None, str]], job: Job, out: Path) -> None:
     if os.environ.get("ADAPLEX_INFER_CRASH_SHARD") == str(shard):
         os._exit(3)
 
+    device = worker_device(job.device, shard)
     recorded, relative_to = recorded_base(job.bundle)
     model, tokenizer = load_base(choose_base(job.base, recorded), relative_to=relative_to)
-    model.to(job.device)
+    model.to(device)
     handle = load(model, job.bundle, allow_nonfinite=job.allow_nonfinite)
     tokenizer.padding_side = "left"
     lines = []
     for start in range(0, len(items), job.batch_size):
         chunk = items[start : start + job.batch_size]
         texts = [render_prompt(tokenizer, prompt, job.chat) for _, _, prompt in chunk]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not job.chat).to(job.device)
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not job.chat).to(device)
         with torch.no_grad(), route(handle, [key for _, key, _ in chunk]):
             generated = model.generate(
                 **batch, max_new_tokens=job.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
@@ -160,6 +170,7 @@ def run(
         "records": len(items),
         "per_key": per_key,
         "workers": workers,
+        "devices": [worker_device(job.device, w) for w in range(workers)],
         "failed_shards": failures,
         "output": str(output),
     }

@@ -176,10 +176,16 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor | li
 class StepSampler(Sampler[int]):
     """Indices for a whole run: epoch e is permutation(seed + e) of the dataset, epochs back to back,
     ``total`` indices in all. Iteration begins after ``start`` of them, so a resumed run continues
-    the same order; the length stays ``total`` so that Lightning's batch counts line up."""
+    the same order; the length stays the whole run's so that Lightning's batch counts line up.
 
-    def __init__(self, size: int, total: int, seed: int) -> None:
+    Under DDP process ``rank`` of ``world`` takes the positions p ≡ rank (mod world) of that one order:
+    a step's ``world`` batches of b together hold the samples one process's batch of world·b would, so
+    the run equals a single process's with the same global batch, and ``start`` (samples consumed by
+    all processes) resumes every process where it stopped."""
+
+    def __init__(self, size: int, total: int, seed: int, rank: int = 0, world: int = 1) -> None:
         self.size, self.total, self.seed, self.start = size, total, seed, 0
+        self.rank, self.world = rank, world
 
     def __iter__(self) -> Iterator[int]:
         position = self.start
@@ -187,11 +193,12 @@ class StepSampler(Sampler[int]):
             epoch, offset = divmod(position, self.size)
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
             take = min(self.size - offset, self.total - position)
-            yield from order[offset : offset + take].tolist()
+            first = (self.rank - position) % self.world  # this process's first position in the chunk
+            yield from order[offset + first : offset + take : self.world].tolist()
             position += take
 
     def __len__(self) -> int:
-        return self.total
+        return self.total // self.world
 
 
 class ResumableLoader(DataLoader):
@@ -226,8 +233,9 @@ class CausalLMData(L.LightningDataModule):
         return collate(batch, self.pad_id)
 
     def train_dataloader(self) -> DataLoader:
-        # under DDP the sampler's indices are split across processes: the run needs world_size times more
-        sampler = StepSampler(len(self.train), self.samples_per_process * self.trainer.world_size, self.seed)
+        # under DDP the processes share one order (the Trainer runs with use_distributed_sampler=False)
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        sampler = StepSampler(len(self.train), self.samples_per_process * world, self.seed, rank, world)
         loader = ResumableLoader(
             self.train,
             batch_size=self.config.batch_size,

@@ -107,7 +107,7 @@ class AdapterLM(L.LightningModule):
             loss = self.loss(batch, "train")
         check_finite(loss, self.global_step)
         penalty, terms = gate_penalty()
-        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_loss", loss, prog_bar=True, sync_dist=True)  # under DDP: the mean over processes
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         for name, value in terms.items():
             self.log(name, value)

@@ -13,6 +13,7 @@ import logging
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -101,11 +102,25 @@ def precision_for(config: TrainConfig) -> str:
     return resolve_precision(config.trainer.precision, config.trainer.accelerator)
 
 
+def lightning_trainer(source: str, **settings: Any) -> L.Trainer:
+    """``L.Trainer(**settings)``; settings Lightning refuses (accelerator: gpu without one, fsdp on a CPU)
+    become one ConfigError naming ``source``."""
+    try:
+        return L.Trainer(**settings)
+    except (MisconfigurationException, ValueError) as err:
+        raise ConfigError(f"{source}: trainer: {' '.join(str(err).split())}") from None
+
+
+def main_process() -> bool:
+    """False in the processes Lightning launches for the other ranks of a DDP run (they say nothing)."""
+    return rank_zero_only.rank == 0
+
+
 def train(config: TrainConfig, source: str = "config", resume: bool = False) -> Path:
     """Run the training the config describes; returns the directory of the final adapter."""
     out = config.output
     last = out / "checkpoints" / "last.ckpt"
-    launched_rank = rank_zero_only.rank != 0  # a process Lightning launched for DDP re-runs this command
+    launched_rank = not main_process()  # a process Lightning launched for DDP re-runs this command
     if resume and not last.is_file():
         raise StorageError(f"nothing to resume: {last} does not exist; run without --resume")
     if not resume and not launched_rank and out.exists() and any(out.iterdir()):
@@ -156,31 +171,28 @@ def train(config: TrainConfig, source: str = "config", resume: bool = False) -> 
         loggers = [CSVLogger(out, name="logs", version="csv")]
         if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
             loggers.append(TensorBoardLogger(out, name="logs", version="tb"))
-        try:
-            trainer = L.Trainer(
-                max_steps=steps,
-                max_epochs=1,  # one Lightning epoch is the whole run: StepSampler spans all epochs of the data
-                accumulate_grad_batches=config.optim.grad_accum,
-                gradient_clip_val=config.optim.gradient_clip,
-                val_check_interval=min(
-                    config.eval.every_n_steps * config.optim.grad_accum, steps * config.optim.grad_accum
-                )
-                if eval_examples
-                else None,
-                check_val_every_n_epoch=None,
-                limit_val_batches=config.eval.max_batches,
-                num_sanity_val_steps=0,
-                precision=precision_for(config),
-                accelerator=config.trainer.accelerator,
-                devices=config.trainer.devices,
-                strategy=config.trainer.strategy,
-                logger=loggers,
-                callbacks=callbacks,
-                log_every_n_steps=1,
-                enable_model_summary=False,
-            )
-        except MisconfigurationException as err:  # e.g. accelerator: gpu on a machine without one
-            raise ConfigError(f"{source}: trainer: {' '.join(str(err).split())}") from None
+        trainer = lightning_trainer(
+            source,
+            max_steps=steps,
+            max_epochs=1,  # one Lightning epoch is the whole run: StepSampler spans all epochs of the data
+            accumulate_grad_batches=config.optim.grad_accum,
+            gradient_clip_val=config.optim.gradient_clip,
+            val_check_interval=min(config.eval.every_n_steps * config.optim.grad_accum, steps * config.optim.grad_accum)
+            if eval_examples
+            else None,
+            check_val_every_n_epoch=None,
+            limit_val_batches=config.eval.max_batches,
+            num_sanity_val_steps=0,
+            precision=precision_for(config),
+            accelerator=config.trainer.accelerator,
+            devices=config.trainer.devices,
+            strategy=config.trainer.strategy,
+            use_distributed_sampler=False,  # CausalLMData splits its one run order across processes
+            logger=loggers,
+            callbacks=callbacks,
+            log_every_n_steps=1,
+            enable_model_summary=False,
+        )
         handle.model.train()
         trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None, weights_only=True)
     except BaseException:

@@ -85,7 +85,7 @@ class ExpertBank(PerSampleLoRA):
             for m in self.mixer:
                 init_mixer(m, config.mixer_init)
         self.host: dict[str, torch.Tensor] | None = None  # paged: every expert's tensors, in host memory
-        self.slot_of: torch.Tensor | None = None  # paged: (K,) each key's slot on the device, -1: not there
+        self.register_buffer("slot_of", None, persistent=False)  # paged: (K,) each key's slot, -1: not there
 
     def _tensors(self) -> dict[str, nn.Parameter]:
         return {"A": self.A, "B": self.B} | ({"mixer": self.mixer} if self.mixer is not None else {})

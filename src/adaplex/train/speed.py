@@ -84,5 +84,5 @@ def compile_blocks(model: nn.Module, mode: str = "default", backend: str = "indu
         raise ConfigError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
     blocks = decoder_blocks(model)
     for block in blocks:
-        block.compile(backend=backend, mode=mode if backend == "inductor" else None, dynamic=False)
+        block.compile(backend=backend, mode=mode if backend == "inductor" else None)
     return len(blocks)

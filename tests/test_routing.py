@@ -313,7 +313,19 @@ def test_a_paged_bank_routes_as_the_whole_bank_loading_only_what_each_batch_lack
     assert loads == [2, 3, 4, 4, 4]
     assert handle.adapters("experts")["model.layers.0.self_attn.q_proj"].A.shape[0] == 2  # two slots on the device
     with pytest.raises(AdapterNameError, match="uses 3 keys of bank 'experts', which keeps 2 on the device"):
-        route(handle, ["v100", "a100", "i7"])
+        with route(handle, ["v100", "a100", "i7"]):
+            pass
+    with route(handle, ["v100", None]):  # an active route holds its experts: a nested one cannot evict them
+        with route(handle, ["a100", "a100"]):
+            inner = tiny.outputs(model, ids)
+        with pytest.raises(AdapterNameError, match=r"uses 2 keys .* \(1 held by other active routes\)"):
+            with route(handle, ["i7", "a100"]):
+                pass
+        outer = tiny.outputs(model, ids)
+    for paged_out, keys in ((inner, ["a100", "a100"]), (outer, ["v100", None])):
+        with route(whole, keys):
+            torch.testing.assert_close(paged_out, tiny.outputs(whole.model, ids), atol=0, rtol=0)
+    assert not pager.held  # every route let go
     save_bundle(handle, tmp_path / "paged")  # every expert is saved, from host memory
     save_bundle(whole, tmp_path / "whole")
     for key in KEYS:

@@ -2,13 +2,15 @@
 
 ``route`` only produces weights: each bank's weight becomes ``Routed`` (each sample's expert index,
 -1 for a sample whose key lives in another bank or for none), and with ``unrouted="base"`` every other
-adapter's weight becomes ``PerSample``: 0 for a sample that no bank routes, 1 for the others.
+adapter's weight becomes ``PerSample``: 0 for a sample that no bank routes, 1 for the others. Entering
+the route of a paged bank first brings the batch's experts to the device and holds them there until
+the route ends (``adaplex.core.paging``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
@@ -34,12 +36,30 @@ def route(handle: Adapted, keys: Sequence[str | None], unrouted: str = "shared")
     if unknown:
         raise AdapterNameError(f"unknown routing key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
     kinds: dict[str, WeightKind] = {}
+    paged: dict[str, list[int]] = {}
     for name, config in found.items():  # a key lives in one bank; the others give that sample no expert
         index = [config.keys.index(k) if k in config.keys else -1 for k in keys]
-        if name in handle.pagers:  # a paged bank: its batch's experts on the device first
-            handle.pagers[name].ensure(index)
         kinds[name] = Routed(torch.tensor(index, dtype=torch.long, device=device))
+        if name in handle.pagers:
+            paged[name] = index
     if unrouted == "base":
         routed = torch.tensor([k not in UNROUTED for k in keys], dtype=torch.float32, device=device)  # (B,)
         kinds.update({name: PerSample(routed) for name in handle.configs if name not in found})
+    if paged:
+        return _holding(handle, paged, handle.stack.overriding(kinds))
     return handle.stack.overriding(kinds)
+
+
+@contextmanager
+def _holding(handle: Adapted, paged: dict[str, list[int]], inner: AbstractContextManager[None]) -> Iterator[None]:
+    """``inner`` with each paged bank's experts of the batch on the device and held while it runs."""
+    acquired: list[str] = []
+    try:
+        for name, index in paged.items():
+            handle.pagers[name].acquire(index)
+            acquired.append(name)
+        with inner:
+            yield
+    finally:
+        for name in acquired:
+            handle.pagers[name].release(paged[name])

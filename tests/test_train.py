@@ -175,8 +175,10 @@ def test_the_run_order_splits_across_processes_and_resumes_in_each():
 
 
 def test_ddp_on_two_cpu_processes_killed_and_resumed_equals_one_process_with_the_same_global_batch(workspace):
+    """A gated (UniPELT) run: LoRA, prefix, bottleneck and their gates all train under DDP."""
     root = workspace
-    common = {"optim": {"lr": 5e-3, "warmup_steps": 2, "max_steps": 12}, "eval": {"every_n_steps": 12}}
+    gated = [{"name": "u", "config": {"method": "unipelt", "gate": {"l1": 0.01, "entropy": 0.01}}}]
+    common = {"adapters": gated, "optim": {"lr": 5e-3, "warmup_steps": 2, "max_steps": 12}}
     one = train(config(root, "one-process", data={"batch_size": 8}, **common))
     ddp = config(
         root,
@@ -198,9 +200,12 @@ def test_ddp_on_two_cpu_processes_killed_and_resumed_equals_one_process_with_the
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert resumed.stdout.count("trained adapter saved") == 1  # rank 1 says nothing
-    a, b = (load(load_base(str(root / "base"))[0], d).state_dict("style") for d in (one, root / "ddp" / "adapter"))
-    for key in a:  # 2 processes x 4 samples = 1 x 8, the order resumed where it stopped
-        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
+    assert list((root / "ddp" / "gates").glob("epoch-*.json"))  # the gate read-outs, written by rank 0
+    a, b = (load(load_base(str(root / "base"))[0], d) for d in (one, root / "ddp" / "adapter"))
+    assert set(a.configs) == set(b.configs) == {"u-lora", "u-prefix", "u-bottleneck", "u-gate"}
+    for name in a.configs:  # 2 processes x 4 samples = 1 x 8, the order resumed where it stopped
+        for key, tensor in a.state_dict(name).items():
+            torch.testing.assert_close(b.state_dict(name)[key], tensor, atol=1e-5, rtol=0)
 
 
 def test_continue_into_a_new_version_leaves_the_old_one(workspace):
@@ -398,27 +403,3 @@ def test_gated_causal_lm_training_logs_gates_and_saves_a_bundle(workspace):
     model, _ = load_base(str(root / "base"))
     handle = load(model, result)
     assert handle.configs["u-gate"].l1 == 0.01 and "u-lora" in handle.stack.kinds
-
-
-def test_gated_training_under_ddp_equals_one_process_with_the_same_global_batch(workspace):
-    root = workspace
-    gated = [{"name": "u", "config": {"method": "unipelt", "gate": {"l1": 0.01, "entropy": 0.01}}}]
-    common = {"adapters": gated, "optim": {"lr": 5e-3, "warmup_steps": 2, "max_steps": 8}, "eval": {"every_n_steps": 8}}
-    one = train(config(root, "gated-one", data={"batch_size": 8}, **common))
-    ddp = config(
-        root,
-        "gated-ddp",
-        data={"batch_size": 4},
-        trainer={"accelerator": "cpu", "devices": 2, "strategy": "ddp"},
-        **common,
-    )
-    path = root / "gated-ddp.yaml"
-    path.write_text(yaml.safe_dump(ddp.model_dump(mode="json")))
-    done = subprocess.run([sys.executable, "-m", "adaplex", "train", str(path)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert sorted(p.name for p in (root / "gated-ddp" / "gates").glob("*.json")) == ["epoch-000.json"]
-    a, b = (load(load_base(str(root / "base"))[0], d) for d in (one, root / "gated-ddp" / "adapter"))
-    assert set(a.configs) == set(b.configs) == {"u-lora", "u-prefix", "u-bottleneck", "u-gate"}
-    for name in a.configs:
-        for key, tensor in a.state_dict(name).items():
-            torch.testing.assert_close(b.state_dict(name)[key], tensor, atol=1e-5, rtol=0)

@@ -157,9 +157,6 @@ CASES = {
     "bench route peers": (["bench", "route", "--peers", "vllm"], "give peft or none"),
     "bench route layers alone": (["bench", "route", "--layers", "2"], "give --shape CONFIG too"),
     "bench train quantize": (["bench", "train", "--quantize", "3bit"], "give none, 4bit or 8bit"),
-    "bench train variant": (["bench", "train", "--variant", "unsloth"], "--variant 'unsloth': choose from"),
-    "bench train precision": (["bench", "train", "--precision", "fp8"], "--precision 'fp8': choose one of"),
-    "bench train layers alone": (["bench", "train", "--layers", "2"], "give --shape CONFIG too"),
     "bench route bad shape": (["bench", "route", "--shape", "{root}/latin1.txt", "--peers", "none"], "not a readable"),
     "bench faults repeats": (["bench", "faults", "--repeats", "0"], "greater than or equal to"),
     "predict unseen label": (

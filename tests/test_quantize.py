@@ -124,6 +124,8 @@ def test_merge_into_a_quantized_base_is_refused_and_changes_nothing():
 
 
 def test_bad_quantization_requests_are_one_clear_error(monkeypatch):
+    with pytest.raises(ConfigError, match="quantize '4-bit': choose none, 4bit or 8bit"):
+        quantized("4-bit")
     with pytest.raises(ConfigError, match="Conv1D layers, which bitsandbytes cannot quantize"):
         quantized("4bit", tiny.gpt2())
 

@@ -190,8 +190,8 @@ def run(
     with ``slots``, each bank paged into that many device slots."""
     if peers not in ("peft", "none"):
         raise ConfigError(f"--peers {peers!r}: give peft or none")
-    if slots is not None and slots < min(max(adapters), batch):
-        distinct = min(max(adapters), batch)
+    distinct = min(max(adapters), batch)  # the most keys one batch uses
+    if slots is not None and slots < distinct:
         raise ConfigError(f"--slots {slots}: a batch uses up to {distinct} keys, all on the device; give at least that")
     dev = torch.device(device)
     base, label = bench_model(base_spec, shape, layers, torch.bfloat16 if bf16 else torch.float32)

@@ -195,9 +195,10 @@ def run(
     names = names or (tuple(VARIANTS) if dev.type == "cuda" else CPU_VARIANTS)
     check_variants(names)
     bf16_weights = precision == "bf16-true" or (quantize != "none" and precision == "bf16-mixed")
-    base, label = bench_model(base_spec, shape, layers, torch.bfloat16 if bf16_weights else torch.float32)
+    dtype = torch.bfloat16 if bf16_weights else torch.float32
+    base, label = bench_model(base_spec, shape, layers, dtype)
     base.requires_grad_(False)
-    quantize_linears(base, quantize, torch.bfloat16 if bf16_weights else torch.float32, dev)
+    quantize_linears(base, quantize, dtype, dev)
     ids = torch.randint(0, base.config.vocab_size, (steps, batch, seq))
     batches = [{"input_ids": i, "labels": i} for i in ids]
     autocast = precision == "bf16-mixed"

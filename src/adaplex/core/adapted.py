@@ -265,9 +265,17 @@ class Adapted:
             raise AdapterNameError(f"bank {name!r} is paged already")
         if any(p.requires_grad for p in self.parameters(name)):
             raise AdapterNameError(f"bank {name!r} is trainable; freeze it (set_trainable({name!r}, False)) to page it")
-        banks = [m for a in self.adapters(name).values() for m in a.modules() if isinstance(m, ExpertBank)]
-        self.pagers[name] = ExpertPager(name, banks, config.keys, slots)
+        self.pagers[name] = ExpertPager(name, list(self.bank_modules(name).values()), config.keys, slots)
         return self.pagers[name]
+
+    def bank_modules(self, name: str) -> dict[str, ExpertBank]:
+        """ExpertBank modules of bank ``name`` keyed by their state-dict prefix ('<site>.' or '<site>.parts.q.')."""
+        found = {}
+        for path, adapter in self.adapters(name).items():
+            for sub, module in adapter.named_modules():
+                if isinstance(module, ExpertBank):
+                    found[f"{path}.{sub}." if sub else f"{path}."] = module
+        return found
 
     # ---- parameters ------------------------------------------------------------------------
 

@@ -60,6 +60,8 @@ def quantize_linears(
     model: nn.Module, quantization: Quantization, compute_dtype: torch.dtype, device: torch.device
 ) -> nn.Module:
     """The model with its linear layers (not the output layer) quantized on ``device``, in place."""
+    if quantization not in ("none", "4bit", "8bit"):
+        raise ConfigError(f"quantize {quantization!r}: choose none, 4bit or 8bit")
     if quantization == "none":
         return model
     bits = 4 if quantization == "4bit" else 8

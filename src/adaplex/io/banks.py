@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from adaplex.core.adapted import Adapted
 from adaplex.errors import AdapterNameError, StorageError
-from adaplex.methods import ExpertBank, ExpertsConfig, LoRAConfig, MoSLoRAConfig, method_config
+from adaplex.methods import ExpertsConfig, LoRAConfig, MoSLoRAConfig, method_config
 from adaplex.util.yamlconfig import validation_message
 
 
@@ -26,23 +26,13 @@ def expert_config(bank: ExpertsConfig, key: str) -> LoRAConfig:
     return LoRAConfig(**fields)
 
 
-def _bank_modules(handle: Adapted, name: str) -> dict[str, ExpertBank]:
-    """ExpertBank modules of bank ``name`` keyed by their state-dict prefix ('<site>.' or '<site>.parts.q.')."""
-    found = {}
-    for path, adapter in handle.adapters(name).items():
-        for sub, module in adapter.named_modules():
-            if isinstance(module, ExpertBank):
-                found[f"{path}.{sub}." if sub else f"{path}."] = module
-    return found
-
-
 def expert_state(handle: Adapted, name: str, key: str) -> dict[str, torch.Tensor]:
     """Tensors of one expert, keyed exactly as a LoRA adapter with the same targets would be."""
     config = handle.banks()[name]
     k, rank = config.keys.index(key), config.rank(key)
     return {
         prefix + part: tensor
-        for prefix, bank in _bank_modules(handle, name).items()
+        for prefix, bank in handle.bank_modules(name).items()
         for part, tensor in bank.expert_state(k, rank).items()
     }
 
@@ -90,7 +80,7 @@ def add_bank_from_experts(
     )
     handle.add(name, bank, trainable=trainable)
     try:
-        modules = _bank_modules(handle, name)
+        modules = handle.bank_modules(name)
         for k, (key, (_, tensors)) in enumerate(experts.items()):
             parts = ("A", "B", "mixer") if bank.mixer_init is not None else ("A", "B")
             expected = {prefix + part for prefix in modules for part in parts}

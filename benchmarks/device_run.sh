@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks on the device machine (see README "Benchmarks"):  bash benchmarks/device_run.sh [SECTION...]
-# Sections (default: all): kernel route faults train; also route-8b (an 8B layer shape, 1,024 experts), profile (where a monitored forward's time goes), lora-speed
+# Sections (default: all): faults train; also profile (where a monitored forward's time goes), lora-speed
 # (the overhead and training benches alone), and
 # engine-route / engine-faults (after a change to the engine: the weight channel on CUDA, both kernels checked,
 # and their recorded ratios re-measured at the main shapes). Results go to $OUT (default /tmp/out).
@@ -12,7 +12,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 BASE=/tmp/smollm2-random
-SECTIONS=${*:-kernel route faults train}
+SECTIONS=${*:-faults train}
 python3 - <<'PY'
 import shutil, torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -26,20 +26,6 @@ PY
 for section in $SECTIONS; do
   echo "== $section"
   case $section in
-    kernel)  # the fused routing kernel against batched matmuls, bfloat16 included (CPU tests cover float32/16)
-      python3 benchmarks/kernel_check.py $BASE "$OUT/kernel-check-cuda.json" | tail -30 ;;
-    route)
-      python3 -m adaplex bench route --base $BASE --device cuda --bf16 --mode decode --batch 64 --seq 128 \
-        --adapters 1 --adapters 8 --adapters 16 --adapters 32 --adapters 64 --rounds 9 \
-        --out "$OUT/route-decode-cuda.json" | tail -12 ;;
-    route-8b)  # a Llama-3-8B layer shape (2 layers, random weights): 64 and 1,024 resident experts, 64 keys a batch
-      python3 -m adaplex bench route --shape benchmarks/shapes/llama-3-8b.json --layers 2 --device cuda --bf16 \
-        --mode decode --batch 64 --seq 128 --adapters 64 --adapters 1024 --peers none --rounds 7 \
-        --out "$OUT/route-decode-cuda-8b.json" | tail -12
-      # the same 1,024 experts paged: all in host memory, 64 slots on the GPU; the first use of a batch's keys
-      python3 -m adaplex bench route --shape benchmarks/shapes/llama-3-8b.json --layers 2 --device cuda --bf16 \
-        --mode decode --batch 64 --seq 128 --adapters 1024 --slots 64 --peers none --rounds 7 \
-        --out "$OUT/route-decode-cuda-8b-paged.json" | tail -12 ;;
     faults)  # the checked-attention kernel against SDPA, then the overhead of the fused checks
       python3 benchmarks/faults_kernel_check.py $BASE "$OUT/faults-kernel-check-cuda.json" | tail -40
       python3 -m adaplex bench faults --base $BASE --device cuda --bf16 --batch 8 --seq 512 --repeats 21 \

@@ -1,87 +1,68 @@
-"""CUDA check of the fused routing kernel against the batched-matmul path (bfloat16, float16, float32),
-and of a routed SmolLM2-shaped model's logits with and without it. Writes JSON; exits 1 on a mismatch.
+"""CUDA check of the fused routing kernels against float32 sample-by-sample references (bfloat16, float16,
+float32; tables with shared rows, gains and mixed ranks), their decode-site GPU times under CUDA graphs
+at the SmolLM2-135M and Llama-3-8B layer shapes with a sweep of decode tiles, and a routed model's
+logits and graphed generation with and without them. Writes JSON; exits 1 on a mismatch.
 
-    python benchmarks/kernel_check.py BASE_DIR OUT.json
+    python benchmarks/kernel_check.py SHAPE_CONFIG OUT.json
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import torch
 from check_output import report
 
 from adaplex.bench.route import build_routed
+from adaplex.bench.shapes import shaped_model
 from adaplex.compose.route import route
 from adaplex.core.graphs import static_generate
-from adaplex.core.models import load_base
 from adaplex.kernels import gathered_lora
+from adaplex.kernels.gathered_lora import TileSizes, VectorSizes
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to the output's max
+BATCH, RANK = 64, 16
+
+
+def _table(device, dtype, batch, tokens, rows_of, n_in, n_outs, rank, gen):
+    """x, parts [(base, down, up, gain, ranks)], rows: a table of ``rows_of`` rows, mixed ranks."""
+    x = torch.randn(batch, tokens, n_in, generator=gen, device=device).to(dtype)
+    rows = torch.arange(batch, device=device) % rows_of
+    gain = torch.linspace(0.5, 1.5, batch, device=device)
+    ranks = torch.tensor([rank, rank // 2, 0, 3] * (batch // 4), dtype=torch.int32, device=device)
+    parts = []
+    for n_out in n_outs:
+        base = torch.randn(batch, tokens, n_out, generator=gen, device=device).to(dtype)
+        down = (torch.randn(rows_of, rank, n_in, generator=gen, device=device) * 0.05).to(dtype)
+        up = (torch.randn(rows_of, rank, n_out, generator=gen, device=device) * 0.05).to(dtype)
+        parts.append((base, down, up, gain, ranks))
+    return x, parts, rows
+
+
+def _reference(x, base, down, up, gain, ranks, rows):
+    mask = (torch.arange(down.shape[1], device=x.device) < ranks.view(-1, 1)).float()  # (B, r)
+    h = torch.bmm(x.float(), down[rows].float().transpose(1, 2)) * mask.unsqueeze(1) * gain.view(-1, 1, 1)
+    return torch.baddbmm(base.float(), h, up[rows].float())
 
 
 def kernel_cases(device: torch.device) -> list[dict]:
     cases = []
-    for batch, tokens, n_in, rank, n_out in [(64, 1, 576, 16, 576), (64, 1, 576, 16, 1536), (8, 300, 1536, 8, 576)]:
+    for n_in, n_outs in [(576, (576, 192, 192)), (14336, (4096, 4096)), (4096, (14336,)), (1536, (576,))]:
         for dtype in TOLERANCE:
-            gen = torch.Generator(device=device).manual_seed(tokens)
-            shapes = [(batch, tokens, n_in), (batch, n_in, rank), (batch, rank, n_out), (batch, tokens, n_out)]
-            x, down, up, base = (torch.randn(s, generator=gen, device=device).to(dtype) for s in shapes)
-            down, up = down * 0.05, up * 0.05
-            got = gathered_lora.gathered_lora_add(base, x, down, up).float()
-            ref = torch.baddbmm(base.float(), torch.bmm(x.float(), down.float()), up.float())
-            matmuls = torch.baddbmm(base, torch.bmm(x, down), up).float()
-            scale = ref.abs().max().item()
-            cases.append(
-                {
-                    "shape": [batch, tokens, n_in, rank, n_out],
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "kernel_error": (got - ref).abs().max().item() / scale,
-                    "matmul_error": (matmuls - ref).abs().max().item() / scale,
-                    "ok": (got - ref).abs().max().item() / scale <= TOLERANCE[dtype],
-                }
+            gen = torch.Generator(device=device).manual_seed(n_in)
+            tokens = 1 if len(n_outs) > 1 else 300  # grouped decode, or one prefill part
+            x, parts, rows = _table(device, dtype, 8, tokens, 3, n_in, n_outs, RANK, gen)
+            got = gathered_lora.grouped_lora_add(x, parts, rows)
+            worst = max(
+                ((g.float() - (r := _reference(x, *p, rows))).abs().max() / r.abs().max()).item()
+                for g, p in zip(got, parts, strict=True)
             )
+            name = str(dtype).removeprefix("torch.")
+            case = {"n_in": n_in, "n_outs": list(n_outs), "tokens": x.shape[1], "dtype": name, "error": worst}
+            cases.append(case | {"ok": worst <= TOLERANCE[dtype]})
     return cases
-
-
-def grouped_cases(device: torch.device) -> list[dict]:
-    """q/k/v-shaped parts in one launch against each part computed with matmuls in float32."""
-    cases = []
-    for tokens in (1, 40):
-        for dtype in TOLERANCE:
-            gen = torch.Generator(device=device).manual_seed(tokens)
-            x = torch.randn(8, tokens, 576, generator=gen, device=device).to(dtype)
-            parts = [
-                tuple((torch.randn(s, generator=gen, device=device) * 0.05).to(dtype) for s in shapes)
-                for shapes in [[(8, tokens, n), (8, 576, 16), (8, 16, n)] for n in (576, 192, 192)]
-            ]
-            got = gathered_lora.grouped_lora_add(x, parts)
-            worst = 0.0
-            for out, (base, down, up) in zip(got, parts, strict=True):
-                ref = torch.baddbmm(base.float(), torch.bmm(x.float(), down.float()), up.float())
-                worst = max(worst, (out.float() - ref).abs().max().item() / ref.abs().max().item())
-            cases.append(
-                {
-                    "tokens": tokens,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "error": worst,
-                    "ok": worst <= TOLERANCE[dtype],
-                }
-            )
-    return cases
-
-
-def _host_us(call, rounds: int = 200) -> float:
-    """Microseconds per eager call (host launch cost included)."""
-    for _ in range(20):
-        call()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(rounds):
-        call()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / rounds * 1e6
 
 
 def _graph_us(call, launches: int = 50, replays: int = 20) -> float:
@@ -106,55 +87,71 @@ def _graph_us(call, launches: int = 50, replays: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / (replays * launches)
 
 
-def _decode_site(device: torch.device, n_in: int, n_out: int) -> tuple[torch.Tensor, ...]:
-    """(base, down, up) of one decode-step site: batch 64, one token, rank 16, bfloat16."""
-    shapes = [(64, 1, n_out), (64, n_in, 16), (64, 16, n_out)]
-    return tuple(torch.randn(s, device=device, dtype=torch.bfloat16) * 0.05 for s in shapes)
+def _host_us(call, rounds: int = 200) -> float:
+    """Microseconds per eager call (host launch cost included)."""
+    for _ in range(20):
+        call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        call()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / rounds * 1e6
 
 
-# SmolLM2-135M's sites in a decode step: q/k/v and gate/up read one input each
-SITES = {"q": (576, 576), "kv": (576, 192), "up": (576, 1536), "down": (1536, 576)}
-GROUPS = {"qkv": ("q", "kv", "kv"), "gate_up": ("up", "up")}
-TILES = [(16, n, k, 4) for n in (64, 128, 256) for k in (64, 128, 256)] + [(16, 256, 128, 2), (16, 128, 128, 2)]
+# a decode step's launches per layer: q/k/v and gate/up read one input each; (in, outs)
+SHAPES = {
+    "135m": {"qkv": (576, (576, 192, 192)), "o": (576, (576,)), "gate_up": (576, (1536, 1536)), "down": (1536, (576,))},
+    "8b": {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate_up": (4096, (14336, 14336)),
+           "down": (14336, (4096,))},
+}  # fmt: skip
+SWEEP = [
+    *(TileSizes(16, n, k, w) for n, k in ((128, 128), (256, 128), (256, 256), (512, 128)) for w in (2, 4)),
+    *(VectorSizes(k, 256, c, w) for k in (256, 512) for c in (1, 2, 4, 8, 16) for w in (4, 8)),
+]  # fmt: skip
 
 
-def kernel_times(device: torch.device) -> dict:
-    """Decode-shaped sites, microseconds per call: eager (host cost included) and GPU time under
-    CUDA graphs; the kernel against bmm + baddbmm, q/k/v and gate/up grouped against one launch
-    each, and the GPU time of every tile choice (the built-in one is marked)."""
-    sites = {name: _decode_site(device, *shape) for name, shape in SITES.items()}
-    xs = {n_in: torch.randn(64, 1, n_in, device=device, dtype=torch.bfloat16) for n_in, _ in SITES.values()}
-    x_of = {name: xs[shape[0]] for name, shape in SITES.items()}
-    base, down, up = sites["up"]
-    calls = {
-        "kernel": lambda: gathered_lora.gathered_lora_add(base, x_of["up"], down, up),
-        "bmm_baddbmm": lambda: torch.baddbmm(base, torch.bmm(x_of["up"], down), up),
+def _site(x: torch.Tensor, parts: list, rows: torch.Tensor) -> dict:
+    full = [(b, d, u, g, torch.full_like(r, RANK)) for b, d, u, g, r in parts]  # every expert at rank 16
+
+    def launch(sizes=None, parts=full) -> None:
+        gathered_lora.grouped_lora_add(x, parts, rows, sizes)
+
+    def bmm() -> None:
+        for b, d, u, g, _ in full:
+            torch.baddbmm(b, torch.bmm(x, d[rows].transpose(1, 2)) * g.view(-1, 1, 1).to(x.dtype), u[rows])
+
+    built_in = _graph_us(launch)
+    sweep = {f"{type(t).__name__[0]}" + "x".join(map(str, t)): _graph_us(lambda t=t: launch(t)) for t in SWEEP}
+    moved = x.nbytes + sum(2 * b.nbytes + d.nbytes + u.nbytes for b, d, u, _, _ in full)
+    return {
+        "graph_us": built_in,
+        "graph_us_mixed_ranks": _graph_us(lambda: launch(parts=parts)),  # ranks 16, 8, 0, 3: 6.75 of 16 on average
+        "bmm_graph_us": _graph_us(bmm),
+        "eager_us": _host_us(launch),
+        "bytes": moved,
+        "gb_per_s": moved / built_in / 1e3,
+        "best_swept": min(sweep, key=sweep.get),
+        "sweep_us": sweep,
     }
-    for group, members in GROUPS.items():
-        parts = [sites[m] for m in members]
-        x = x_of[members[0]]
-        calls[f"{group}_grouped"] = lambda x=x, parts=parts: gathered_lora.grouped_lora_add(x, parts)
-        calls[f"{group}_separate"] = lambda x=x, parts=parts: [
-            gathered_lora.gathered_lora_add(b, x, d, u) for b, d, u in parts
-        ]
-    times = {name: {"eager_us": _host_us(call), "graph_us": _graph_us(call)} for name, call in calls.items()}
-    tiles = {}
-    for name, members in {**{s: (s,) for s in SITES}, **GROUPS}.items():
-        parts, x = [sites[m] for m in members], x_of[members[0]]
-        tiles[name] = {
-            "x".join(map(str, t)): _graph_us(
-                lambda t=t, x=x, parts=parts: gathered_lora.grouped_lora_add(x, parts, tiles=t)
-            )
-            for t in TILES
-        }
-    return {"calls": times, "tiles_graph_us": tiles, "built_in_tiles": "16x256x128x2"}
 
 
-def routed_logits(base_dir: str, device: torch.device) -> dict:
-    base, _ = load_base(base_dir, dtype=torch.bfloat16)
-    base.to(device).requires_grad_(False)
+def site_times(device: torch.device) -> dict:
+    """Per launch of a decode step (batch 64, 64 distinct rank-16 experts, bf16): GPU µs under CUDA
+    graphs with the built-in tiles and each swept tile, with mixed ranks, the batched-matmul path's,
+    the host's eager µs, and the bytes the launch must read and write (x, base, out and the experts),
+    as GB/s at the built-in tiles."""
+    result = {}
+    for shape, sites in SHAPES.items():
+        for site, (n_in, n_outs) in sites.items():
+            gen = torch.Generator(device=device).manual_seed(n_in)
+            result[f"{shape}-{site}"] = _site(*_table(device, torch.bfloat16, BATCH, 1, BATCH, n_in, n_outs, RANK, gen))
+    return result
+
+
+def routed_logits(base: torch.nn.Module, device: torch.device) -> dict:
     keys = [f"k{i}" for i in range(8)]
-    routed, _ = build_routed(base, keys, (16,))
+    routed, _ = build_routed(base, keys, (16, 4))
     ids = torch.randint(0, base.config.vocab_size, (16, 64), device=device)
     per_sample = [keys[i % 8] for i in range(16)]
     with torch.no_grad(), route(routed, per_sample):
@@ -166,11 +163,9 @@ def routed_logits(base_dir: str, device: torch.device) -> dict:
     return {"relative_error": error, "top1_agreement": agree, "ok": error <= 0.05}
 
 
-def graphed_generation(base_dir: str, device: torch.device, new_tokens: int = 32) -> dict:
+def graphed_generation(base: torch.nn.Module, device: torch.device, new_tokens: int = 32) -> dict:
     """A routed batch of 64 (8 keys) decoded greedily over a static cache: every step a CUDA graph
     replay against the same steps run eagerly (equal tokens expected), and against generate()."""
-    base, _ = load_base(base_dir, dtype=torch.bfloat16)
-    base.to(device).requires_grad_(False)
     keys = [f"k{i}" for i in range(8)]
     routed, _ = build_routed(base, keys, (16,))
     ids = torch.randint(0, base.config.vocab_size, (64, 128), device=device)
@@ -197,20 +192,20 @@ def graphed_generation(base_dir: str, device: torch.device, new_tokens: int = 32
 
 
 def main() -> None:
-    base_dir, out = sys.argv[1], sys.argv[2]
+    shape, out = Path(sys.argv[1]), sys.argv[2]
     device = torch.device("cuda")
     assert gathered_lora.available(torch.empty(1, device=device)), "Triton is not available"
+    base = shaped_model(shape, None, torch.bfloat16).to(device).requires_grad_(False)
     result = {
         "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "cases": kernel_cases(device),
-        "grouped_cases": grouped_cases(device),
-        "decode_site_us": kernel_times(device),
-        "routed_model_bf16": routed_logits(base_dir, device),
-        "routed_graphed_generation": graphed_generation(base_dir, device),
+        "routed_model_bf16": routed_logits(base, device),
+        "routed_graphed_generation": graphed_generation(base, device),
+        "decode_site_us": site_times(device),
     }
     result["ok"] = (
-        all(c["ok"] for c in result["cases"] + result["grouped_cases"])
+        all(c["ok"] for c in result["cases"])
         and result["routed_model_bf16"]["ok"]
         and result["routed_graphed_generation"]["ok"]
     )

@@ -86,10 +86,8 @@ def route(result: dict) -> str:
         "|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if graphs else ""),
     ]
     for r in result["results"]:
-        row = (
-            f"| {r['adapters']} | {r['step_s']['base']:.4f} | {r['routed_x_base']:.2f} | "
-            f"{r['peft_x_base']:.2f} | {r['peft_x_routed']:.2f} |"
-        )
+        peft = [f"{r[k]:.2f}" if k in r else "—" for k in ("peft_x_base", "peft_x_routed")]  # --peers none: —
+        row = f"| {r['adapters']} | {r['step_s']['base']:.4f} | {r['routed_x_base']:.2f} | {peft[0]} | {peft[1]} |"
         if graphs:
             row += f" {r['routed_bmm_x_base']:.2f} | {r['step_s']['base-graph']:.4f} | {r['graph_routed_x_base']:.2f} |"
         lines.append(row)
@@ -145,6 +143,8 @@ def main() -> None:
         ("train-cuda-4bit.json", train),
         ("route-prefill-cpu.json", route),
         ("route-decode-cuda.json", route),
+        ("route-decode-cuda-peft.json", route),
+        ("route-decode-cuda-8b.json", route),
     ]
     for name, render in sections:
         result = load(name)

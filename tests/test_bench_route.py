@@ -29,9 +29,14 @@ def test_shaped_model_has_random_weights_of_the_config_cut_to_layers(shape):
 
 def test_mixed_ranks_without_peers_report_the_bank_at_its_actual_ranks(shape):
     result = bench_route.run(
-        adapters=(2, 4), batch=4, seq=8, ranks=(2, 4), rounds=1, peers="none", shape=shape, layers=2
+        adapters=(2, 4), batch=4, seq=8, ranks=(2, 4), rounds=1, peers="none", shape=shape, layers=2, profile=True
     )
     assert result["peers"] == "none" and result["rank"] == [2, 4] and result["layers"] == 2
+    for row in result["results"]:  # profiled: the routed step runs more operators than the base one
+        profiles = row["profiles"]
+        assert set(profiles) == {"base", "adaplex-routed"}
+        assert profiles["adaplex-routed"]["busy_ms"] > 0 and profiles["base"]["busy_ms"] > 0
+        assert any("bmm" in op["name"] for op in profiles["adaplex-routed"]["top"])
     model = bench_shapes.shaped_model(shape, layers=2, dtype=tiny.torch.float32)
     sides = sum(m.in_features + m.out_features for n, m in model.named_modules() if n.endswith("_proj"))
     for row, ranks in zip(result["results"], ([2, 4], [2, 4, 2, 4]), strict=True):

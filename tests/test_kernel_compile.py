@@ -16,8 +16,9 @@ from triton.compiler import ASTSource
 
 from adaplex.kernels import checked_attention_triton as attention
 from adaplex.kernels import dot_size
+from adaplex.kernels import gathered_lora_triton as gathered
 from adaplex.kernels.checked_attention import CHECKED_TILES_MAX_DIM, PASS_TILES, built_in_tiles
-from adaplex.kernels.gathered_lora import _kernel as gathered_lora_kernel
+from adaplex.kernels.gathered_lora import DECODE, PREFILL, UNROLLED, VectorSizes, vector_sizes
 
 H100 = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -119,12 +120,33 @@ def test_row_pass_compiles_for_h100(dim, summary, recorded, weighted):
     assert_relaxed_atomics(kernel.asm["ptx"])
 
 
-def test_gathered_lora_compiles_for_h100():
-    fn = gathered_lora_kernel()
-    pointers = {
-        name: "bf16" for name in fn.arg_names if name == "x_ptr" or name.startswith(("down", "up", "base", "out"))
-    }
-    for tiles in ((16, 256, 128, 2), (64, 64, 64, 4)):  # decode and prefill tiles
-        constexprs = dict(N_IN=576, BLOCK_M=tiles[0], BLOCK_N=tiles[1], BLOCK_K=tiles[2], RANK=16, PRECISION="tf32")
-        kernel = compile_for_h100(fn, pointers, (), constexprs, num_warps=tiles[3])
-        assert kernel.metadata.shared <= SHARED_MEMORY
+def _lora_pointers(fn) -> dict[str, str]:
+    """bf16 activations and tables, fp32 gains, int32 ranks, int64 rows."""
+    kinds = {"g": "fp32", "r": "i32"}
+    pointers = {name: kinds.get(name[0], "bf16") for name in fn.arg_names if re.fullmatch(r"[dubogr][012]", name)}
+    return pointers | {"x_ptr": "bf16", "rows_ptr": "i64"}
+
+
+@pytest.mark.parametrize(
+    "n_in, sizes",
+    [(576, VectorSizes(256, 256, 1, 4)), (4096, vector_sizes(4096, 14336)), (14336, vector_sizes(14336, 4096))],
+)
+def test_gathered_lora_vector_kernel_compiles_for_h100_without_spills(n_in, sizes):
+    constexprs = dict(N_IN=n_in, RANK=16, BLOCK_K=sizes.block_k, BLOCK_N=sizes.block_n, CHUNKS=sizes.chunks,
+                      UNROLL=n_in <= UNROLLED * sizes.block_k, HAS_ROWS=True, HAS_GAIN=True,
+                      HAS_RANKS=True)  # fmt: skip
+    kernel = compile_for_h100(gathered.vector_kernel, _lora_pointers(gathered.vector_kernel), (), constexprs,
+                              num_warps=sizes.warps)  # fmt: skip
+    assert kernel.metadata.shared <= SHARED_MEMORY
+    assert resources(kernel)["STACK"] == 0
+
+
+@pytest.mark.parametrize("sizes, n_in, flags", [(DECODE, 576, True), (PREFILL, 576, False), (PREFILL, 14336, True)])
+def test_gathered_lora_tile_kernel_compiles_for_h100(sizes, n_in, flags):
+    constexprs = dict(N_IN=n_in, RANK=16, BLOCK_M=sizes.block_m, BLOCK_N=sizes.block_n, BLOCK_K=sizes.block_k,
+                      PRECISION="tf32", UNROLL=n_in <= UNROLLED * sizes.block_k, HAS_ROWS=flags, HAS_GAIN=flags,
+                      HAS_RANKS=flags)  # fmt: skip
+    kernel = compile_for_h100(gathered.tile_kernel, _lora_pointers(gathered.tile_kernel), (), constexprs,
+                              num_warps=sizes.warps)  # fmt: skip
+    assert kernel.metadata.shared <= SHARED_MEMORY
+    assert resources(kernel)["STACK"] == 0

@@ -23,21 +23,50 @@ TESTS = Path(__file__).parent
 
 KERNEL_CHECK = """
 import json, torch
-from adaplex.kernels.gathered_lora import available, gathered_lora_add
+from adaplex.kernels.gathered_lora import TileSizes, VectorSizes, available, gathered_lora_add, grouped_lora_add
+def reference(base, x, down, up, rows, gain, ranks):  # float32, sample by sample, rows past a rank dropped
+    out = base.float().clone()
+    for b in range(x.shape[0]):
+        n = b if rows is None else rows[b].item()
+        r = down.shape[1] if ranks is None else ranks[b].item()
+        g = 1.0 if gain is None else gain[b].item()
+        out[b] += g * (x[b].float() @ down[n, :r].float().T) @ up[n, :r].float()
+    return out
 errors = []
-for batch, tokens, n_in, rank, n_out, dtype in [
-    (4, 1, 64, 16, 96, torch.float32),   # a decode step
-    (3, 37, 70, 8, 130, torch.float32),  # ragged sizes, rank below the kernel's minimum tile of 16
-    (2, 80, 48, 24, 40, torch.float32),  # several token blocks, rank padded to 32
-    (2, 5, 64, 16, 64, torch.float16),
+for batch, tokens, n_in, rank, n_out, dtype, tiles in [
+    (4, 1, 64, 16, 96, torch.float32, None),   # a decode step
+    (4, 1, 300, 8, 130, torch.float32, VectorSizes(64, 32, 2, 4)),  # one token: ragged input, chunks of columns
+    (4, 1, 300, 8, 130, torch.float32, VectorSizes(16, 64, 1, 4)),  # an input of more chunks than unroll
+    (3, 20, 300, 8, 130, torch.float32, TileSizes(16, 32, 8, 4)),  # tiles: shrink not unrolled
+    (3, 37, 70, 8, 130, torch.float32, None),  # ragged sizes, rank below the kernel's minimum tile of 16
+    (2, 80, 48, 24, 40, torch.float32, None),  # several token blocks, rank padded to 32
+    (2, 5, 64, 16, 64, torch.float16, None),
+    (3, 1, 64, 16, 64, torch.float16, None),
 ]:
     gen = torch.Generator().manual_seed(batch * tokens)
-    x, down, up, base = (torch.randn(s, generator=gen).to(dtype) for s in
-                         [(batch, tokens, n_in), (batch, n_in, rank), (batch, rank, n_out), (batch, tokens, n_out)])
-    assert available(x)
-    got = gathered_lora_add(base, x, down * 0.1, up * 0.1).float()
-    ref = torch.baddbmm(base.float(), torch.bmm(x.float(), down.float() * 0.1), up.float() * 0.1)
-    errors.append((str(dtype), (got - ref).abs().max().item() / ref.abs().max().item()))
+    for table in (False, True):  # each sample its own row; or rows of a table of 2, with gains and ranks
+        rows_of = 2 if table else batch
+        x, base = (torch.randn(s, generator=gen).to(dtype) for s in [(batch, tokens, n_in), (batch, tokens, n_out)])
+        tables = [(rows_of, rank, n_in), (rows_of, rank, n_out)]
+        down, up = ((torch.randn(s, generator=gen) * 0.1).to(dtype) for s in tables)
+        rows = gain = ranks = None
+        if table:
+            rows = torch.arange(batch) % 2
+            gain = torch.linspace(0.5, 1.5, batch)
+            ranks = torch.tensor([rank, rank // 2, 0, 1][:batch], dtype=torch.int32)
+            past = torch.arange(rank).view(1, -1) >= ranks.view(-1, 1)  # rows a sample's rank excludes: NaN,
+            for b in range(batch):  # so reading one would show in the output (rows shared: only where all exclude)
+                shared = [i for i in range(batch) if rows[i] == rows[b]]
+                drop = past[shared].all(0)
+                down[rows[b], drop] = float("nan")
+                up[rows[b], drop] = float("nan")
+        assert available(x)
+        ref = reference(base, x, down, up, rows, gain, ranks)
+        if tiles is None:
+            got = gathered_lora_add(base, x, down, up, rows, gain, ranks).float()
+        else:
+            got = grouped_lora_add(x, [(base, down, up, gain, ranks)], rows, tiles)[0].float()
+        errors.append((str(dtype), table, (got - ref).abs().max().item() / ref.abs().max().item()))
 print(json.dumps(errors))
 """
 
@@ -78,7 +107,7 @@ keys = ["a", "c", None, "b"]
 ids = tiny.tokens(batch=len(keys))
 launches = []
 launch = kernel.grouped_lora_add
-kernel.grouped_lora_add = lambda x, parts: launches.append(len(parts)) or launch(x, parts)
+kernel.grouped_lora_add = lambda x, parts, rows: launches.append(len(parts)) or launch(x, parts, rows)
 with torch.no_grad(), route(handle, keys):
     grouped = model(input_ids=ids).logits
 forward_launches = list(launches)
@@ -285,8 +314,10 @@ def _interpreted(code: str) -> object:
 
 
 def test_kernel_equals_batched_matmuls():
-    for dtype, relative in _interpreted(KERNEL_CHECK):
-        assert relative < (1e-6 if dtype == "torch.float32" else 5e-3), (dtype, relative)
+    errors = _interpreted(KERNEL_CHECK)
+    assert len(errors) == 16
+    for dtype, table, relative in errors:  # finite: no row past a sample's rank was read
+        assert relative < (1e-6 if dtype == "torch.float32" else 5e-3), (dtype, table, relative)
 
 
 def test_routed_model_with_the_kernel_equals_the_matmul_path():

@@ -14,6 +14,8 @@ from adaplex.core.inject import wrappers
 from adaplex.core.weights import Gated, PerSample, Routed
 from adaplex.errors import AdapterNameError
 from adaplex.methods import ExpertsConfig, GivenLoRAConfig
+from adaplex.methods.experts import ExpertBank
+from adaplex.methods.lora import per_sample_lora
 
 import tiny
 from helpers import randomize
@@ -266,3 +268,22 @@ def test_route_with_another_number_of_keys_than_samples():
     with pytest.raises(AdapterNameError, match="1 weights for a batch of 2 samples"):
         with handle.stack.overriding({"shared": PerSample(torch.ones(1))}):
             tiny.outputs(model, tiny.tokens(batch=2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_table_of_distinct_experts_equals_one_row_per_sample(dtype):
+    """What the fused kernel reads (each distinct expert once, rows, gains, ranks) gives, through the
+    batched matmuls, the same update as each sample's own folded expert (MoSLoRA mixers, mixed ranks)."""
+    config = ExpertsConfig(keys=("a", "b", "c"), r=4, key_ranks={"b": 2}, key_alphas={"c": 3.0}, mixer_init="kaiming")
+    bank = ExpertBank(12, 10, config)
+    torch.nn.init.normal_(bank.B)
+    index = torch.tensor([2, 1, -1, 2, 0])
+    weight = torch.tensor([1.0, 0.5, 1.0, 2.0, 1.0])
+    x, out = torch.randn(5, 3, 12, dtype=dtype), torch.randn(5, 3, 10, dtype=dtype)
+    with torch.no_grad():
+        per_row = bank.gather(index, weight, dtype)
+        table = bank.gather(index, weight, dtype, Routed(index).selection())
+        assert table.down.shape[0] == 3 and table.ranks.tolist() == [4, 2, 0, 4, 4]
+        expected, got = per_sample_lora(out, x, per_row).float(), per_sample_lora(out, x, table).float()
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5 if dtype == torch.float32 else 0.1)
+    assert not torch.allclose(got, out.float(), atol=1e-3)  # the update is not nothing

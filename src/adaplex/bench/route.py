@@ -7,6 +7,8 @@ without it ("adaplex-routed-bmm": batched matmuls). Modes: "prefill" times a ful
 tokens; "decode" times one next-token step of a batch with a KV cache of T tokens (the cache is
 cropped back after each step), and on CUDA also that step captured as a CUDA graph over a static
 cache, as serving engines run decode (base and routed; PEFT's mixed batches cannot be captured).
+With ``profile``, a few steps of base and routed are also profiled (``adaplex.bench.profile``): where
+the routed step's time goes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from adaplex.bench.overhead import peft_targets
+from adaplex.bench.profile import profile_steps
 from adaplex.bench.shapes import bench_model
 from adaplex.compose.route import route
 from adaplex.core.adapted import Adapted
@@ -98,10 +101,11 @@ def measure(
     mode: str,
     peers: str,
     slots: int | None = None,
+    profile: bool = False,
 ) -> dict:
     """Times of base, adaplex routed and (``peers="peft"``) PEFT mixed for one number of distinct adapters;
     the bank's size (on the device) and the time to build it; with ``slots``, the bank paged and the cost
-    of its batch's first use."""
+    of its batch's first use; with ``profile``, the profiles of base and routed steps."""
     batch, seq = ids.shape
     keys = [f"k{i}" for i in range(count)]
     per_sample = [keys[b % count] for b in range(batch)]
@@ -149,6 +153,10 @@ def measure(
         if mode == "decode" and ids.is_cuda:  # as serving engines run decode: one CUDA graph per step
             steps |= {f"{n}-graph": graphed_decode(models[n], ids) for n in ("base", "adaplex-routed")}
         times = interleaved_times(steps, rounds, ids.device, warmup=2)
+        profiled = [
+            n for n in ("base", "adaplex-routed", "base-graph", "adaplex-routed-graph") if profile and n in steps
+        ]
+        profiles = {n: profile_steps(steps[n], 5, ids.device) for n in profiled}
     ratios = {
         "peft_x_base": ("peft-mixed", "base"),
         "peft_x_routed": ("peft-mixed", "adaplex-routed"),
@@ -168,6 +176,7 @@ def measure(
         }
         | paged
         | {name: median_ratio(times, *pair) for name, pair in ratios.items()}
+        | ({"profiles": profiles} if profiles else {})
     )
 
 
@@ -185,6 +194,7 @@ def run(
     shape: Path | None = None,
     layers: int | None = None,
     slots: int | None = None,
+    profile: bool = False,
 ) -> dict:
     """The routed bench on ``base_spec``, or with ``shape`` on a random model of that config's shape;
     with ``slots``, each bank paged into that many device slots."""
@@ -211,5 +221,5 @@ def run(
         "peers": peers,
         "rounds": rounds,
         "slots": slots,
-        "results": [measure(base, ids, count, ranks, rounds, mode, peers, slots) for count in adapters],
+        "results": [measure(base, ids, count, ranks, rounds, mode, peers, slots, profile) for count in adapters],
     }

@@ -229,6 +229,7 @@ def bench_route(
     slots: Annotated[
         int | None, typer.Option(min=1, help="page the bank: experts in host memory, this many on the device")
     ] = None,
+    profile: Annotated[bool, typer.Option(help="also profile a few base and routed steps")] = False,
     out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -251,17 +252,19 @@ def bench_route(
         shape=shape,
         layers=layers,
         slots=slots,
+        profile=profile,
     )
     title = f"{mode} on {result['base']} ({result['device']}, batch {batch}, seq {seq}, rank {result['rank']})"
     table = Table(title=title)
-    columns = ("adapters", "base s", "routed x base", "PEFT x base", "PEFT / routed", "bank MiB", "bank build s")
-    for column in (*columns, "first use ms/key"):
+    columns = ("adapters", "base s", "routed x base", "graphs: routed x base", "PEFT x base", "PEFT / routed")
+    for column in (*columns, "bank MiB", "bank build s", "first use ms/key"):
         table.add_column(column, justify="right")
     for r in result["results"]:
         table.add_row(
             str(r["adapters"]),
             f"{r['step_s']['base']:.4f}",
             f"{r['routed_x_base']:.2f}",
+            f"{r['graph_routed_x_base']:.3f}" if "graph_routed_x_base" in r else "—",
             f"{r['peft_x_base']:.2f}" if "peft_x_base" in r else "—",
             f"{r['peft_x_routed']:.2f}" if "peft_x_routed" in r else "—",
             f"{r['bank_bytes'] / 2**20:.1f}",

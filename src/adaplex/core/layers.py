@@ -192,16 +192,29 @@ class SharedInputGroup:
         factors = [[active[n].at(m.site, m.adapters[n], x, None) for m in joined] for n in names]
         if not all(isinstance(f, Factors) for row in factors for f in row):
             return None
-        if any(len({f.down.shape[2] for f in row}) != 1 for row in factors):
-            return None  # parts of one launch share a rank
+        if any(not _launchable_together(row) for row in factors):
+            return None
         bases = [m.base(x) for m in joined]
         outs = bases
         for row in factors:
-            outs = gathered_lora.grouped_lora_add(x, [(out, f.down, f.up) for out, f in zip(outs, row, strict=True)])
+            parts = [(out, f.down, f.up, f.gain, f.ranks) for out, f in zip(outs, row, strict=True)]
+            outs = gathered_lora.grouped_lora_add(x, parts, row[0].rows)
         applied = tuple(names)
         for m, base, out in zip(joined[1:], bases[1:], outs[1:], strict=True):
             self._pending[id(m)] = _Pending(x, version(x), (base, out, applied))
         return bases[0], outs[0], applied
+
+
+def _launchable_together(row: list[Factors]) -> bool:
+    """Whether the members' factors of one adapter can share a launch: one rank, the same rows of their
+    tables, and gains and ranks given alike (a route's banks give them so)."""
+    first = row[0]
+    return all(
+        f.rank == first.rank
+        and f.rows is first.rows
+        and (f.gain is None, f.ranks is None) == (first.gain is None, first.ranks is None)
+        for f in row
+    )
 
 
 def _per_sample(member: AdaptedLinear, name: str) -> bool:

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from adaplex.errors import AdapterNameError
-from adaplex.methods import Factors, GivenLoRA, SiteWeight
+from adaplex.kernels import gathered_lora
+from adaplex.methods import Factors, GivenLoRA, Selection, SiteWeight
 
 
 def check_batch(per_sample: torch.Tensor, x: torch.Tensor, what: str) -> None:
@@ -83,7 +84,9 @@ class PerSample:
 class Gatherer(Protocol):
     """What a route resolves against: an expert bank (``adaplex.methods.ExpertBank``)."""
 
-    def gather(self, index: torch.Tensor, weight: float | torch.Tensor, dtype: torch.dtype) -> Factors: ...
+    def gather(
+        self, index: torch.Tensor, weight: float | torch.Tensor, dtype: torch.dtype, selection: Selection | None = None
+    ) -> Factors: ...
 
 
 @dataclass(frozen=True)
@@ -91,21 +94,31 @@ class Routed:
     """Per-sample routing into a bank: sample b takes expert ``index[b]`` (-1: none), times ``weight``
     (a float, or one value per sample (B,)).
 
-    Without autograd (inference, generation), each site's gathered experts are computed once and
-    reused for every forward while the route holds, e.g. every decode step of generate()."""
+    Without autograd (inference, generation), each site gathers the batch's experts once and reuses
+    them for every forward while the route holds, e.g. every decode step of generate(): for the fused
+    kernel each distinct expert once (however many samples share it), for batched matmuls one per sample."""
 
     index: torch.Tensor  # (B,) long
     weight: float | torch.Tensor = 1.0
     _gathered: dict[int, Factors] = field(default_factory=dict, compare=False, repr=False)
+    _selection: list[Selection] = field(default_factory=list, compare=False, repr=False)
 
     def at(self, site: str, adapter: Gatherer, x: torch.Tensor, base_out: torch.Tensor | None) -> SiteWeight:
         check_batch(self.index, x, "routing keys")
         if torch.is_grad_enabled():
             return adapter.gather(self.index, self.weight, x.dtype)
         cached = self._gathered.get(id(adapter))
-        if cached is None:
-            cached = self._gathered[id(adapter)] = adapter.gather(self.index, self.weight, x.dtype).contiguous()
+        if cached is None:  # the fused kernel reads a table of distinct experts; matmuls, one row per sample
+            selection = self.selection() if gathered_lora.available(x) else None
+            factors = adapter.gather(self.index, self.weight, x.dtype, selection)
+            cached = self._gathered[id(adapter)] = factors.contiguous()
         return cached
+
+    def selection(self) -> Selection:
+        """The distinct experts of the batch (N,) and each sample's row among them (B,), found once."""
+        if not self._selection:
+            self._selection.append(torch.unique(self.index.clamp(min=0), return_inverse=True))
+        return self._selection[0]
 
     def scaled(self, weight: float) -> Routed:
         return Routed(self.index, self.weight * weight)

@@ -1,19 +1,27 @@
-"""One fused kernel for per-sample low-rank updates: y_b = base_b + (x_b · D_b) · U_b.
+"""Fused kernels for per-sample low-rank updates: y_b = base_b + g_b · (x_b · D_nᵀ) · U_n,  n = rows[b].
 
-x: (B, T, in), D: (B, in, r), U: (B, r, out), base: (B, T, out), every sample b with its own D_b, U_b
-(the gathered expert weights of a Route). The batched-matmul path needs three kernels per layer
-(shrink, expand, add); in a launch-bound decode step each costs more than its arithmetic. Here one
-program computes a (BLOCK_M tokens × BLOCK_N outputs) tile of one sample: it accumulates the
-shrink h = x·D (BLOCK_M, r) over the input dimension, then y = base + h·U for its tile, all in
-float32 (h is rounded to the weights' dtype before the expand, as the matmul path does). The
-shrink is recomputed for each output tile: r·in multiply-adds per token, negligible beside
-the base layer's in·out. A decode step (T <= 16 per sample) fills one 16-row tile and uses wide
-output tiles (256) and two warps, so that few programs redo the shrink (chosen from a sweep on an H100,
-benchmarks/kernel_check.py); longer inputs use 64 x 64 tiles. (Triton's autotune picked per shape but
-its launch wrapper doubled the per-call host cost of a decode step.)
+x: (B, T, in), base: (B, T, out); D: (N, r, in) and U: (N, r, out) are a table of the batch's
+distinct updates (``adaplex.methods.Factors`` describes them: a route's experts, each once however
+many samples share it), g_b a per-sample gain and r_b a per-sample rank: rows of D and U past r_b
+are zero and never read, so mixed ranks cost the bytes of their own ranks, not of the largest. The
+batched-matmul path needs three kernels per layer (shrink, expand, add); in a launch-bound decode
+step each costs more than its arithmetic. Here one launch does all three, in float32 (h is rounded
+to the weights' dtype before the expand, as the matmul path does), for up to three updates that
+read the same x (q/k/v, or gate/up, of a layer: ``grouped_lora_add``); the grid's last axis runs
+over the output tiles of every part.
 
-One launch can also serve up to three such updates that read the same x (q/k/v, or gate/up, of a
-layer: ``grouped_lora_add``); the grid's last axis then runs over the output tiles of every part.
+Two kernels, picked by the tiles' type:
+
+- ``TileSizes``: a program computes a (BLOCK_M tokens × BLOCK_N outputs) tile of one sample with
+  tensor-core dots, accumulating the shrink over the input, then the expand for its tile.
+- ``VectorSizes`` (one token per sample): a program takes one sample and CHUNKS·BLOCK_N output
+  columns; it forms h = D_n x_b (r,) over the input in BLOCK_K chunks on CUDA cores, then
+  base + g·h·U chunk by chunk.
+
+Each program recomputes its sample's shrink (r·in multiply-adds per token, small beside the base
+layer's in·out). Short inputs unroll the shrink, so that all its loads are issued at once. The
+built-in sizes come from a sweep on an H200 (benchmarks/kernel_check.py). Launches go through
+``Launcher``, which skips most of Triton's per-call host work.
 """
 
 from __future__ import annotations
@@ -21,21 +29,64 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
+from typing import NamedTuple
 
 import torch
 
 from adaplex.kernels import INTERPRETED, dot_size
+from adaplex.kernels.launch import Launcher
 
 MAX_PARTS = 3
 _enabled = True
 
-Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (base (B, T, out), down (B, in, r), up (B, r, out))
+# (base output (B, T, out), down (N, r, in), up (N, r, out), gain (B,) float32 or None, ranks (B,) int32 or None)
+Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+UNROLLED = 32  # the most shrink chunks a program unrolls
+
+
+class TileSizes(NamedTuple):
+    """The tensor-core kernel's tiles: tokens x outputs per program, the input chunk, warps."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+
+
+class VectorSizes(NamedTuple):
+    """The one-token kernel's sizes: the input chunk, output columns per chunk, chunks per program, warps."""
+
+    block_k: int
+    block_n: int
+    chunks: int
+    warps: int
+
+
+Sizes = TileSizes | VectorSizes
+DECODE = TileSizes(16, 256, 128, 2)  # a decode step (T <= 16 per sample) on a short input: one 16-row tile
+PREFILL = TileSizes(64, 64, 64, 4)
+LONG_INPUT = 2048  # from here a one-token step takes the vector kernel
+
+
+def vector_sizes(n_in: int, n_out: int) -> VectorSizes:
+    """A one-token step's sizes on a long input: each program takes at least n_in / 2 output columns
+    (of the widest part, ``n_out``), so that the shrink's reads repeat at most about twice its
+    expand's, instead of once per 256 columns (measured on an H200 at a Llama-3-8B layer's shape)."""
+    columns = min(max(256, n_in // 2), n_out)
+    return VectorSizes(512, 256, -(-columns // 256), 8)
+
+
+def built_in_sizes(tokens: int, n_in: int, n_out: int) -> Sizes:
+    """The kernel and its sizes for ``tokens`` per sample, an input of ``n_in`` and a widest part of ``n_out``."""
+    if tokens == 1 and n_in >= LONG_INPUT:
+        return vector_sizes(n_in, n_out)
+    return DECODE if tokens <= 16 else PREFILL
 
 
 def available(x: torch.Tensor) -> bool:
-    """Whether the kernel can run on ``x``'s device: CUDA (or any device under the interpreter) with
+    """Whether the kernels can run on ``x``'s device: CUDA (or any device under the interpreter) with
     Triton installed, as PyTorch's CUDA wheels install it."""
-    return _enabled and (x.is_cuda or INTERPRETED) and _kernel() is not None
+    return _enabled and (x.is_cuda or INTERPRETED) and _kernels() is not None
 
 
 @contextmanager
@@ -50,123 +101,84 @@ def disabled() -> Iterator[None]:
 
 
 @cache
-def _kernel():
-    """The compiled-on-first-use kernel, or None without Triton (imported only here: it is slow to import)."""
+def _kernels() -> tuple[Launcher, Launcher] | None:
+    """Launchers of the (tile, vector) kernels, compiled on first use; None without Triton."""
     try:
-        import triton
-        import triton.language as tl
+        from adaplex.kernels import gathered_lora_triton as source
     except ImportError:
         return None
-
-    @triton.jit
-    def _gathered_lora_kernel(
-        x_ptr,
-        down0,
-        up0,
-        base0,
-        out0,
-        n_out0,
-        down1,
-        up1,
-        base1,
-        out1,
-        n_out1,
-        down2,
-        up2,
-        base2,
-        out2,
-        n_out2,
-        tiles0,
-        tiles01,
-        tokens,
-        rank,
-        N_IN: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        RANK: tl.constexpr,
-        PRECISION: tl.constexpr,
-    ):
-        b = tl.program_id(0).to(tl.int64)  # sample offsets b·T·in can pass 2^31 on large models
-        tile_n = tl.program_id(2)
-        down_ptr, up_ptr, base_ptr, out_ptr, n_out = down0, up0, base0, out0, n_out0
-        if tile_n >= tiles01:  # the tile belongs to part 2
-            down_ptr, up_ptr, base_ptr, out_ptr, n_out = down2, up2, base2, out2, n_out2
-            tile_n -= tiles01
-        elif tile_n >= tiles0:  # part 1
-            down_ptr, up_ptr, base_ptr, out_ptr, n_out = down1, up1, base1, out1, n_out1
-            tile_n -= tiles0
-        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ranks = tl.arange(0, RANK)
-        row_ok = rows < tokens
-        rank_ok = ranks < rank
-        x_ptr += b * tokens * N_IN
-        down_ptr += b * N_IN * rank
-        h = tl.zeros((BLOCK_M, RANK), dtype=tl.float32)
-        for start in tl.static_range(0, N_IN, BLOCK_K):
-            ks = start + tl.arange(0, BLOCK_K)
-            k_ok = ks < N_IN
-            x = tl.load(x_ptr + rows[:, None] * N_IN + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            d = tl.load(
-                down_ptr + ks[:, None] * rank + ranks[None, :], mask=k_ok[:, None] & rank_ok[None, :], other=0.0
-            )
-            h += tl.dot(x, d, input_precision=PRECISION)  # (BLOCK_M, RANK)
-        col_ok = cols < n_out
-        u = tl.load(
-            up_ptr + b * rank * n_out + ranks[:, None] * n_out + cols[None, :],
-            mask=rank_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        y = tl.dot(h.to(u.dtype), u, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        tile = b * tokens * n_out + rows[:, None] * n_out + cols[None, :]
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        base = tl.load(base_ptr + tile, mask=tile_ok, other=0.0)
-        tl.store(out_ptr + tile, (base.to(tl.float32) + y).to(base.dtype), mask=tile_ok)
-
-    return _gathered_lora_kernel
+    return Launcher(source.tile_kernel), Launcher(source.vector_kernel)
 
 
-def gathered_lora_add(base: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """base + bmm(bmm(x, down), up) in one kernel; shapes (B, T, out), (B, T, in), (B, in, r), (B, r, out)."""
-    return grouped_lora_add(x, [(base, down, up)])[0]
+def gathered_lora_add(
+    base: torch.Tensor,
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    gain: torch.Tensor | None = None,
+    ranks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """base + g · (x @ down[rows]ᵀ) @ up[rows] per sample in one kernel; base (B, T, out), x (B, T, in),
+    down (N, r, in), up (N, r, out); ``rows`` None: row b is sample b's; ``gain`` None: 1."""
+    return grouped_lora_add(x, [(base, down, up, gain, ranks)], rows)[0]
 
 
 def grouped_lora_add(
-    x: torch.Tensor, parts: Sequence[Part], tiles: tuple[int, int, int, int] | None = None
+    x: torch.Tensor, parts: Sequence[Part], rows: torch.Tensor | None = None, sizes: Sizes | None = None
 ) -> list[torch.Tensor]:
-    """[base_p + bmm(bmm(x, down_p), up_p) for each part] in one launch: up to three parts of one rank
-    that read the same x (B, T, in); each part's out size may differ. ``tiles`` (BLOCK_M, BLOCK_N,
-    BLOCK_K, warps) overrides the built-in choice, for tuning."""
-    if not 1 <= len(parts) <= MAX_PARTS or len({down.shape[2] for _, down, _ in parts}) != 1:
-        raise ValueError(f"grouped_lora_add takes 1 to {MAX_PARTS} parts of one rank")
+    """[base_p + g_p · (x @ down_p[rows]ᵀ) @ up_p[rows] for each part] in one launch: up to three parts of
+    one rank that read the same x (B, T, in) and the same rows of their tables; each part's out size
+    may differ, all give a gain or none do, and ranks likewise. ``sizes`` overrides the built-in
+    choice (and with it the kernel), for tuning."""
+    if (
+        not 1 <= len(parts) <= MAX_PARTS
+        or len({down.shape[1] for _, down, _, _, _ in parts}) != 1
+        or len({(gain is None, ranks is None) for *_, gain, ranks in parts}) != 1
+    ):
+        raise ValueError(f"grouped_lora_add takes 1 to {MAX_PARTS} parts of one rank, all with gains and ranks or none")
     batch, tokens, n_in = x.shape
-    rank = parts[0][1].shape[2]
-    decode = tokens <= 16  # few tokens per sample: wide output tiles, so fewer programs redo the shrink
-    block_m, block_n, block_k, warps = tiles or ((16, 256, 128, 2) if decode else (64, 64, 64, 4))
-    slots, outs, part_tiles = [], [], []
-    for base, down, up in parts:
+    x = x.contiguous()
+    sizes = sizes or built_in_sizes(tokens, n_in, max(up.shape[2] for _, _, up, _, _ in parts))
+    if isinstance(sizes, VectorSizes) and tokens != 1:
+        raise ValueError(f"the vector kernel takes one token per sample, not {tokens}")
+    columns = sizes.block_n * sizes.chunks if isinstance(sizes, VectorSizes) else sizes.block_n  # per program
+    pointers, n_outs, part_tiles, outs = [], [], [], []
+    for base, down, up, gain, ranks in parts:
         base = base.contiguous()
         out = torch.empty_like(base)
-        slots += [down.contiguous(), up.contiguous(), base, out, up.shape[2]]
+        pointers += [down.contiguous(), up.contiguous(), base, out, _or(gain, x), _or(ranks, x)]
+        n_outs.append(up.shape[2])
+        part_tiles.append(-(-up.shape[2] // columns))
         outs.append(out)
-        part_tiles.append(-(-up.shape[2] // block_n))  # output tiles of this part
-    slots += slots[:5] * (MAX_PARTS - len(parts))  # unused slots: no tile reaches them
+    pointers += pointers[:6] * (MAX_PARTS - len(parts))  # unused slots: no tile reaches them
+    n_outs += [0] * (MAX_PARTS - len(parts))
     part_tiles += [0] * (MAX_PARTS - len(parts))
-    grid = (batch, -(-tokens // block_m), sum(part_tiles))
-    _kernel()[grid](
-        x.contiguous(),
-        *slots,
-        part_tiles[0],
-        part_tiles[0] + part_tiles[1],
-        tokens,
-        rank,
-        N_IN=n_in,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        RANK=dot_size(rank),
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=warps,
+    _, first_down, _, first_gain, first_ranks = parts[0]
+    rank = first_down.shape[1]
+    tensors = (x, _or(rows, x), *pointers)
+    scalars = (*n_outs, part_tiles[0], part_tiles[0] + part_tiles[1], rank)
+    common = (
+        ("N_IN", n_in),
+        ("RANK", dot_size(rank)),
+        ("UNROLL", n_in <= UNROLLED * sizes.block_k),
+        ("HAS_ROWS", rows is not None),
+        ("HAS_GAIN", first_gain is not None),
+        ("HAS_RANKS", first_ranks is not None),
+        ("num_warps", sizes.warps),
     )
+    tile_kernel, vector_kernel = _kernels()
+    if isinstance(sizes, VectorSizes):
+        blocks = ("BLOCK_K", sizes.block_k), ("BLOCK_N", sizes.block_n), ("CHUNKS", sizes.chunks)
+        vector_kernel((batch, sum(part_tiles)), tensors, scalars, (*blocks, *common))
+    else:
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        blocks = ("BLOCK_M", sizes.block_m), ("BLOCK_N", sizes.block_n), ("BLOCK_K", sizes.block_k)
+        grid = (batch, -(-tokens // sizes.block_m), sum(part_tiles))
+        tile_kernel(grid, tensors, (*scalars, tokens), (*blocks, ("PRECISION", precision), *common))
     return outs
+
+
+def _or(tensor: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a pointer the kernel is told not to read (its flag is off)."""
+    return stand_in if tensor is None else tensor

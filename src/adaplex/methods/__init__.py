@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from adaplex.errors import AdapterNameError, ConfigError
-from adaplex.methods.base import Adapter, Factors, MethodConfig, Scale, SiteAdapter, SiteWeight
+from adaplex.methods.base import Adapter, Factors, MethodConfig, Scale, Selection, SiteAdapter, SiteWeight
 from adaplex.methods.bottleneck import Bottleneck, BottleneckConfig
 from adaplex.methods.experts import ExpertBank, ExpertsConfig
 from adaplex.methods.gate import GateConfig, LayerGate
@@ -81,6 +81,7 @@ __all__ = [
     "PrefixConfig",
     "Scale",
     "SiteAdapter",
+    "Selection",
     "SiteWeight",
     "method_config",
     "per_sample_lora",

@@ -9,8 +9,8 @@ with the site's input at hand, into a ``SiteWeight``:
 
 - a ``Scale``: a float, or a tensor in the input's dtype that broadcasts against the site's
   (B, T, features) output: (B, 1, 1) per sample, (B, T, 1) per token;
-- ``Factors``: per-sample low-rank factors, down (B, in, r) and up (B, r, out), with every scale
-  folded into up, for the one functional LoRA ``out + (x @ down) @ up``.
+- ``Factors``: per-sample low-rank factors, rows of a table of downs (N, r, in) and ups (N, r, out)
+  with a per-sample gain and rank, for the one functional LoRA ``out + g · (x @ downᵀ) @ up``.
 """
 
 from __future__ import annotations
@@ -27,16 +27,29 @@ Scale = float | torch.Tensor
 
 
 class Factors(NamedTuple):
-    """Each sample's own low-rank update: Δ_b(x) = (x_b @ down_b) @ up_b."""
+    """Each sample's own low-rank update: Δ_b(x) = g_b · (x_b @ down[n]ᵀ) @ up[n], n = rows[b].
 
-    down: torch.Tensor  # (B, in, r)
-    up: torch.Tensor  # (B, r, out)
+    The table holds each distinct update once (a route's experts, however many samples share one).
+    ``rows`` None: row b is sample b's (N = B); ``gain`` None: 1 (every scale folded into up).
+    ``ranks`` (B,) is each sample's own rank: the table's rows past it are zero, and the fused kernel
+    does not read them (mixed ranks cost their own ranks' bytes); None: all r."""
+
+    down: torch.Tensor  # (N, r, in)
+    up: torch.Tensor  # (N, r, out)
+    rows: torch.Tensor | None = None  # (B,) long
+    gain: torch.Tensor | None = None  # (B,) float32
+    ranks: torch.Tensor | None = None  # (B,) int32
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[1]
 
     def contiguous(self) -> Factors:
-        return Factors(self.down.contiguous(), self.up.contiguous())
+        return self._replace(down=self.down.contiguous(), up=self.up.contiguous())
 
 
 SiteWeight = Scale | Factors
+Selection = tuple[torch.Tensor, torch.Tensor]  # a batch's distinct experts (N,) and each sample's row (B,)
 
 
 def per_sample(scale: Scale, dims: int) -> Scale:

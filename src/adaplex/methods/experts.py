@@ -2,9 +2,9 @@
 
 For sample b routed to key k(b):  Δ_b(x) = w · s_k · B_k M_k A_k x_b   (M_k = I for LoRA experts).
 The bank holds A: (K, r, in), B: (K, out, r) (and M: (K, r, r)); experts of smaller rank r_k are
-zero-padded to r and masked, so they stay exactly rank r_k. A forward gathers each sample's
-A and its B (with M, scale and weight folded in) and applies them with the per-sample functional
-LoRA (``lora.per_sample_lora``): no Python loop over samples or keys. A sample routed to no key
+zero-padded to r and masked, so they stay exactly rank r_k. A forward gathers the batch's experts
+(``gather``: A and B with M folded in) and applies them with the per-sample functional LoRA
+(``lora.per_sample_lora``): no Python loop over samples or keys. A sample routed to no key
 (index -1) gets no expert delta. A paged bank (``page``) keeps its experts in host memory and a few
 of them in device slots; ``adaplex.core.paging`` decides which.
 """
@@ -18,7 +18,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from adaplex.methods.base import Factors, MethodConfig
+from adaplex.methods.base import Factors, MethodConfig, Selection
 from adaplex.methods.lora import ALL_LINEAR, PerSampleLoRA, init_mixer, lora_scaling
 
 KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a key names a directory of its bundle
@@ -77,6 +77,7 @@ class ExpertBank(PerSampleLoRA):
         mask = torch.arange(r).unsqueeze(0) < torch.tensor(ranks).unsqueeze(1)  # (K, r)
         self.register_buffer("rank_mask", mask.float(), persistent=False)
         self.register_buffer("scale", torch.tensor([config.scaling(k) for k in config.keys]), persistent=False)
+        self.register_buffer("ranks", torch.tensor(ranks), persistent=False)  # (K,) each expert's rank
         with torch.no_grad():
             self.A.mul_(self.rank_mask.unsqueeze(-1))
         self.mixer: nn.Parameter | None = None
@@ -109,20 +110,28 @@ class ExpertBank(PerSampleLoRA):
         for name, tensor in self._tensors().items():
             tensor[slot].copy_(self.host[name][k], non_blocking=True)
 
-    def gather(self, index: torch.Tensor, weight: float | torch.Tensor, dtype: torch.dtype) -> Factors:
-        """Each sample's (A_k^T, (w·s_k·B_k M_k)^T), rank-masked, in ``dtype``: (B, in, r) and (B, r, out).
+    def gather(
+        self, index: torch.Tensor, weight: float | torch.Tensor, dtype: torch.dtype, selection: Selection | None = None
+    ) -> Factors:
+        """The experts of a batch as ``Factors`` in ``dtype``: A_k (r, in) and (s_k·B_k M_k)ᵀ (r, out), rank-masked.
 
-        ``index`` (B,) holds each sample's expert (-1: none, a zero update); ``weight`` is a float or
-        one value per sample (B,)."""
+        ``index`` (B,) holds each sample's expert (-1: none, a zero update); ``weight`` is a float or one
+        value per sample (B,). With ``selection`` (the distinct experts and each sample's row among them)
+        each expert is gathered once and the sample's s_k·w becomes its gain; without, each sample gets
+        its own row with the gain folded into up (what autograd needs: no host-side unique)."""
         known = index.clamp(min=0)  # (B,)
-        rows = known if self.slot_of is None else self.slot_of[known]  # where each sample's expert is held
-        mask = self.rank_mask[known]  # (B, r)
-        gate = (index >= 0).to(self.scale.dtype) * self.scale[known] * weight  # (B,)
-        down = self.A[rows] * mask.unsqueeze(-1)  # (B, r, in)
-        up = self.B[rows] * mask.unsqueeze(1)  # (B, out, r)
+        experts, rows = selection if selection is not None else (known, None)
+        held = experts if self.slot_of is None else self.slot_of[experts]  # where each expert is held
+        mask = self.rank_mask[experts]  # (N, r)
+        down = self.A[held] * mask.unsqueeze(-1)  # (N, r, in)
+        up = self.B[held] * mask.unsqueeze(1)  # (N, out, r)
         if self.mixer is not None:
-            up = torch.bmm(up, self.mixer[rows] * mask.unsqueeze(1) * mask.unsqueeze(-1))  # (B, out, r)
-        return Factors(down.transpose(1, 2).to(dtype), (up * gate.view(-1, 1, 1)).transpose(1, 2).to(dtype))
+            up = torch.bmm(up, self.mixer[held] * mask.unsqueeze(1) * mask.unsqueeze(-1))  # (N, out, r)
+        gain = (index >= 0).to(self.scale.dtype) * self.scale[known] * weight  # (B,)
+        if rows is None:
+            return Factors(down.to(dtype), (up * gain.view(-1, 1, 1)).transpose(1, 2).to(dtype))
+        ranks = (self.ranks[known] * (index >= 0)).to(torch.int32)  # (B,) 0: no expert, nothing to read
+        return Factors(down.to(dtype), up.transpose(1, 2).to(dtype), rows, gain.float(), ranks)
 
     def expert_state(self, k: int, rank: int) -> dict[str, torch.Tensor]:
         """Expert k as a plain LoRA/MoSLoRA state dict of rank ``rank`` (keys A, B, mixer)."""

@@ -109,12 +109,18 @@ class LoRA(SiteAdapter):
 
 
 def per_sample_lora(out: torch.Tensor, x: torch.Tensor, factors: Factors) -> torch.Tensor:
-    """out + (x @ down) @ up for every sample with its own factors: (B, T, out), (B, T, in), (B, in, r),
-    (B, r, out). One fused kernel where it runs (CUDA, no autograd), else two batched matmuls with the
-    addition fused into the second; never a loop over samples."""
+    """out + g · (x @ downᵀ) @ up for every sample with its own factors (``Factors``): (B, T, out), (B, T, in).
+    One fused kernel where it runs (CUDA, no autograd), else two batched matmuls with the addition
+    fused into the second; never a loop over samples."""
     if not torch.is_grad_enabled() and gathered_lora.available(x):
-        return gathered_lora.gathered_lora_add(out, x, factors.down, factors.up)
-    return torch.baddbmm(out, torch.bmm(x, factors.down), factors.up)  # (B, T, r) -> (B, T, out)
+        return gathered_lora.gathered_lora_add(out, x, *factors)
+    down, up = factors.down, factors.up
+    if factors.rows is not None:
+        down, up = down[factors.rows], up[factors.rows]  # (B, r, in), (B, r, out)
+    h = torch.bmm(x, down.transpose(1, 2))  # (B, T, r)
+    if factors.gain is not None:
+        h = h * factors.gain.to(h.dtype).view(-1, 1, 1)
+    return torch.baddbmm(out, h, up)  # (B, T, out)
 
 
 class PerSampleLoRA(SiteAdapter):
@@ -157,11 +163,11 @@ class GivenLoRA(PerSampleLoRA):
         self.scaling = config.scaling
 
     def factors(self, site: str, A: torch.Tensor, B: torch.Tensor, weight: float, dtype: torch.dtype) -> Factors:
-        """(A_b^T, (w·s·B_b)^T) for A: (B, r, in), B: (B, out, r), checked against this site's shape."""
+        """(A_b, (w·s·B_b)ᵀ) for A: (B, r, in), B: (B, out, r), checked against this site's shape."""
         r, n_in, n_out = self.shape
         if A.dim() != 3 or B.dim() != 3 or A.shape[1:] != (r, n_in) or B.shape[1:] != (n_out, r):
             raise AdapterNameError(
                 f"given weights for {site} have shapes {tuple(A.shape)} and {tuple(B.shape)}; "
                 f"expected (batch, {r}, {n_in}) and (batch, {n_out}, {r})"
             )
-        return Factors(A.transpose(1, 2).to(dtype), (B * (self.scaling * weight)).transpose(1, 2).to(dtype))
+        return Factors(A.to(dtype), (B * (self.scaling * weight)).transpose(1, 2).to(dtype))

@@ -37,6 +37,8 @@ from adaplex.methods import ExpertsConfig
 from adaplex.util.measure import device_name, interleaved_times, median_ratio, sync
 from adaplex.util.progress import report
 
+PROFILED = ("base", "adaplex-routed", "base-graph", "adaplex-routed-graph")  # the steps --profile profiles
+
 
 def _randomize(params, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
@@ -153,9 +155,7 @@ def measure(
         if mode == "decode" and ids.is_cuda:  # as serving engines run decode: one CUDA graph per step
             steps |= {f"{n}-graph": graphed_decode(models[n], ids) for n in ("base", "adaplex-routed")}
         times = interleaved_times(steps, rounds, ids.device, warmup=2)
-        profiled = [
-            n for n in ("base", "adaplex-routed", "base-graph", "adaplex-routed-graph") if profile and n in steps
-        ]
+        profiled = [n for n in PROFILED if n in steps] if profile else []
         profiles = {n: profile_steps(steps[n], 5, ids.device) for n in profiled}
     ratios = {
         "peft_x_base": ("peft-mixed", "base"),

@@ -117,8 +117,9 @@ class ExpertBank(PerSampleLoRA):
 
         ``index`` (B,) holds each sample's expert (-1: none, a zero update); ``weight`` is a float or one
         value per sample (B,). With ``selection`` (the distinct experts and each sample's row among them)
-        each expert is gathered once and the sample's s_k·w becomes its gain; without, each sample gets
-        its own row with the gain folded into up (what autograd needs: no host-side unique)."""
+        each expert is gathered once and the sample's s_k·w becomes its gain (what the fused kernel
+        reads); without, each sample gets its own row with the gain folded into up (what autograd and
+        the batched matmuls take: no host-side unique, no per-forward indexing)."""
         known = index.clamp(min=0)  # (B,)
         experts, rows = selection if selection is not None else (known, None)
         held = experts if self.slot_of is None else self.slot_of[experts]  # where each expert is held

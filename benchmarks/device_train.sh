@@ -3,7 +3,7 @@
 # Sections: check (benchmarks/train_check.py: fused loss, compiled blocks and a 4-bit base against the
 # plain computation), small (SmolLM2-135M shape, 16 x 256, bf16-mixed, profiled), small-graphs (its blocks
 # compiled as CUDA graphs),
-# small-bf16 (the same with bf16 weights), large (Llama-3.2-1B shape, 8 x 1024), 4bit / large-4bit
+# small-bf16 (the same with bf16 weights), large / large-bf16 (Llama-3.2-1B shape, 8 x 1024), 4bit / large-4bit
 # (bitsandbytes NF4 base: adaplex against PEFT + bitsandbytes).
 # Carried, not committed: .whl (pinned wheels the image lacks: transformers, peft, pydantic, liger-kernel),
 # .devcarry/site (bitsandbytes 0.50.2 with only its CUDA 13.0 and CPU libraries: the whole wheel exceeds what
@@ -29,6 +29,9 @@ for section in ${*:-check small}; do
     large) bench --shape $LARGE --batch 8 --seq 1024 --rounds 2 --variant adaplex-lora --variant adaplex-lora-compiled \
             --variant adaplex-lora-graphs --variant adaplex-moslora-graphs --variant peft-lora \
             --out "$OUT/train-cuda-1b.json" ;;
+    large-bf16) bench --shape $LARGE --batch 8 --seq 1024 --rounds 2 --precision bf16-true --variant adaplex-lora \
+            --variant adaplex-lora-compiled --variant adaplex-lora-graphs --variant adaplex-moslora-compiled \
+            --variant adaplex-moslora-graphs --variant peft-lora --out "$OUT/train-cuda-1b-bf16.json" ;;
     4bit) bench --shape $SMALL --batch 16 --seq 256 --quantize 4bit --variant adaplex-lora \
             --variant adaplex-lora-compiled --variant peft-lora --out "$OUT/train-cuda-4bit.json" ;;
     large-4bit) bench --shape $LARGE --batch 8 --seq 1024 --quantize 4bit --variant adaplex-lora \

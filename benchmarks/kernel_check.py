@@ -1,6 +1,6 @@
 """CUDA check of the fused routing kernels against float32 sample-by-sample references (bfloat16, float16,
 float32; tables with shared rows, gains and mixed ranks), their decode-site GPU times under CUDA graphs
-at the SmolLM2-135M and Llama-3-8B layer shapes with a sweep of decode tiles, and a routed model's
+at the SmolLM2-135M and Llama-3-8B layer shapes with a sweep of the kernels' sizes, and a routed model's
 logits and graphed generation with and without them. Writes JSON; exits 1 on a mismatch.
 
     python benchmarks/kernel_check.py SHAPE_CONFIG OUT.json
@@ -20,7 +20,7 @@ from adaplex.bench.shapes import shaped_model
 from adaplex.compose.route import route
 from adaplex.core.graphs import static_generate
 from adaplex.kernels import gathered_lora
-from adaplex.kernels.gathered_lora import TileSizes, VectorSizes
+from adaplex.kernels.gathered_lora import SplitSizes, TileSizes
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to the output's max
 BATCH, RANK = 64, 16
@@ -105,13 +105,20 @@ SHAPES = {
     "8b": {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate_up": (4096, (14336, 14336)),
            "down": (14336, (4096,))},
 }  # fmt: skip
-SWEEP = [
-    *(TileSizes(16, n, k, w) for n, k in ((128, 128), (256, 128), (256, 256), (512, 128)) for w in (2, 4)),
-    *(VectorSizes(k, 256, c, w) for k in (256, 512) for c in (1, 2, 4, 8, 16) for w in (4, 8)),
-]  # fmt: skip
+SWEEP = {  # per shape: tiles on short inputs, the two-launch form's sizes on long ones
+    "135m": [
+        *(TileSizes(16, 512, k, 2) for k in (64, 128, 256)),
+        *(TileSizes(16, 1024, k, w) for k in (64, 128) for w in (4, 8)),
+        SplitSizes(256, 512, 1, 4),
+    ],
+    "8b": [
+        *(SplitSizes(k, 512, c, 4) for k in (256, 1024, 2048) for c in (1, 2, 4)),
+        *(SplitSizes(k, 1024, c, w) for k in (512, 1024) for c in (1, 2) for w in (4, 8)),
+    ],
+}
 
 
-def _site(x: torch.Tensor, parts: list, rows: torch.Tensor) -> dict:
+def _site(x: torch.Tensor, parts: list, rows: torch.Tensor, sweep: list) -> dict:
     full = [(b, d, u, g, torch.full_like(r, RANK)) for b, d, u, g, r in parts]  # every expert at rank 16
 
     def launch(sizes=None, parts=full) -> None:
@@ -122,7 +129,7 @@ def _site(x: torch.Tensor, parts: list, rows: torch.Tensor) -> dict:
             torch.baddbmm(b, torch.bmm(x, d[rows].transpose(1, 2)) * g.view(-1, 1, 1).to(x.dtype), u[rows])
 
     built_in = _graph_us(launch)
-    sweep = {f"{type(t).__name__[0]}" + "x".join(map(str, t)): _graph_us(lambda t=t: launch(t)) for t in SWEEP}
+    sweep = {f"{type(t).__name__[0]}" + "x".join(map(str, t)): _graph_us(lambda t=t: launch(t)) for t in sweep}
     moved = x.nbytes + sum(2 * b.nbytes + d.nbytes + u.nbytes for b, d, u, _, _ in full)
     return {
         "graph_us": built_in,
@@ -145,7 +152,9 @@ def site_times(device: torch.device) -> dict:
     for shape, sites in SHAPES.items():
         for site, (n_in, n_outs) in sites.items():
             gen = torch.Generator(device=device).manual_seed(n_in)
-            result[f"{shape}-{site}"] = _site(*_table(device, torch.bfloat16, BATCH, 1, BATCH, n_in, n_outs, RANK, gen))
+            result[f"{shape}-{site}"] = _site(
+                *_table(device, torch.bfloat16, BATCH, 1, BATCH, n_in, n_outs, RANK, gen), SWEEP[shape]
+            )
     return result
 
 

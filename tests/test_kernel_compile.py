@@ -18,7 +18,7 @@ from adaplex.kernels import checked_attention_triton as attention
 from adaplex.kernels import dot_size
 from adaplex.kernels import gathered_lora_triton as gathered
 from adaplex.kernels.checked_attention import CHECKED_TILES_MAX_DIM, PASS_TILES, built_in_tiles
-from adaplex.kernels.gathered_lora import DECODE, PREFILL, UNROLLED, VectorSizes, vector_sizes
+from adaplex.kernels.gathered_lora import DECODE, ONE_TOKEN_LONG, PREFILL, UNROLLED
 
 H100 = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -127,18 +127,19 @@ def _lora_pointers(fn) -> dict[str, str]:
     return pointers | {"x_ptr": "bf16", "rows_ptr": "i64"}
 
 
-@pytest.mark.parametrize(
-    "n_in, sizes",
-    [(576, VectorSizes(256, 256, 1, 4)), (4096, vector_sizes(4096, 14336)), (14336, vector_sizes(14336, 4096))],
-)
-def test_gathered_lora_vector_kernel_compiles_for_h100_without_spills(n_in, sizes):
-    constexprs = dict(N_IN=n_in, RANK=16, BLOCK_K=sizes.block_k, BLOCK_N=sizes.block_n, CHUNKS=sizes.chunks,
-                      UNROLL=n_in <= UNROLLED * sizes.block_k, HAS_ROWS=True, HAS_GAIN=True,
-                      HAS_RANKS=True)  # fmt: skip
-    kernel = compile_for_h100(gathered.vector_kernel, _lora_pointers(gathered.vector_kernel), (), constexprs,
-                              num_warps=sizes.warps)  # fmt: skip
-    assert kernel.metadata.shared <= SHARED_MEMORY
-    assert resources(kernel)["STACK"] == 0
+@pytest.mark.parametrize("n_in", [4096, 14336])
+def test_gathered_lora_split_kernels_compile_for_h100_without_spills(n_in):
+    sizes = ONE_TOKEN_LONG
+    flags = dict(RANK=16, HAS_ROWS=True, HAS_RANKS=True)
+    splits = -(-n_in // sizes.block_k)
+    shrink = dict(N_IN=n_in, BLOCK_K=sizes.block_k, **flags)
+    expand = dict(SPLITS=splits, SPLIT_BLOCK=1 << (splits - 1).bit_length(), BLOCK_N=sizes.block_n,
+                  CHUNKS=sizes.chunks, HAS_GAIN=True, **flags)  # fmt: skip
+    for fn, constexprs in ((gathered.shrink_kernel, shrink), (gathered.expand_kernel, expand)):
+        pointers = _lora_pointers(fn) | {"h_ptr": "fp32"}
+        kernel = compile_for_h100(fn, pointers, (), constexprs, num_warps=sizes.warps)
+        assert kernel.metadata.shared <= SHARED_MEMORY
+        assert resources(kernel)["STACK"] == 0
 
 
 @pytest.mark.parametrize("sizes, n_in, flags", [(DECODE, 576, True), (PREFILL, 576, False), (PREFILL, 14336, True)])

@@ -23,7 +23,7 @@ TESTS = Path(__file__).parent
 
 KERNEL_CHECK = """
 import json, torch
-from adaplex.kernels.gathered_lora import TileSizes, VectorSizes, available, gathered_lora_add, grouped_lora_add
+from adaplex.kernels.gathered_lora import SplitSizes, TileSizes, available, gathered_lora_add, grouped_lora_add
 def reference(base, x, down, up, rows, gain, ranks):  # float32, sample by sample, rows past a rank dropped
     out = base.float().clone()
     for b in range(x.shape[0]):
@@ -35,8 +35,9 @@ def reference(base, x, down, up, rows, gain, ranks):  # float32, sample by sampl
 errors = []
 for batch, tokens, n_in, rank, n_out, dtype, tiles in [
     (4, 1, 64, 16, 96, torch.float32, None),   # a decode step
-    (4, 1, 300, 8, 130, torch.float32, VectorSizes(64, 32, 2, 4)),  # one token: ragged input, chunks of columns
-    (4, 1, 300, 8, 130, torch.float32, VectorSizes(16, 64, 1, 4)),  # an input of more chunks than unroll
+    (4, 1, 300, 8, 130, torch.float32, SplitSizes(64, 32, 2, 4)),  # two launches: ragged input, chunks of columns
+    (4, 1, 300, 8, 130, torch.float32, SplitSizes(16, 64, 1, 4)),  # 19 partial shrinks (a block of 32)
+    (4, 1, 64, 16, 64, torch.float16, SplitSizes(64, 64, 1, 4)),  # one split
     (3, 20, 300, 8, 130, torch.float32, TileSizes(16, 32, 8, 4)),  # tiles: shrink not unrolled
     (3, 37, 70, 8, 130, torch.float32, None),  # ragged sizes, rank below the kernel's minimum tile of 16
     (2, 80, 48, 24, 40, torch.float32, None),  # several token blocks, rank padded to 32
@@ -67,6 +68,17 @@ for batch, tokens, n_in, rank, n_out, dtype, tiles in [
         else:
             got = grouped_lora_add(x, [(base, down, up, gain, ranks)], rows, tiles)[0].float()
         errors.append((str(dtype), table, (got - ref).abs().max().item() / ref.abs().max().item()))
+gen = torch.Generator().manual_seed(7)  # three parts of one input (q/k/v-like out sizes) in one launch per form
+x = torch.randn(4, 1, 100, generator=gen)
+rows, gain = torch.tensor([1, 0, 1, 2]), torch.linspace(0.5, 1.5, 4)
+ranks = torch.tensor([8, 3, 5, 0], dtype=torch.int32)
+parts = [(torch.randn(4, 1, n, generator=gen), torch.randn(3, 8, 100, generator=gen) * 0.1,
+          torch.randn(3, 8, n, generator=gen) * 0.1, gain, ranks) for n in (40, 24, 70)]
+for sizes in (SplitSizes(32, 16, 2, 4), TileSizes(16, 32, 32, 4)):
+    outs = grouped_lora_add(x, parts, rows, sizes)
+    refs = [reference(b, x, d, u, rows, g, r) for b, d, u, g, r in parts]
+    worst = max(((o - r).abs().max() / r.abs().max()).item() for o, r in zip(outs, refs))
+    errors.append((str(x.dtype), True, worst))
 print(json.dumps(errors))
 """
 
@@ -315,7 +327,7 @@ def _interpreted(code: str) -> object:
 
 def test_kernel_equals_batched_matmuls():
     errors = _interpreted(KERNEL_CHECK)
-    assert len(errors) == 16
+    assert len(errors) == 20
     for dtype, table, relative in errors:  # finite: no row past a sample's rank was read
         assert relative < (1e-6 if dtype == "torch.float32" else 5e-3), (dtype, table, relative)
 

@@ -5,22 +5,26 @@ distinct updates (``adaplex.methods.Factors`` describes them: a route's experts,
 many samples share it), g_b a per-sample gain and r_b a per-sample rank: rows of D and U past r_b
 are zero and never read, so mixed ranks cost the bytes of their own ranks, not of the largest. The
 batched-matmul path needs three kernels per layer (shrink, expand, add); in a launch-bound decode
-step each costs more than its arithmetic. Here one launch does all three, in float32 (h is rounded
-to the weights' dtype before the expand, as the matmul path does), for up to three updates that
-read the same x (q/k/v, or gate/up, of a layer: ``grouped_lora_add``); the grid's last axis runs
-over the output tiles of every part.
+step each costs more than its arithmetic. Here one launch (two for one-token steps on long inputs)
+does all three, in float32 (h is rounded to the weights' dtype before the expand, as the matmul
+path does), for up to three updates that read the same x (q/k/v, or gate/up, of a layer:
+``grouped_lora_add``); the grid's last axis runs over the output tiles of every part.
 
-Two kernels, picked by the tiles' type:
+Two forms, picked by the sizes' type:
 
 - ``TileSizes``: a program computes a (BLOCK_M tokens × BLOCK_N outputs) tile of one sample with
-  tensor-core dots, accumulating the shrink over the input, then the expand for its tile.
-- ``VectorSizes`` (one token per sample): a program takes one sample and CHUNKS·BLOCK_N output
-  columns; it forms h = D_n x_b (r,) over the input in BLOCK_K chunks on CUDA cores, then
-  base + g·h·U chunk by chunk.
+  tensor-core dots, accumulating the shrink over the input, then the expand for its tile. Each
+  program recomputes its sample's shrink (r·in multiply-adds per token, small beside the base
+  layer's in·out); short inputs unroll it, so that all its loads are issued at once, and the
+  expand's and the base's loads are issued before it.
+- ``SplitSizes`` (one token per sample, long inputs): two launches. The shrink splits the input
+  into BLOCK_K chunks, one program per (sample, part, chunk), each writing its partial h (r,)
+  in float32; the expand sums a sample's partials and adds g·h·U over CHUNKS·BLOCK_N columns per
+  program. Every byte of D and U is read once, by enough programs to fill the GPU, where one
+  program per sample re-reading D for each column block left an 8B layer's launches at ~10x
+  their bytes.
 
-Each program recomputes its sample's shrink (r·in multiply-adds per token, small beside the base
-layer's in·out). Short inputs unroll the shrink, so that all its loads are issued at once. The
-built-in sizes come from a sweep on an H200 (benchmarks/kernel_check.py). Launches go through
+The built-in sizes come from a sweep on an H200 (benchmarks/kernel_check.py). Launches go through
 ``Launcher``, which skips most of Triton's per-call host work.
 """
 
@@ -53,8 +57,9 @@ class TileSizes(NamedTuple):
     warps: int
 
 
-class VectorSizes(NamedTuple):
-    """The one-token kernel's sizes: the input chunk, output columns per chunk, chunks per program, warps."""
+class SplitSizes(NamedTuple):
+    """The two-launch form's sizes: the shrink's input chunk, the expand's columns per chunk and
+    chunks per program, warps."""
 
     block_k: int
     block_n: int
@@ -62,24 +67,17 @@ class VectorSizes(NamedTuple):
     warps: int
 
 
-Sizes = TileSizes | VectorSizes
-DECODE = TileSizes(16, 256, 128, 2)  # a decode step (T <= 16 per sample) on a short input: one 16-row tile
+Sizes = TileSizes | SplitSizes
+DECODE = TileSizes(16, 512, 128, 2)  # a decode step (T <= 16 per sample) on a short input: one 16-row tile
 PREFILL = TileSizes(64, 64, 64, 4)
-LONG_INPUT = 2048  # from here a one-token step takes the vector kernel
+ONE_TOKEN_LONG = SplitSizes(512, 1024, 1, 4)
+LONG_INPUT = 2048  # from here a one-token step takes the two-launch form
 
 
-def vector_sizes(n_in: int, n_out: int) -> VectorSizes:
-    """A one-token step's sizes on a long input: each program takes at least n_in / 2 output columns
-    (of the widest part, ``n_out``), so that the shrink's reads repeat at most about twice its
-    expand's, instead of once per 256 columns (measured on an H200 at a Llama-3-8B layer's shape)."""
-    columns = min(max(256, n_in // 2), n_out)
-    return VectorSizes(512, 256, -(-columns // 256), 8)
-
-
-def built_in_sizes(tokens: int, n_in: int, n_out: int) -> Sizes:
-    """The kernel and its sizes for ``tokens`` per sample, an input of ``n_in`` and a widest part of ``n_out``."""
+def built_in_sizes(tokens: int, n_in: int) -> Sizes:
+    """The form and its sizes for ``tokens`` per sample and an input of ``n_in``."""
     if tokens == 1 and n_in >= LONG_INPUT:
-        return vector_sizes(n_in, n_out)
+        return ONE_TOKEN_LONG
     return DECODE if tokens <= 16 else PREFILL
 
 
@@ -101,13 +99,13 @@ def disabled() -> Iterator[None]:
 
 
 @cache
-def _kernels() -> tuple[Launcher, Launcher] | None:
-    """Launchers of the (tile, vector) kernels, compiled on first use; None without Triton."""
+def _kernels() -> tuple[Launcher, Launcher, Launcher] | None:
+    """Launchers of the (tile, shrink, expand) kernels, compiled on first use; None without Triton."""
     try:
         from adaplex.kernels import gathered_lora_triton as source
     except ImportError:
         return None
-    return Launcher(source.tile_kernel), Launcher(source.vector_kernel)
+    return Launcher(source.tile_kernel), Launcher(source.shrink_kernel), Launcher(source.expand_kernel)
 
 
 def gathered_lora_add(
@@ -139,10 +137,11 @@ def grouped_lora_add(
         raise ValueError(f"grouped_lora_add takes 1 to {MAX_PARTS} parts of one rank, all with gains and ranks or none")
     batch, tokens, n_in = x.shape
     x = x.contiguous()
-    sizes = sizes or built_in_sizes(tokens, n_in, max(up.shape[2] for _, _, up, _, _ in parts))
-    if isinstance(sizes, VectorSizes) and tokens != 1:
-        raise ValueError(f"the vector kernel takes one token per sample, not {tokens}")
-    columns = sizes.block_n * sizes.chunks if isinstance(sizes, VectorSizes) else sizes.block_n  # per program
+    sizes = sizes or built_in_sizes(tokens, n_in)
+    split = isinstance(sizes, SplitSizes)
+    if split and tokens != 1:
+        raise ValueError(f"the two-launch form takes one token per sample, not {tokens}")
+    columns = sizes.block_n * sizes.chunks if split else sizes.block_n  # per program
     pointers, n_outs, part_tiles, outs = [], [], [], []
     for base, down, up, gain, ranks in parts:
         base = base.contiguous()
@@ -151,31 +150,36 @@ def grouped_lora_add(
         n_outs.append(up.shape[2])
         part_tiles.append(-(-up.shape[2] // columns))
         outs.append(out)
-    pointers += pointers[:6] * (MAX_PARTS - len(parts))  # unused slots: no tile reaches them
+    pointers += pointers[:6] * (MAX_PARTS - len(parts))  # unused slots: no program reaches them
     n_outs += [0] * (MAX_PARTS - len(parts))
     part_tiles += [0] * (MAX_PARTS - len(parts))
     _, first_down, _, first_gain, first_ranks = parts[0]
     rank = first_down.shape[1]
     tensors = (x, _or(rows, x), *pointers)
     scalars = (*n_outs, part_tiles[0], part_tiles[0] + part_tiles[1], rank)
-    common = (
-        ("N_IN", n_in),
+    flags = (
         ("RANK", dot_size(rank)),
-        ("UNROLL", n_in <= UNROLLED * sizes.block_k),
         ("HAS_ROWS", rows is not None),
-        ("HAS_GAIN", first_gain is not None),
         ("HAS_RANKS", first_ranks is not None),
         ("num_warps", sizes.warps),
     )
-    tile_kernel, vector_kernel = _kernels()
-    if isinstance(sizes, VectorSizes):
-        blocks = ("BLOCK_K", sizes.block_k), ("BLOCK_N", sizes.block_n), ("CHUNKS", sizes.chunks)
-        vector_kernel((batch, sum(part_tiles)), tensors, scalars, (*blocks, *common))
+    has_gain = ("HAS_GAIN", first_gain is not None)
+    tile_kernel, shrink_kernel, expand_kernel = _kernels()
+    if split:
+        splits = -(-n_in // sizes.block_k)
+        h = x.new_empty((len(parts), batch, splits, dot_size(rank)), dtype=torch.float32)  # partial shrinks
+        shrink_kernel(
+            (batch, len(parts), splits), (*tensors, h), scalars, (("N_IN", n_in), ("BLOCK_K", sizes.block_k), *flags)
+        )
+        sums = ("SPLITS", splits), ("SPLIT_BLOCK", 1 << (splits - 1).bit_length())
+        blocks = ("BLOCK_N", sizes.block_n), ("CHUNKS", sizes.chunks)
+        expand_kernel((batch, sum(part_tiles)), (*tensors, h), scalars, (*sums, *blocks, has_gain, *flags))
     else:
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
         blocks = ("BLOCK_M", sizes.block_m), ("BLOCK_N", sizes.block_n), ("BLOCK_K", sizes.block_k)
+        shrink = ("N_IN", n_in), ("UNROLL", n_in <= UNROLLED * sizes.block_k), ("PRECISION", precision)
         grid = (batch, -(-tokens // sizes.block_m), sum(part_tiles))
-        tile_kernel(grid, tensors, (*scalars, tokens), (*blocks, ("PRECISION", precision), *common))
+        tile_kernel(grid, tensors, (*scalars, tokens), (*blocks, *shrink, has_gain, *flags))
     return outs
 
 

@@ -6,17 +6,22 @@ import triton.language as tl
 
 
 @triton.jit
-def _part(tile, tiles0, tiles01, n_out0, n_out1, n_out2, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1,
-          d2, u2, b2, o2, g2, r2):  # fmt: skip
-    """The pointers and out size of the part that output tile ``tile`` belongs to, and the tile within it."""
+def _part(tile, tiles0, tiles01):
+    """The part that output tile ``tile`` belongs to (0, 1 or 2) and the tile within it."""
+    part = (tile >= tiles0).to(tl.int32) + (tile >= tiles01).to(tl.int32)
+    return part, tile - tl.where(part == 2, tiles01, tl.where(part == 1, tiles0, 0))
+
+
+@triton.jit
+def _pointers(part, n_out0, n_out1, n_out2, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1,
+              d2, u2, b2, o2, g2, r2):  # fmt: skip
+    """Part ``part``'s pointers (down, up, base, out, gain, ranks) and out size."""
     d, u, b, o, g, r, n = d0, u0, b0, o0, g0, r0, n_out0
-    if tile >= tiles01:
+    if part == 2:
         d, u, b, o, g, r, n = d2, u2, b2, o2, g2, r2, n_out2
-        tile -= tiles01
-    elif tile >= tiles0:
+    elif part == 1:
         d, u, b, o, g, r, n = d1, u1, b1, o1, g1, r1, n_out1
-        tile -= tiles0
-    return d, u, b, o, g, r, n, tile
+    return d, u, b, o, g, r, n
 
 
 @triton.jit
@@ -34,16 +39,6 @@ def _row_and_ranks(b, rows_ptr, ranks_ptr, r_max, RANK: tl.constexpr, HAS_ROWS: 
 
 
 @triton.jit
-def _vector_shrink(x_ptr, down, ranks, rank_ok, start, N_IN: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One token's D·x over inputs [start, start + BLOCK_K): (RANK,) in float32, on CUDA cores."""
-    ks = start + tl.arange(0, BLOCK_K)
-    k_ok = ks < N_IN
-    x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)  # (BLOCK_K,)
-    d = tl.load(down + ranks[:, None] * N_IN + ks[None, :], mask=rank_ok[:, None] & k_ok[None, :], other=0.0)
-    return tl.sum(d.to(tl.float32) * x[None, :], axis=1)
-
-
-@triton.jit
 def _tile_shrink(x_ptr, down, toks, tok_ok, ranks, rank_ok, start, N_IN: tl.constexpr, BLOCK_K: tl.constexpr,
                  PRECISION: tl.constexpr):  # fmt: skip
     """A token tile's x·Dᵀ over inputs [start, start + BLOCK_K): (BLOCK_M, RANK) in float32, a tensor-core dot."""
@@ -55,42 +50,6 @@ def _tile_shrink(x_ptr, down, toks, tok_ok, ranks, rank_ok, start, N_IN: tl.cons
 
 
 @triton.jit
-def vector_kernel(
-    x_ptr, rows_ptr, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2,
-    n_out0, n_out1, n_out2, tiles0, tiles01, r_max,
-    N_IN: tl.constexpr, RANK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNKS: tl.constexpr, UNROLL: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_GAIN: tl.constexpr,
-    HAS_RANKS: tl.constexpr,
-):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)  # offsets b·in can pass 2^31 on large models
-    down, up, base, out, gain, ranks_ptr, n_out, tile = _part(
-        tl.program_id(1), tiles0, tiles01, n_out0, n_out1, n_out2,
-        d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2,
-    )  # fmt: skip
-    row, ranks, rank_ok = _row_and_ranks(b, rows_ptr, ranks_ptr, r_max, RANK, HAS_ROWS, HAS_RANKS)
-    down += row * r_max * N_IN
-    x_ptr += b * N_IN
-    h = tl.zeros((RANK,), dtype=tl.float32)
-    if UNROLL:  # a short input: every chunk's loads issued at once
-        for start in tl.static_range(0, N_IN, BLOCK_K):
-            h += _vector_shrink(x_ptr, down, ranks, rank_ok, start, N_IN, BLOCK_K)
-    else:
-        for start in tl.range(0, N_IN, BLOCK_K):
-            h += _vector_shrink(x_ptr, down, ranks, rank_ok, start, N_IN, BLOCK_K)
-    if HAS_GAIN:
-        h *= tl.load(gain + b)
-    h = h.to(up.dtype.element_ty).to(tl.float32)
-    up += row * r_max * n_out
-    for chunk in tl.static_range(CHUNKS):
-        cols = (tile * CHUNKS + chunk) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_out
-        u = tl.load(up + ranks[:, None] * n_out + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        y = tl.sum(h[:, None] * u.to(tl.float32), axis=0)  # (BLOCK_N,)
-        before = tl.load(base + b * n_out + cols, mask=col_ok, other=0.0)
-        tl.store(out + b * n_out + cols, (before.to(tl.float32) + y).to(before.dtype), mask=col_ok)
-
-
-@triton.jit
 def tile_kernel(
     x_ptr, rows_ptr, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2,
     n_out0, n_out1, n_out2, tiles0, tiles01, r_max, tokens,
@@ -99,17 +58,27 @@ def tile_kernel(
     HAS_GAIN: tl.constexpr, HAS_RANKS: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)  # sample offsets b·T·in can pass 2^31 on large models
-    down, up, base, out, gain, ranks_ptr, n_out, tile = _part(
-        tl.program_id(2), tiles0, tiles01, n_out0, n_out1, n_out2,
-        d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2,
+    part, tile = _part(tl.program_id(2), tiles0, tiles01)
+    down, up, base, out, gain, ranks_ptr, n_out = _pointers(
+        part, n_out0, n_out1, n_out2, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2
     )  # fmt: skip
-    row, ranks, rank_ok = _row_and_ranks(b, rows_ptr, ranks_ptr, r_max, RANK, HAS_ROWS, HAS_RANKS)
     toks = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     tok_ok = toks < tokens
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_out
+    tile_at = b * tokens * n_out + toks[:, None] * n_out + cols[None, :]
+    tile_ok = tok_ok[:, None] & col_ok[None, :]
+    before = tl.load(base + tile_at, mask=tile_ok, other=0.0)  # issued first: no load below waits on it
+    row, ranks, rank_ok = _row_and_ranks(b, rows_ptr, ranks_ptr, r_max, RANK, HAS_ROWS, HAS_RANKS)
+    u = tl.load(
+        up + row * r_max * n_out + ranks[:, None] * n_out + cols[None, :],
+        mask=rank_ok[:, None] & col_ok[None, :],
+        other=0.0,
+    )  # in flight with the shrink's loads
     x_ptr += b * tokens * N_IN
     down += row * r_max * N_IN
     h = tl.zeros((BLOCK_M, RANK), dtype=tl.float32)
-    if UNROLL:
+    if UNROLL:  # a short input: every chunk's loads issued at once
         for start in tl.static_range(0, N_IN, BLOCK_K):
             h += _tile_shrink(x_ptr, down, toks, tok_ok, ranks, rank_ok, start, N_IN, BLOCK_K, PRECISION)
     else:
@@ -117,15 +86,64 @@ def tile_kernel(
             h += _tile_shrink(x_ptr, down, toks, tok_ok, ranks, rank_ok, start, N_IN, BLOCK_K, PRECISION)
     if HAS_GAIN:
         h *= tl.load(gain + b)
-    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < n_out
-    u = tl.load(
-        up + row * r_max * n_out + ranks[:, None] * n_out + cols[None, :],
-        mask=rank_ok[:, None] & col_ok[None, :],
-        other=0.0,
-    )
     y = tl.dot(h.to(u.dtype), u, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-    tile_at = b * tokens * n_out + toks[:, None] * n_out + cols[None, :]
-    tile_ok = tok_ok[:, None] & col_ok[None, :]
-    before = tl.load(base + tile_at, mask=tile_ok, other=0.0)
     tl.store(out + tile_at, (before.to(tl.float32) + y).to(before.dtype), mask=tile_ok)
+
+
+@triton.jit
+def shrink_kernel(
+    x_ptr, rows_ptr, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2, h_ptr,
+    n_out0, n_out1, n_out2, tiles0, tiles01, r_max,
+    N_IN: tl.constexpr, RANK: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ROWS: tl.constexpr,
+    HAS_RANKS: tl.constexpr,
+):  # fmt: skip
+    """One token's partial h = D_n x_b over inputs [s·BLOCK_K, (s + 1)·BLOCK_K) of part p, on CUDA cores,
+    into h[p, b, s] (RANK,) in float32; grid (B, parts, splits)."""
+    b = tl.program_id(0).to(tl.int64)
+    part, split = tl.program_id(1), tl.program_id(2)
+    down, _, _, _, _, ranks_ptr, _ = _pointers(
+        part, n_out0, n_out1, n_out2, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2
+    )  # fmt: skip
+    ks = split * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = ks < N_IN
+    x = tl.load(x_ptr + b * N_IN + ks, mask=k_ok, other=0.0).to(tl.float32)  # (BLOCK_K,)
+    row, ranks, rank_ok = _row_and_ranks(b, rows_ptr, ranks_ptr, r_max, RANK, HAS_ROWS, HAS_RANKS)
+    d = tl.load(
+        down + row * r_max * N_IN + ranks[:, None] * N_IN + ks[None, :],
+        mask=rank_ok[:, None] & k_ok[None, :],
+        other=0.0,
+    )  # (RANK, BLOCK_K)
+    h = tl.sum(d.to(tl.float32) * x[None, :], axis=1)
+    at = ((part * tl.num_programs(0) + b) * tl.num_programs(2) + split) * RANK
+    tl.store(h_ptr + at + ranks, h)
+
+
+@triton.jit
+def expand_kernel(
+    x_ptr, rows_ptr, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2, h_ptr,
+    n_out0, n_out1, n_out2, tiles0, tiles01, r_max,
+    RANK: tl.constexpr, SPLITS: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNKS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_RANKS: tl.constexpr,
+):  # fmt: skip
+    """base + g·h·U over CHUNKS·BLOCK_N output columns of one token, h summed over the shrink's splits;
+    grid (B, output tiles of all parts)."""
+    b = tl.program_id(0).to(tl.int64)
+    part, tile = _part(tl.program_id(1), tiles0, tiles01)
+    _, up, base, out, gain, ranks_ptr, n_out = _pointers(
+        part, n_out0, n_out1, n_out2, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2
+    )  # fmt: skip
+    splits = tl.arange(0, SPLIT_BLOCK)
+    at = ((part * tl.num_programs(0) + b) * SPLITS + splits[:, None]) * RANK + tl.arange(0, RANK)[None, :]
+    h = tl.sum(tl.load(h_ptr + at, mask=splits[:, None] < SPLITS, other=0.0), axis=0)  # (RANK,)
+    row, ranks, rank_ok = _row_and_ranks(b, rows_ptr, ranks_ptr, r_max, RANK, HAS_ROWS, HAS_RANKS)
+    if HAS_GAIN:
+        h *= tl.load(gain + b)
+    h = h.to(up.dtype.element_ty).to(tl.float32)  # rounded as the matmul path rounds it
+    up += row * r_max * n_out
+    for chunk in tl.static_range(CHUNKS):
+        cols = (tile * CHUNKS + chunk) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_out
+        before = tl.load(base + b * n_out + cols, mask=col_ok, other=0.0)
+        u = tl.load(up + ranks[:, None] * n_out + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+        y = tl.sum(h[:, None] * u.to(tl.float32), axis=0)  # (BLOCK_N,)
+        tl.store(out + b * n_out + cols, (before.to(tl.float32) + y).to(before.dtype), mask=col_ok)

@@ -18,7 +18,7 @@ from adaplex.kernels import checked_attention_triton as attention
 from adaplex.kernels import dot_size
 from adaplex.kernels import gathered_lora_triton as gathered
 from adaplex.kernels.checked_attention import CHECKED_TILES_MAX_DIM, PASS_TILES, built_in_tiles
-from adaplex.kernels.gathered_lora import DECODE, ONE_TOKEN_LONG, PREFILL, UNROLLED
+from adaplex.kernels.gathered_lora import DECODE, ONE_TOKEN_LONG, PREFILL, UNROLLED, split_blocks
 
 H100 = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -131,9 +131,9 @@ def _lora_pointers(fn) -> dict[str, str]:
 def test_gathered_lora_split_kernels_compile_for_h100_without_spills(n_in):
     sizes = ONE_TOKEN_LONG
     flags = dict(RANK=16, HAS_ROWS=True, HAS_RANKS=True)
-    splits = -(-n_in // sizes.block_k)
+    splits, split_block = split_blocks(n_in, sizes.block_k)
     shrink = dict(N_IN=n_in, BLOCK_K=sizes.block_k, **flags)
-    expand = dict(SPLITS=splits, SPLIT_BLOCK=1 << (splits - 1).bit_length(), BLOCK_N=sizes.block_n,
+    expand = dict(SPLITS=splits, SPLIT_BLOCK=split_block, BLOCK_N=sizes.block_n,
                   CHUNKS=sizes.chunks, HAS_GAIN=True, **flags)  # fmt: skip
     for fn, constexprs in ((gathered.shrink_kernel, shrink), (gathered.expand_kernel, expand)):
         pointers = _lora_pointers(fn) | {"h_ptr": "fp32"}

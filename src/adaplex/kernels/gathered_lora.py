@@ -81,6 +81,13 @@ def built_in_sizes(tokens: int, n_in: int) -> Sizes:
     return DECODE if tokens <= 16 else PREFILL
 
 
+def split_blocks(n_in: int, block_k: int) -> tuple[int, int]:
+    """The two-launch form's number of partial shrinks over an input of ``n_in``, and the power of
+    two the expand loads them in."""
+    splits = -(-n_in // block_k)
+    return splits, 1 << (splits - 1).bit_length()
+
+
 def available(x: torch.Tensor) -> bool:
     """Whether the kernels can run on ``x``'s device: CUDA (or any device under the interpreter) with
     Triton installed, as PyTorch's CUDA wheels install it."""
@@ -166,12 +173,12 @@ def grouped_lora_add(
     has_gain = ("HAS_GAIN", first_gain is not None)
     tile_kernel, shrink_kernel, expand_kernel = _kernels()
     if split:
-        splits = -(-n_in // sizes.block_k)
+        splits, split_block = split_blocks(n_in, sizes.block_k)
         h = x.new_empty((len(parts), batch, splits, dot_size(rank)), dtype=torch.float32)  # partial shrinks
         shrink_kernel(
             (batch, len(parts), splits), (*tensors, h), scalars, (("N_IN", n_in), ("BLOCK_K", sizes.block_k), *flags)
         )
-        sums = ("SPLITS", splits), ("SPLIT_BLOCK", 1 << (splits - 1).bit_length())
+        sums = ("SPLITS", splits), ("SPLIT_BLOCK", split_block)
         blocks = ("BLOCK_N", sizes.block_n), ("CHUNKS", sizes.chunks)
         expand_kernel((batch, sum(part_tiles)), (*tensors, h), scalars, (*sums, *blocks, has_gain, *flags))
     else:

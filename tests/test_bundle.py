@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -21,6 +18,7 @@ from adaplex.io.describe import describe
 from adaplex.io.storage import load, save_adapter
 
 import tiny
+from cli_process import run_cli
 from helpers import assert_same_state, randomize, snapshot
 
 
@@ -119,14 +117,10 @@ def test_experts_on_different_layers_are_refused_and_nothing_is_written(experts,
         build_bundle(model, mixed, tmp_path / "bundle")
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adaplex", *args], capture_output=True, text=True, timeout=300)
-
-
 def test_bundle_command(experts, tmp_path):
     tiny.save_base("llama", tmp_path / "base")
     options = [f"--expert={k}={d}" for k, d in experts.items()]
-    done = cli("bundle", *options, "--out", str(tmp_path / "bundle"), "--base", str(tmp_path / "base"))
+    done = run_cli("bundle", *options, "--out", str(tmp_path / "bundle"), "--base", str(tmp_path / "base"))
     assert done.returncode == 0, done.stderr
     assert "keys sql, poetry, chat" in done.stdout
     model, _ = load_base(str(tmp_path / "base"))
@@ -141,7 +135,7 @@ def test_bundle_command(experts, tmp_path):
         (["--expert", f"a={tmp_path / 'missing'}", "--out", str(tmp_path / "x")], "missing"),
         (["--expert", f"a/b={experts['sql']}", "--out", str(tmp_path / "x")], "may hold only letters"),
     ]:
-        result = cli("bundle", *args, "--base", str(tmp_path / "base"))
+        result = run_cli("bundle", *args, "--base", str(tmp_path / "base"))
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
         assert not (tmp_path / "x").exists()

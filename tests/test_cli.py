@@ -1,4 +1,4 @@
-"""The command line on tiny local models: real subprocesses, exit codes, one-line errors."""
+"""The command line on tiny local models: processes of their own, exit codes, one-line errors."""
 
 from __future__ import annotations
 
@@ -14,11 +14,8 @@ from adaplex.io.records import CONFIG_FILE, WEIGHTS_FILE
 from adaplex.io.storage import load, save_adapter, save_bundle
 
 import tiny
+from cli_process import run_cli
 from helpers import randomize
-
-
-def adaplex_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adaplex", *args], capture_output=True, text=True, timeout=300)
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -50,7 +47,7 @@ def work(tmp_path_factory):
 
 def test_info_shows_bundle_members_and_base(work):
     root, _, handle = work
-    result = adaplex_cli("info", str(root / "stack"))
+    result = run_cli("info", str(root / "stack"))
     assert result.returncode == 0, result.stderr
     for text in ("bundle", "style", "instruct", "moslora", str(root / "base")):
         assert text in result.stdout
@@ -58,23 +55,23 @@ def test_info_shows_bundle_members_and_base(work):
 
 def test_merge_writes_a_plain_model_that_loads_without_adaplex(work):
     root, model, handle = work
-    result = adaplex_cli("merge", str(root / "stack"), "--out", str(root / "merged"))
+    result = run_cli("merge", str(root / "stack"), "--out", str(root / "merged"))
     assert result.returncode == 0, result.stderr
     plain = AutoModelForCausalLM.from_pretrained(root / "merged").eval()
     ids = tiny.tokens()
     torch.testing.assert_close(tiny.outputs(plain, ids), tiny.outputs(model, ids), atol=1e-4, rtol=0)
-    again = adaplex_cli("merge", str(root / "stack"), "--out", str(root / "merged"))
+    again = run_cli("merge", str(root / "stack"), "--out", str(root / "merged"))
     assert_clean_error(again, "already exists", "--overwrite")
 
 
 def test_export_then_import_through_the_cli(work):
     root, model, handle = work
-    exported = adaplex_cli("export", str(root / "stack"), str(root / "peft"))
+    exported = run_cli("export", str(root / "stack"), str(root / "peft"))
     assert exported.returncode == 0, exported.stderr
     assert sorted(p.name for p in (root / "peft").iterdir()) == ["instruct", "style"]
-    combined = adaplex_cli("export", str(root / "stack"), str(root / "combined"), "--combined")
+    combined = run_cli("export", str(root / "stack"), str(root / "combined"), "--combined")
     assert combined.returncode == 0, combined.stderr
-    imported = adaplex_cli("import", str(root / "combined"), str(root / "imported"))
+    imported = run_cli("import", str(root / "combined"), str(root / "imported"))
     assert imported.returncode == 0, imported.stderr
     assert sorted(p.name for p in (root / "imported").iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
     fresh, _ = load_base(str(root / "base"))
@@ -85,20 +82,20 @@ def test_export_then_import_through_the_cli(work):
 
 def test_bad_input_gives_one_line_errors(work, tmp_path):
     root, _, _ = work
-    assert_clean_error(adaplex_cli("info", str(tmp_path / "missing")), "is not a directory")
+    assert_clean_error(run_cli("info", str(tmp_path / "missing")), "is not a directory")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / CONFIG_FILE).write_text((root / "style" / CONFIG_FILE).read_text())
     data = (root / "style" / WEIGHTS_FILE).read_bytes()
     (broken / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
-    assert_clean_error(adaplex_cli("merge", str(broken), "--out", str(tmp_path / "m")), "checksum")
+    assert_clean_error(run_cli("merge", str(broken), "--out", str(tmp_path / "m")), "checksum")
     assert not (tmp_path / "m").exists()
     assert_clean_error(
-        adaplex_cli("merge", str(root / "style"), "--out", str(tmp_path / "m"), "--base", "nowhere"),
+        run_cli("merge", str(root / "style"), "--out", str(tmp_path / "m"), "--base", "nowhere"),
         "base model 'nowhere' not found",
         "tried",
     )
-    assert_clean_error(adaplex_cli("export", str(root / "style"), str(tmp_path / "x"), "--to", "onnx"), "onnx")
+    assert_clean_error(run_cli("export", str(root / "style"), str(tmp_path / "x"), "--to", "onnx"), "onnx")
 
 
 def test_recorded_base_that_moved_lists_the_places_tried(work, tmp_path):
@@ -111,7 +108,7 @@ def test_recorded_base_that_moved_lists_the_places_tried(work, tmp_path):
     assert str(root / "base") in record
     (root / "base").rename(root / "base-moved")
     try:
-        result = adaplex_cli("merge", str(moved), "--out", str(tmp_path / "m"))
+        result = run_cli("merge", str(moved), "--out", str(tmp_path / "m"))
         assert_clean_error(result, "not found; tried", "embedded models", f"directory {root / 'base'}")
     finally:
         (root / "base-moved").rename(root / "base")
@@ -141,7 +138,7 @@ def test_training_output_is_clean(work, tmp_path):
         f"data: {{format: text, train: [{tmp_path / 't.txt'}], block_size: 8, batch_size: 4}}\n"
         "optim: {max_steps: 2, warmup_steps: 1}\ntrainer: {accelerator: cpu, checkpoint_every_n_steps: 2}\n"
     )
-    result = adaplex_cli("train", str(tmp_path / "run.yaml"))
+    result = run_cli("train", str(tmp_path / "run.yaml"))
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr
     assert output.count("GPU available") == 1  # Lightning's INFO lines once, not twice

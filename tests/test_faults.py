@@ -17,6 +17,7 @@ from adaplex.faults.hook import DetectorConfig, FaultPlan, detections_of
 from adaplex.faults.session import armed
 
 import tiny
+from cli_process import run_cli
 from helpers import randomize
 
 FAMILIES = ["llama", "gpt2", "bert"]
@@ -160,21 +161,13 @@ def test_sweep_resumes_after_a_kill_and_reports(tmp_path):
 
 
 def test_faults_cli_errors_are_one_line(tmp_path):
-    import subprocess
-    import sys
-
     tiny.save_base("llama", tmp_path / "base")
-
-    def faults_run(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "adaplex", "faults", "run", "--base", str(tmp_path / "base"), *args]
-        return subprocess.run(command, capture_output=True, text=True)
-
-    run = faults_run("--location", "scores", "--bit", "40", "--seq", "8")
+    faults_run = ("faults", "run", "--base", tmp_path / "base")
+    run = run_cli(*faults_run, "--location", "scores", "--bit", "40", "--seq", "8")
     assert run.returncode == 2 and run.stderr.strip() == "error: bit 40 is out of range for float32 (0-31)"
-    run = faults_run("--location", "keys", "--bit", "3")
+    run = run_cli(*faults_run, "--location", "keys", "--bit", "3")
     assert run.returncode == 2 and "location" in run.stderr and len(run.stderr.strip().splitlines()) == 1
-    bench = [sys.executable, "-m", "adaplex", "bench", "faults", "--base", str(tmp_path / "base"), "--graphs"]
-    run = subprocess.run(bench, capture_output=True, text=True)
+    run = run_cli("bench", "faults", "--base", tmp_path / "base", "--graphs")
     assert run.returncode == 2 and run.stderr.strip().startswith("error: graphed timing captures CUDA graphs")
 
 

@@ -4,8 +4,9 @@
 # references, their decode sites' GPU times with a tile sweep), route (SmolLM2-135M shape, decode, batch 64:
 # 1 and 64 distinct adapters with the base, profiled; 8 with PEFT beside; 64 at mixed ranks 4/16), route-8b
 # (a Llama-3-8B layer shape with 2 layers: 64 and 1,024 resident experts, then 1,024 paged into 64 device
-# slots), and before / before-8b (route and route-8b's main runs with the code in .devcarry/old-src, for
-# a before/after in one session). Models have random weights of the real shapes (benchmarks/shapes).
+# slots), host (benchmarks/route_host.py: where the host's time goes in an eager decode step, 135M shape),
+# and before / before-8b / before-host (route, route-8b and host's main runs with the code in
+# .devcarry/old-src, for a before/after in one session). Models have random weights of the real shapes (benchmarks/shapes).
 # Carried, not committed: .whl (pinned wheels the image lacks) and, for before, .devcarry/old-src.
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -31,6 +32,9 @@ for section in ${*:-kernel route}; do
                 --out "$OUT/route-decode-cuda-8b.json"
               bench --shape $LARGE --layers 2 --adapters 1024 --slots 64 --peers none --rounds 7 \
                 --out "$OUT/route-decode-cuda-8b-paged.json" ;;
+    host|before-host) S=$SRC; [ $section = before-host ] && S=$PWD/.devcarry/old-src
+                      (cd benchmarks && PYTHONPATH=/tmp/site:$S python3 route_host.py ../$SMALL "$OUT/route-$section-cuda.json" \
+                        2>&1 | grep -v Warning | tail -40) ;;
     before-8b) SRC=$PWD/.devcarry/old-src bench --shape $LARGE --layers 2 --adapters 64 --peers none --rounds 7 \
                  --out "$OUT/route-decode-cuda-8b-before.json" ;;
   esac

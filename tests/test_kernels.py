@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from adaplex.kernels import checked_attention
+from adaplex.kernels.gathered_lora import GroupedLoRAAdd
 
 TESTS = Path(__file__).parent
 
@@ -118,13 +119,20 @@ randomize(handle, "experts", seed=2)
 keys = ["a", "c", None, "b"]
 ids = tiny.tokens(batch=len(keys))
 launches = []
-launch = kernel.grouped_lora_add
-kernel.grouped_lora_add = lambda x, parts, rows: launches.append(len(parts)) or launch(x, parts, rows)
+launch = kernel.GroupedLoRAAdd.__call__
+kernel.GroupedLoRAAdd.__call__ = lambda self, x, bases: launches.append(len(bases)) or launch(self, x, bases)
 with torch.no_grad(), route(handle, keys):
     grouped = model(input_ids=ids).logits
-forward_launches = list(launches)
+    forward_launches = list(launches)
+    plans = len(handle.stack.memo)
+    again = model(input_ids=ids).logits  # from the plans the first forward made
 with torch.no_grad(), route(handle, keys), kernel.disabled():
     plain = model(input_ids=ids).logits
+other_keys = ["b", None, "a", "a"]  # another route: plans of its own, none of the last one's
+with torch.no_grad(), route(handle, other_keys):
+    other_route = model(input_ids=ids).logits
+with torch.no_grad(), route(handle, other_keys), kernel.disabled():
+    other_plain = model(input_ids=ids).logits
 attention = model.model.layers[0].self_attn
 other = torch.randn(2, 5, 32)  # k_proj on another input than q_proj's: k leaves the group, computes alone
 with torch.no_grad(), route(handle, ["a", "b"]):
@@ -134,6 +142,9 @@ with torch.no_grad(), route(handle, ["a", "b"]), kernel.disabled():
     k_alone = attention.k_proj(other)
 print(json.dumps({{
     "max_diff": (grouped - plain).abs().max().item(), "scale": plain.abs().max().item(), "launches": forward_launches,
+    "plans": plans, "plans_after": len(handle.stack.memo), "again_diff": (again - grouped).abs().max().item(),
+    "other_diff": (other_route - other_plain).abs().max().item(),
+    "routes_differ": (other_plain - plain).abs().max().item(),
     "k_diff": (k_in_group - k_alone).abs().max().item(),
     "members": [len(layer.self_attn.q_proj.group.members) for layer in model.model.layers],
 }}))
@@ -338,13 +349,25 @@ def test_routed_model_with_the_kernel_equals_the_matmul_path():
     assert result["max_diff"] < 1e-5
 
 
-def test_siblings_on_one_input_share_one_launch_and_equal_the_matmul_path():
+def test_siblings_share_one_launch_planned_once_per_route_and_equal_the_matmul_path():
     result = _interpreted(GROUPED_CHECK.format(tests=str(TESTS)))
     assert result["scale"] > 0.1
     assert result["max_diff"] < 1e-5
     assert result["launches"] == [3, 1, 2, 1] * 2  # per layer: q/k/v, o, gate/up, down
+    assert result["plans"] == 4 * 2  # one per group; a later forward of the route reuses them
+    assert result["again_diff"] == 0
+    assert result["routes_differ"] > 0.01 and result["other_diff"] < 1e-5
+    assert result["plans_after"] == 0  # the route ended and took its plans with it
     assert result["k_diff"] < 1e-6
     assert result["members"] == [2, 3]  # layer 0's k_proj left its group; layer 1's group is whole
+
+
+def test_a_bound_add_refuses_inputs_of_another_shape_or_dtype():
+    x, rows = torch.zeros(2, 1, 32), torch.zeros(2, dtype=torch.long)
+    add = GroupedLoRAAdd(x, [(torch.zeros(3, 4, 32), torch.zeros(3, 4, 16), None, None)], rows)
+    for other in (torch.zeros(2, 2, 32), torch.zeros(2, 1, 32, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"bound for inputs \(2, 1, 32\) torch.float32"):
+            add(other, [torch.zeros(*other.shape[:2], 16, dtype=other.dtype)])
 
 
 def test_checked_attention_kernel_matches_sdpa_and_catches_corrupted_qkv():

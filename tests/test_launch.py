@@ -1,8 +1,9 @@
 """The launcher reuses a compiled kernel only for a call with the same arguments, up to what Triton
 reads of a tensor (its dtype and 16-byte alignment), and the same constants; a call with a tensor
-off 16-byte alignment always goes through the JIT. A fake kernel stands in for Triton's (no GPU
-here); on CUDA the benchmarks compare the launched kernels' outputs with SDPA's and a cached
-launch's with the first (benchmarks/faults_kernel_check.py)."""
+off 16-byte alignment always goes through the JIT. A direct launch passes tensors' addresses; a bound
+launch goes direct from its second call. A fake kernel stands in for Triton's (no GPU here); on CUDA
+the benchmarks compare the launched kernels' outputs with SDPA's and a cached launch's with the first
+(benchmarks/faults_kernel_check.py, benchmarks/kernel_check.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from adaplex.kernels import launch
-from adaplex.kernels.launch import Launcher
+from adaplex.kernels.launch import BoundLaunch, Launcher
 
 
 class FakeKernel:
@@ -55,7 +56,8 @@ def test_a_repeated_call_launches_the_compiled_kernel_with_its_constexprs_in_ord
         launcher((2, 3), (x,), (64, 0.5), constants)
     assert len(kernel.compiles) == 1
     assert kernel.compiles[0][2] == {"FLAG": True, "D": 64, "num_warps": 4}
-    assert kernel.launches[1] == ((2, 3, 1), (x, 64, 0.5), (64, True))  # D, FLAG: the kernel's order
+    # the tensor's address, then D, FLAG in the kernel's order
+    assert kernel.launches[1] == ((2, 3, 1), (x.data_ptr(), 64, 0.5), (64, True))
 
 
 @pytest.mark.parametrize(
@@ -92,3 +94,19 @@ def test_the_cache_is_bounded(kernel):
     for n in range(launch.CACHED_CALLS + 10):  # a generation loop: the key count grows every step
         launcher((1,), (torch.zeros(4),), (n, 0.5), (("D", 4), ("FLAG", False)))
     assert len(launcher.compiled) <= launch.CACHED_CALLS
+
+
+def test_a_bound_launch_goes_direct_after_its_first_call_unless_unaligned_or_on_another_device(kernel, monkeypatch):
+    bound = BoundLaunch(Launcher(kernel), (2,), (64, 0.5), (("FLAG", True), ("D", 64), ("num_warps", 4)))
+    tensors = [torch.zeros(64), torch.ones(64)]
+    bound(tensors)
+    bound([torch.ones(64), torch.zeros(64)])  # other tensors of the same kind: direct, their addresses
+    assert len(kernel.compiles) == 1
+    assert kernel.launches[-1][1][0] != tensors[0].data_ptr() and isinstance(kernel.launches[-1][1][0], int)
+    bound([torch.zeros(65)[1:], torch.ones(64)])  # unaligned: through the JIT
+    assert len(kernel.compiles) == 2
+    bound(tensors)  # aligned again: the launcher's remembered kernel, no compile
+    assert len(kernel.compiles) == 2
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # another device: through the launcher's key
+    bound(tensors)
+    assert len(kernel.compiles) == 3

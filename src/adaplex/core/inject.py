@@ -206,7 +206,8 @@ def unwrap(model: nn.Module, path: str) -> None:
 
 
 def link_shared_inputs(model: nn.Module, family: Family) -> None:
-    """Give the wrappers that one module calls on one input (``family.shared_input``) a common group."""
+    """Give the wrappers that one module calls on one input (``family.shared_input``) a common group, and
+    every other wrapper a group of its own (which leads its own fused launch)."""
     found = wrappers(model)
     for wrapper in found.values():
         wrapper.group = None
@@ -221,6 +222,9 @@ def link_shared_inputs(model: nn.Module, family: Family) -> None:
                 group = SharedInputGroup(members)
                 for wrapper in members:
                     wrapper.group = group
+    for wrapper in found.values():
+        if wrapper.group is None:
+            wrapper.group = SharedInputGroup([wrapper])
 
 
 def wrappers(model: nn.Module) -> dict[str, AdaptedLinear]:

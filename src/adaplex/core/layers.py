@@ -7,13 +7,16 @@ The base layer (``nn.Linear`` or GPT-2's ``Conv1D``) is held, not copied or subc
 restores the exact original tensor. Each wrapper knows its site name (its module path).
 
 Sibling layers that a model calls on one input (q/k/v of attention, gate/up of an MLP) form a
-``SharedInputGroup``. Without autograd, where the fused kernel runs, the first member called (the
-leader) computes every member's base output and adds every member's per-sample LoRA deltas (expert
-banks, given adapters) in ONE kernel launch (``grouped_lora_add``); each other member then takes its
-result instead of computing it. A decode step of a routed Llama so launches 4 expert kernels per
-layer instead of 7. Results are those of the members computed alone (to rounding: a member's
-per-sample deltas are added before its other adapters). A member called on another input than the
-leader's leaves the group and computes alone from then on.
+``SharedInputGroup``; every other wrapper is a group of one. Without autograd, where the fused kernel
+runs, the first member called (the leader) computes every member's base output and adds every
+member's per-sample LoRA deltas (expert banks, given adapters) in ONE kernel launch
+(``GroupedLoRAAdd``); each other member then takes its result instead of computing it. A decode step
+of a routed Llama so launches 4 expert kernels per layer instead of 7. Where the active kinds are
+reusable (a route's), what the leader works out (who joins, the factors, the bound launches) is kept
+in the stack's memo until the active set changes, so a decode step after the first does only the
+launches. Results are those of the members computed alone (to rounding: a member's per-sample deltas
+are added before its other adapters). A member called on another input than the leader's leaves the
+group and computes alone from then on.
 """
 
 from __future__ import annotations
@@ -153,6 +156,8 @@ class AdaptedLinear(nn.Module):
 
 
 Result = tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]  # (base output, output with deltas, names applied)
+# the members that join the leader's launch, the per-sample adapters they apply, one bound launch for each
+_Plan = tuple[list["AdaptedLinear"], tuple[str, ...], list[gathered_lora.GroupedLoRAAdd]]
 
 
 @dataclass
@@ -178,31 +183,49 @@ class SharedInputGroup:
             if pending.x is x and pending.version == version(x):
                 return pending.result
             self.members.remove(member)  # called on another input: not a sibling after all
+            member.stack.memo.clear()  # plans that counted it
             return None
         if member is self.members[0] and not torch.is_grad_enabled() and gathered_lora.available(x):
             return self._lead(x, active)
         return None
 
     def _lead(self, x: torch.Tensor, active: dict[str, WeightKind]) -> Result | None:
-        leader = self.members[0]
-        names = [n for n in active if _per_sample(leader, n)]
-        joined = [m for m in self.members if all(_per_sample(m, n) for n in names)]
-        if not names or len(joined) < 2 or joined[0] is not leader:
+        plan = self._plan(x, active)
+        if plan is None:
             return None
+        joined, names, adds = plan
+        bases = [m.base(x) for m in joined]
+        outs = bases
+        for add in adds:
+            outs = add(x, outs)
+        for m, base, out in zip(joined[1:], bases[1:], outs[1:], strict=True):
+            self._pending[id(m)] = _Pending(x, version(x), (base, out, names))
+        return bases[0], outs[0], names
+
+    def _plan(self, x: torch.Tensor, active: dict[str, WeightKind]) -> _Plan | None:
+        """The members that join the leader's launch, the per-sample adapters they apply and each one's
+        factors per member, or None: each member computes alone. Kept in the stack's memo while the
+        active set holds where every kind involved is reusable (a route's are)."""
+        stack = self.members[0].stack
+        key = (self, x.shape, x.dtype, x.device)
+        if key in stack.memo:
+            return stack.memo[key]
+        names = tuple(n for n in active if _per_sample(self.members[0], n))
+        plan = self._find_plan(x, active, names) if names else None
+        if all(active[n].reusable for n in names):
+            stack.memo[key] = plan
+        return plan
+
+    def _find_plan(self, x: torch.Tensor, active: dict[str, WeightKind], names: tuple[str, ...]) -> _Plan | None:
+        joined = [m for m in self.members if all(_per_sample(m, n) for n in names)]  # the leader among them
         factors = [[active[n].at(m.site, m.adapters[n], x, None) for m in joined] for n in names]
         if not all(isinstance(f, Factors) for row in factors for f in row):
             return None
         if any(not _launchable_together(row) for row in factors):
             return None
-        bases = [m.base(x) for m in joined]
-        outs = bases
-        for row in factors:
-            parts = [(out, f.down, f.up, f.gain, f.ranks) for out, f in zip(outs, row, strict=True)]
-            outs = gathered_lora.grouped_lora_add(x, parts, row[0].rows)
-        applied = tuple(names)
-        for m, base, out in zip(joined[1:], bases[1:], outs[1:], strict=True):
-            self._pending[id(m)] = _Pending(x, version(x), (base, out, applied))
-        return bases[0], outs[0], applied
+        tables = [[(f.down, f.up, f.gain, f.ranks) for f in row] for row in factors]
+        adds = [gathered_lora.GroupedLoRAAdd(x, table, row[0].rows) for table, row in zip(tables, factors, strict=True)]
+        return joined, names, adds
 
 
 def _launchable_together(row: list[Factors]) -> bool:

@@ -5,14 +5,16 @@ A ``Stack`` is shared by every adapted layer of one model. Layers read ``stack.a
 y = base(x) + Σ_{i in active} w_i · Δ_i(x), each w_i resolved at the site (``adaplex.core.weights``).
 An adapter's kind is its standing kind (``set_kind``: a gate's ``Gated``; else ``Constant(1)``) unless a
 block overrides it (``overriding``: routes, given per-sample adapters); either is scaled by the
-adapter's constant weight.
+adapter's constant weight. ``memo`` keeps what a site derives from the active set (a group's launch
+plan) for as long as that set holds.
 State changes made by the context managers are undone on exit, even when the body raises.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from adaplex.core.weights import Constant, WeightKind
 from adaplex.errors import AdapterNameError
@@ -30,6 +32,7 @@ class Stack:
         self.kinds: dict[str, WeightKind] = {}  # standing kinds other than Constant(1), e.g. gates
         self.overrides: dict[str, WeightKind] = {}  # set inside ``overriding`` blocks
         self.active: dict[str, WeightKind] = {}
+        self.memo: dict[Hashable, Any] = {}  # what sites derive from ``active``, dropped when it changes
 
     def add(self, name: str, weight: float = 1.0, enabled: bool = True) -> None:
         self.weights[name] = weight
@@ -141,6 +144,7 @@ class Stack:
             raise AdapterNameError(f"adapter {merged[0]!r} is merged into the base weights; unmerge() it first")
 
     def _refresh(self) -> None:
+        self.memo = {}
         self.active = {
             n: self.overrides.get(n, self.kinds.get(n, _ONE)).scaled(w)
             for n, w in self.weights.items()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
@@ -43,7 +43,11 @@ def check_batch(per_sample: torch.Tensor, x: torch.Tensor, what: str) -> None:
 
 
 class WeightKind(Protocol):
-    """One adapter's weight for a forward; ``scaled`` multiplies it by the stack's constant weight."""
+    """One adapter's weight for a forward; ``scaled`` multiplies it by the stack's constant weight.
+    ``reusable``: ``at`` gives a site the same value for as long as the kind is active, for inputs of one
+    shape, dtype and device, so a site may keep it (``Stack.memo``) instead of asking again."""
+
+    reusable: ClassVar[bool]
 
     def at(self, site: str, adapter: nn.Module, x: torch.Tensor, base_out: torch.Tensor | None) -> SiteWeight: ...
 
@@ -55,6 +59,7 @@ class Constant:
     """The same weight for every sample and token."""
 
     value: float = 1.0
+    reusable: ClassVar[bool] = True
 
     def at(self, site: str, adapter: nn.Module, x: torch.Tensor, base_out: torch.Tensor | None) -> SiteWeight:
         return self.value
@@ -68,6 +73,7 @@ class PerSample:
     """One weight per sample, ``scale`` (B,); resolved as (B, 1, 1) in the input's dtype."""
 
     scale: torch.Tensor  # (B,)
+    reusable: ClassVar[bool] = True
     _shaped: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     def at(self, site: str, adapter: nn.Module, x: torch.Tensor, base_out: torch.Tensor | None) -> SiteWeight:
@@ -100,6 +106,7 @@ class Routed:
 
     index: torch.Tensor  # (B,) long
     weight: float | torch.Tensor = 1.0
+    reusable: ClassVar[bool] = True
     _gathered: dict[int, Factors] = field(default_factory=dict, compare=False, repr=False)
     _selection: list[Selection] = field(default_factory=list, compare=False, repr=False)
 
@@ -131,6 +138,7 @@ class Given:
 
     weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     weight: float = 1.0
+    reusable: ClassVar[bool] = False  # the given tensors are read at every forward
 
     def at(self, site: str, adapter: GivenLoRA, x: torch.Tensor, base_out: torch.Tensor | None) -> SiteWeight:
         pair = self.weights.get(site)
@@ -157,6 +165,7 @@ class Gated:
     gate: GateFunction
     source: Literal["input", "output"] = "input"
     weight: float = 1.0
+    reusable: ClassVar[bool] = False
 
     def at(self, site: str, adapter: nn.Module, x: torch.Tensor, base_out: torch.Tensor | None) -> SiteWeight:
         if self.source == "output" and base_out is None:

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from functools import cache
+from functools import cache, lru_cache
 from typing import NamedTuple
 
 import torch
 
 from adaplex.kernels import INTERPRETED, dot_size
-from adaplex.kernels.launch import Launcher
+from adaplex.kernels.launch import BoundLaunch, Launcher
 
 MAX_PARTS = 3
 _enabled = True
@@ -136,58 +136,103 @@ def grouped_lora_add(
     one rank that read the same x (B, T, in) and the same rows of their tables; each part's out size
     may differ, all give a gain or none do, and ranks likewise. ``sizes`` overrides the built-in
     choice (and with it the kernel), for tuning."""
+    tables = [(down, up, gain, ranks) for _, down, up, gain, ranks in parts]
+    return GroupedLoRAAdd(x, tables, rows, sizes)(x, [base for base, *_ in parts])
+
+
+Table = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # down, up, gain, ranks
+
+
+class GroupedLoRAAdd:
+    """``grouped_lora_add`` with its tables bound, for a route's forwards: ``add(x, bases)`` gives the
+    parts' outputs for inputs of ``x_like``'s shape, dtype and device (a decode step's, step after
+    step). The launches' sizes are worked out once, and after the first call each launch goes
+    straight to the compiled kernel (``BoundLaunch``)."""
+
+    def __init__(
+        self, x_like: torch.Tensor, tables: Sequence[Table], rows: torch.Tensor | None, sizes: Sizes | None = None
+    ) -> None:
+        forms = tuple((down.shape, up.shape, gain is None, ranks is None) for down, up, gain, ranks in tables)
+        self.plan = _plan(x_like.shape, x_like.dtype, forms, rows is None, sizes)
+        self.shape, self.dtype = x_like.shape, x_like.dtype
+        self.tables = [(down.contiguous(), up.contiguous(), gain, ranks) for down, up, gain, ranks in tables]
+        self.rows = rows
+        self.launches: list[BoundLaunch] = []
+        self.base_dtypes: list[torch.dtype] = []
+
+    def __call__(self, x: torch.Tensor, bases: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if x.shape != self.shape or x.dtype != self.dtype:
+            raise ValueError(f"bound for inputs {tuple(self.shape)} {self.dtype}, given {tuple(x.shape)} {x.dtype}")
+        x = x.contiguous()
+        bases = [base.contiguous() for base in bases]
+        outs = [torch.empty_like(base) for base in bases]
+        dtypes = [base.dtype for base in bases]
+        if dtypes != self.base_dtypes:  # first call, or bases of another dtype (autocast): launch afresh
+            self.launches = [BoundLaunch(*launch) for launch in self.plan.launches]
+            self.base_dtypes = dtypes
+        tensors = [x, _or(self.rows, x)]
+        for (down, up, gain, ranks), base, out in zip(self.tables, bases, outs, strict=True):
+            tensors += (down, up, base, out, _or(gain, x), _or(ranks, x))
+        tensors += tensors[2:8] * (MAX_PARTS - len(bases))  # unused slots: no program reaches them
+        if self.plan.partials is not None:
+            tensors.append(x.new_empty(self.plan.partials, dtype=torch.float32))
+        for launch in self.launches:
+            launch(tensors)
+        return outs
+
+
+class _Plan(NamedTuple):
+    """A call's launches (launcher, grid, scalars, constants) and the shape of the two-launch form's
+    partial shrinks (parts, B, splits, RANK), None for the tile kernel's one launch."""
+
+    launches: tuple[tuple[Launcher, tuple[int, ...], tuple[int, ...], tuple], ...]
+    partials: tuple[int, ...] | None
+
+
+PartForm = tuple[torch.Size, torch.Size, bool, bool]  # down's shape, up's shape, no gain, no ranks
+
+
+@lru_cache(maxsize=256)
+def _plan(
+    shape: torch.Size, dtype: torch.dtype, forms: tuple[PartForm, ...], no_rows: bool, sizes: Sizes | None
+) -> _Plan:
+    """What a call of these shapes launches, worked out once per shape (a decode step's layers share it)."""
     if (
-        not 1 <= len(parts) <= MAX_PARTS
-        or len({down.shape[1] for _, down, _, _, _ in parts}) != 1
-        or len({(gain is None, ranks is None) for *_, gain, ranks in parts}) != 1
+        not 1 <= len(forms) <= MAX_PARTS
+        or len({down[1] for down, *_ in forms}) != 1
+        or len({(no_gain, no_ranks) for *_, no_gain, no_ranks in forms}) != 1
     ):
         raise ValueError(f"grouped_lora_add takes 1 to {MAX_PARTS} parts of one rank, all with gains and ranks or none")
-    batch, tokens, n_in = x.shape
-    x = x.contiguous()
+    batch, tokens, n_in = shape
     sizes = sizes or built_in_sizes(tokens, n_in)
     split = isinstance(sizes, SplitSizes)
     if split and tokens != 1:
         raise ValueError(f"the two-launch form takes one token per sample, not {tokens}")
     columns = sizes.block_n * sizes.chunks if split else sizes.block_n  # per program
-    pointers, n_outs, part_tiles, outs = [], [], [], []
-    for base, down, up, gain, ranks in parts:
-        base = base.contiguous()
-        out = torch.empty_like(base)
-        pointers += [down.contiguous(), up.contiguous(), base, out, _or(gain, x), _or(ranks, x)]
-        n_outs.append(up.shape[2])
-        part_tiles.append(-(-up.shape[2] // columns))
-        outs.append(out)
-    pointers += pointers[:6] * (MAX_PARTS - len(parts))  # unused slots: no program reaches them
-    n_outs += [0] * (MAX_PARTS - len(parts))
-    part_tiles += [0] * (MAX_PARTS - len(parts))
-    _, first_down, _, first_gain, first_ranks = parts[0]
-    rank = first_down.shape[1]
-    tensors = (x, _or(rows, x), *pointers)
+    n_outs = [up[2] for _, up, _, _ in forms] + [0] * (MAX_PARTS - len(forms))
+    part_tiles = [-(-n // columns) for n in n_outs]
+    rank, no_gain, no_ranks = forms[0][0][1], forms[0][2], forms[0][3]
     scalars = (*n_outs, part_tiles[0], part_tiles[0] + part_tiles[1], rank)
     flags = (
         ("RANK", dot_size(rank)),
-        ("HAS_ROWS", rows is not None),
-        ("HAS_RANKS", first_ranks is not None),
+        ("HAS_ROWS", not no_rows),
+        ("HAS_RANKS", not no_ranks),
         ("num_warps", sizes.warps),
     )
-    has_gain = ("HAS_GAIN", first_gain is not None)
+    has_gain = ("HAS_GAIN", not no_gain)
     tile_kernel, shrink_kernel, expand_kernel = _kernels()
     if split:
         splits, split_block = split_blocks(n_in, sizes.block_k)
-        h = x.new_empty((len(parts), batch, splits, dot_size(rank)), dtype=torch.float32)  # partial shrinks
-        shrink_kernel(
-            (batch, len(parts), splits), (*tensors, h), scalars, (("N_IN", n_in), ("BLOCK_K", sizes.block_k), *flags)
-        )
+        shrink = (batch, len(forms), splits), scalars, (("N_IN", n_in), ("BLOCK_K", sizes.block_k), *flags)
         sums = ("SPLITS", splits), ("SPLIT_BLOCK", split_block)
         blocks = ("BLOCK_N", sizes.block_n), ("CHUNKS", sizes.chunks)
-        expand_kernel((batch, sum(part_tiles)), (*tensors, h), scalars, (*sums, *blocks, has_gain, *flags))
-    else:
-        precision = "ieee" if x.dtype == torch.float32 else "tf32"
-        blocks = ("BLOCK_M", sizes.block_m), ("BLOCK_N", sizes.block_n), ("BLOCK_K", sizes.block_k)
-        shrink = ("N_IN", n_in), ("UNROLL", n_in <= UNROLLED * sizes.block_k), ("PRECISION", precision)
-        grid = (batch, -(-tokens // sizes.block_m), sum(part_tiles))
-        tile_kernel(grid, tensors, (*scalars, tokens), (*blocks, *shrink, has_gain, *flags))
-    return outs
+        expand = (batch, sum(part_tiles)), scalars, (*sums, *blocks, has_gain, *flags)
+        return _Plan(((shrink_kernel, *shrink), (expand_kernel, *expand)), (len(forms), batch, splits, dot_size(rank)))
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    blocks = ("BLOCK_M", sizes.block_m), ("BLOCK_N", sizes.block_n), ("BLOCK_K", sizes.block_k)
+    shrink = ("N_IN", n_in), ("UNROLL", n_in <= UNROLLED * sizes.block_k), ("PRECISION", precision)
+    grid = (batch, -(-tokens // sizes.block_m), sum(part_tiles))
+    return _Plan(((tile_kernel, grid, (*scalars, tokens), (*blocks, *shrink, has_gain, *flags)),), None)
 
 
 def _or(tensor: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:

@@ -8,15 +8,18 @@ when a later call has the same arguments, up to what Triton reads of a tensor (i
 it is 16-byte aligned: python/src/specialize.cc): the same integers and floats, constants (constexprs
 and options) and device. Only calls whose tensors are all 16-byte aligned are remembered, which keeps
 the key to one flag; any other call goes through the JIT, as without the launcher (which compiles the
-kernel or finds it compiled), so a specialization is never guessed. The layers of a forward have the
-same shapes, so all but the first of them launch directly.
+kernel or finds it compiled), so a specialization is never guessed. A direct launch passes the tensors'
+addresses, which spares Triton's launcher a ``data_ptr`` call and a CUDA driver query per tensor; the
+key holds each tensor's dtype and whether it is on CUDA, as checked by the JIT's first launch. The
+layers of a forward have the same shapes, so all but the first of them launch directly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import reduce
 from operator import attrgetter, or_
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -26,6 +29,7 @@ CACHED_CALLS = 256  # distinct calls remembered (a generation loop's shapes chan
 Constants = tuple[tuple[str, Any], ...]  # (name, value) of every constexpr and option, in a fixed order
 
 _dtype = attrgetter("dtype")
+_is_cuda = attrgetter("is_cuda")
 _data_ptr = torch.Tensor.data_ptr
 
 
@@ -41,18 +45,61 @@ class Launcher:
         if not INTERPRETED:  # the compiled launcher takes the constexprs too, in order, and skips them
             self.constexprs = [kernel.arg_names[i] for i in kernel.constexprs]
 
-    def __call__(self, grid: tuple[int, ...], tensors: tuple[torch.Tensor, ...], scalars: tuple, constants: Constants):
-        if INTERPRETED or reduce(or_, map(_data_ptr, tensors), 0) & 15:  # or one is not 16-byte aligned
+    def __call__(
+        self, grid: tuple[int, ...], tensors: Sequence[torch.Tensor], scalars: tuple, constants: Constants
+    ) -> Direct | None:
+        """Launch; return the direct launch of this call's compiled kernel (None for a call through the JIT
+        that is not remembered: interpreted, or a tensor off 16-byte alignment)."""
+        pointers = tuple(map(_data_ptr, tensors))
+        if INTERPRETED or reduce(or_, pointers, 0) & 15:  # or one is not 16-byte aligned
             self.kernel[grid](*tensors, *scalars, **dict(constants))
-            return
-        key = (torch.cuda.current_device(), constants, tuple(map(_dtype, tensors)), scalars, tuple(map(type, scalars)))
+            return None
+        key = (
+            torch.cuda.current_device(),
+            constants,
+            tuple(map(_dtype, tensors)),
+            tuple(map(_is_cuda, tensors)),
+            scalars,
+            tuple(map(type, scalars)),
+        )
         cached = self.compiled.get(key)
-        if cached is None:
+        launched = cached is None
+        if launched:  # the JIT compiles (or finds compiled) and launches
             if len(self.compiled) >= CACHED_CALLS:
                 self.compiled.clear()
             named = dict(constants)
             compiled = self.kernel[grid](*tensors, *scalars, **named)
-            self.compiled[key] = (compiled, tuple(named[name] for name in self.constexprs))
-            return
+            cached = self.compiled[key] = (compiled, tuple(named[name] for name in self.constexprs))
         compiled, constexprs = cached
-        compiled[(*grid, 1, 1)[:3]](*tensors, *scalars, *constexprs)  # it reads three sizes
+        direct = Direct(compiled[(*grid, 1, 1)[:3]], key[0], (*scalars, *constexprs))  # it reads three sizes
+        if not launched:
+            direct.run(*pointers, *direct.trailing)
+        return direct
+
+
+class Direct(NamedTuple):
+    """A compiled kernel bound to its grid, device and trailing arguments: ``run(*pointers, *trailing)``."""
+
+    run: Callable[..., None]
+    device: int
+    trailing: tuple
+
+
+class BoundLaunch:
+    """One launch of ``launcher`` with a fixed grid, scalars and constants, called again and again with
+    tensors of the same dtypes on the same device (the caller's promise: only their addresses change).
+    After the first call, each launches the compiled kernel directly, checking only that every tensor
+    is 16-byte aligned and that the current device is the first call's."""
+
+    def __init__(self, launcher: Launcher, grid: tuple[int, ...], scalars: tuple, constants: Constants) -> None:
+        self.launcher, self.grid, self.scalars, self.constants = launcher, grid, scalars, constants
+        self.direct: Direct | None = None
+
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> None:
+        direct = self.direct
+        if direct is not None:
+            pointers = tuple(map(_data_ptr, tensors))
+            if not reduce(or_, pointers, 0) & 15 and torch.cuda.current_device() == direct.device:
+                direct.run(*pointers, *direct.trailing)
+                return
+        self.direct = self.launcher(self.grid, tensors, self.scalars, self.constants)

@@ -8,7 +8,9 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 import adaplex
 from adaplex import Adapted, BottleneckConfig, LoRAConfig, MoSLoRAConfig, PrefixConfig
+from adaplex.core import stack as stack_module
 from adaplex.core.layers import AdaptedLinear
+from adaplex.core.stack import Stack
 from adaplex.core.weights import Constant
 from adaplex.errors import AdapterNameError, ConfigError, TargetError
 from adaplex.methods import Adapter, method_config
@@ -282,3 +284,17 @@ def test_detach_restores_attention_implementation():
     assert model.config._attn_implementation == "adaplex"
     handle.detach()
     assert model.config._attn_implementation == before
+
+
+def test_the_stack_memo_lasts_while_the_active_set_holds_and_stays_bounded(monkeypatch):
+    stack = Stack()
+    stack.add("a")
+    stack.remember("plan", 1)
+    with stack.weighted(a=0.5):  # another active set: nothing derived from the last one
+        assert stack.memo == {}
+        stack.remember("plan", 2)
+    assert stack.memo == {}
+    monkeypatch.setattr(stack_module, "MEMO_ENTRIES", 3)
+    for step in range(4):
+        stack.remember(("shape", step), step)
+    assert stack.memo == {("shape", 3): 3}  # full at three: started afresh

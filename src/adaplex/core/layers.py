@@ -213,7 +213,7 @@ class SharedInputGroup:
         names = tuple(n for n in active if _per_sample(self.members[0], n))
         plan = self._find_plan(x, active, names) if names else None
         if all(active[n].reusable for n in names):
-            stack.memo[key] = plan
+            stack.remember(key, plan)
         return plan
 
     def _find_plan(self, x: torch.Tensor, active: dict[str, WeightKind], names: tuple[str, ...]) -> _Plan | None:

@@ -20,6 +20,7 @@ from adaplex.core.weights import Constant, WeightKind
 from adaplex.errors import AdapterNameError
 
 _ONE = Constant(1.0)
+MEMO_ENTRIES = 4096  # a generation without a key-value cache gives every step inputs of a new shape
 
 
 class Stack:
@@ -142,6 +143,12 @@ class Stack:
         merged = [n for n in names if n in self.merged]
         if merged:
             raise AdapterNameError(f"adapter {merged[0]!r} is merged into the base weights; unmerge() it first")
+
+    def remember(self, key: Hashable, value: Any) -> None:
+        """memo[key] = value, starting the memo afresh once it holds ``MEMO_ENTRIES``."""
+        if len(self.memo) >= MEMO_ENTRIES:
+            self.memo = {}
+        self.memo[key] = value
 
     def _refresh(self) -> None:
         self.memo = {}

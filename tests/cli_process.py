@@ -31,6 +31,7 @@ for line in sys.stdin:
     request = json.loads(line)
     pid = os.fork()
     if pid == 0:
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # not the server's requests
         for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
             os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
         sys.argv = [sys.executable, *request["args"]]

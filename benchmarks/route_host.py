@@ -13,7 +13,6 @@ import cProfile
 import json
 import pstats
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from transformers import DynamicCache
 from adaplex.bench.route import build_routed
 from adaplex.bench.shapes import shaped_model
 from adaplex.compose.route import route
-from adaplex.util.measure import sync
+from adaplex.util.measure import mean_seconds
 
 BATCH, SEQ, KEYS, STEPS, TOP = 64, 128, 64, 50, 25
 
@@ -39,19 +38,11 @@ def decode_step(model, ids: torch.Tensor):
 
 
 def profiled(step, device: torch.device) -> dict:
-    for _ in range(5):
-        step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(STEPS):
-        step()
-    sync(device)
-    wall = (time.perf_counter() - start) / STEPS
+    mean_seconds(step, 5, device)  # warm-up
+    wall = mean_seconds(step, STEPS, device)
     profiler = cProfile.Profile()
     profiler.enable()
-    for _ in range(STEPS):
-        step()
-    sync(device)
+    mean_seconds(step, STEPS, device)
     profiler.disable()
     stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, own s, total s, callers)
     rows = sorted(stats.items(), key=lambda item: -item[1][2])[:TOP]

@@ -7,13 +7,12 @@ launching them; one whose kernel time comes close to its wall time is bound by t
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from adaplex.util.measure import sync
+from adaplex.util.measure import mean_seconds, sync
 
 TOP = 12
 
@@ -24,11 +23,7 @@ def profile_steps(step: Callable[[], object], steps: int, device: torch.device) 
     sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync(device)
-        wall = (time.perf_counter() - start) / steps
+        wall = mean_seconds(step, steps, device)
     events = prof.key_averages()
     if device.type == "cuda":
         kernels = [e for e in events if e.self_device_time_total > 0]

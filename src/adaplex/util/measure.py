@@ -32,6 +32,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def mean_seconds(step: Step, calls: int, device: torch.device) -> float:
+    """Seconds per call over ``calls`` back-to-back calls of ``step``, from a synchronised start to the
+    device's end of the last."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    sync(device)
+    return (time.perf_counter() - start) / calls
+
+
 def interleaved_times(
     steps: dict[str, Step], rounds: int, device: torch.device, warmup: int = 1
 ) -> dict[str, list[float]]:

@@ -50,8 +50,8 @@ class Launcher:
     ) -> Direct | None:
         """Launch; return the direct launch of this call's compiled kernel (None for a call through the JIT
         that is not remembered: interpreted, or a tensor off 16-byte alignment)."""
-        pointers = tuple(map(_data_ptr, tensors))
-        if INTERPRETED or reduce(or_, pointers, 0) & 15:  # or one is not 16-byte aligned
+        pointers = _aligned_addresses(tensors)
+        if INTERPRETED or pointers is None:
             self.kernel[grid](*tensors, *scalars, **dict(constants))
             return None
         key = (
@@ -98,8 +98,14 @@ class BoundLaunch:
     def __call__(self, tensors: Sequence[torch.Tensor]) -> None:
         direct = self.direct
         if direct is not None:
-            pointers = tuple(map(_data_ptr, tensors))
-            if not reduce(or_, pointers, 0) & 15 and torch.cuda.current_device() == direct.device:
+            pointers = _aligned_addresses(tensors)
+            if pointers is not None and torch.cuda.current_device() == direct.device:
                 direct.run(*pointers, *direct.trailing)
                 return
         self.direct = self.launcher(self.grid, tensors, self.scalars, self.constants)
+
+
+def _aligned_addresses(tensors: Sequence[torch.Tensor]) -> tuple[int, ...] | None:
+    """The tensors' addresses, or None where one is not 16-byte aligned (then only the JIT may launch)."""
+    pointers = tuple(map(_data_ptr, tensors))
+    return None if reduce(or_, pointers, 0) & 15 else pointers

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from adaplex.kernels import checked_attention
-from adaplex.kernels.gathered_lora import GroupedLoRAAdd
+from adaplex.kernels.gathered_lora import PREFILL, GroupedLoRAAdd, TileSizes, built_in_sizes
 
 TESTS = Path(__file__).parent
 
@@ -360,6 +360,18 @@ def test_siblings_share_one_launch_planned_once_per_route_and_equal_the_matmul_p
     assert result["plans_after"] == 0  # the route ended and took its plans with it
     assert result["k_diff"] < 1e-6
     assert result["members"] == [2, 3]  # layer 0's k_proj left its group; layer 1's group is whole
+
+
+def test_one_token_steps_on_long_inputs_take_chunks_that_keep_the_partial_shrinks_at_most_1024():
+    def chunk(batch: int, n_in: int, parts: int) -> int:
+        return built_in_sizes(batch, 1, n_in, parts).block_k
+
+    assert chunk(64, 4096, 3) == 1024  # an 8B layer's q/k/v: 768 partial shrinks
+    assert chunk(64, 14336, 1) == 1024  # its down projection: 896
+    assert chunk(64, 4096, 2) == chunk(64, 4096, 1) == chunk(8, 4096, 3) == 512  # gate/up, o, a small batch
+    assert chunk(512, 14336, 1) == 2048  # at most four times the built-in chunk
+    assert isinstance(built_in_sizes(64, 1, 576, 3), TileSizes)  # short inputs: the tile kernel
+    assert built_in_sizes(64, 300, 4096, 1) == PREFILL
 
 
 def test_a_bound_add_refuses_inputs_of_another_shape_or_dtype():

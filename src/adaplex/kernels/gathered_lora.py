@@ -72,12 +72,20 @@ DECODE = TileSizes(16, 512, 128, 2)  # a decode step (T <= 16 per sample) on a s
 PREFILL = TileSizes(64, 64, 64, 4)
 ONE_TOKEN_LONG = SplitSizes(512, 1024, 1, 4)
 LONG_INPUT = 2048  # from here a one-token step takes the two-launch form
+PARTIAL_SHRINKS = 1024  # the two-launch form doubles its input chunk (up to 4x) until it has at most these
 
 
-def built_in_sizes(tokens: int, n_in: int) -> Sizes:
-    """The form and its sizes for ``tokens`` per sample and an input of ``n_in``."""
+def built_in_sizes(batch: int, tokens: int, n_in: int, parts: int) -> Sizes:
+    """The form and its sizes for ``batch`` samples of ``tokens`` each, an input of ``n_in`` and ``parts``
+    updates of that input. The two-launch form's chunk grows while batch x parts x chunks exceeds
+    PARTIAL_SHRINKS, a rule fitted to an H200 sweep at batch 64 (benchmarks/kernel_check.py): chunks of
+    1,024 take 2 µs off an 8B layer's q/k/v and down launches (1,536 and 1,792 partial shrinks at 512),
+    while its o and gate/up launches (512 and 1,024) are 0.7-2 µs faster at 512."""
     if tokens == 1 and n_in >= LONG_INPUT:
-        return ONE_TOKEN_LONG
+        block_k = ONE_TOKEN_LONG.block_k
+        while batch * parts * split_blocks(n_in, block_k)[0] > PARTIAL_SHRINKS and block_k < 4 * ONE_TOKEN_LONG.block_k:
+            block_k *= 2
+        return ONE_TOKEN_LONG._replace(block_k=block_k)
     return DECODE if tokens <= 16 else PREFILL
 
 
@@ -204,7 +212,7 @@ def _plan(
     ):
         raise ValueError(f"grouped_lora_add takes 1 to {MAX_PARTS} parts of one rank, all with gains and ranks or none")
     batch, tokens, n_in = shape
-    sizes = sizes or built_in_sizes(tokens, n_in)
+    sizes = sizes or built_in_sizes(batch, tokens, n_in, len(forms))
     split = isinstance(sizes, SplitSizes)
     if split and tokens != 1:
         raise ValueError(f"the two-launch form takes one token per sample, not {tokens}")

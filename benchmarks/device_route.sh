@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Routed inference on the device's GPU:  bash benchmarks/device_route.sh [SECTION...]   (results in $OUT, default /tmp/out)
 # Sections (default: kernel route): kernel (benchmarks/kernel_check.py: the fused kernels against float32
-# references, their decode sites' GPU times with a tile sweep), route (SmolLM2-135M shape, decode, batch 64:
+# references, their decode sites' GPU times with a tile sweep, the base-and-update kernel beside cuBLAS), route (SmolLM2-135M shape, decode, batch 64:
 # 1 and 64 distinct adapters with the base, profiled; 8 with PEFT beside; 64 at mixed ranks 4/16), route-8b
 # (a Llama-3-8B layer shape with 2 layers: 64 and 1,024 resident experts, then 1,024 paged into 64 device
 # slots), host (benchmarks/route_host.py: where the host's time goes in an eager decode step, 135M shape),

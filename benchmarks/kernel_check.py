@@ -1,7 +1,9 @@
 """CUDA check of the fused routing kernels against float32 sample-by-sample references (bfloat16, float16,
 float32; tables with shared rows, gains and mixed ranks), their decode-site GPU times under CUDA graphs
-at the SmolLM2-135M and Llama-3-8B layer shapes with a sweep of the kernels' sizes, and a routed model's
-logits and graphed generation with and without them. Writes JSON; exits 1 on a mismatch.
+at the SmolLM2-135M and Llama-3-8B layer shapes with a sweep of the kernels' sizes, the base-and-update
+kernel's (``GroupedLinearLoRA``) beside cuBLAS's base linears at the 135M sites, and a routed model's
+logits (a prefill and a one-token step) and graphed generation with and without them. Writes JSON;
+exits 1 on a mismatch.
 
     python benchmarks/kernel_check.py SHAPE_CONFIG OUT.json
 """
@@ -20,7 +22,7 @@ from adaplex.bench.shapes import shaped_model
 from adaplex.compose.route import route
 from adaplex.core.graphs import static_generate
 from adaplex.kernels import gathered_lora
-from adaplex.kernels.gathered_lora import SplitSizes, TileSizes
+from adaplex.kernels.gathered_lora import GroupedLinearLoRA, LinearSizes, SplitSizes, TileSizes
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to the output's max
 BATCH, RANK = 64, 16
@@ -158,6 +160,74 @@ def site_times(device: torch.device) -> dict:
     return result
 
 
+LINEAR_SWEEP = [  # the built-in first
+    LinearSizes(16, n, c, k, 32, w)
+    for n, c, k, w in ((64, 1, 64, 8), (64, 1, 64, 4), (128, 1, 64, 8), (64, 1, 128, 8), (64, 2, 64, 8), (32, 2, 64, 8))
+]
+
+
+def _linear_site(x: torch.Tensor, parts: list, rows: torch.Tensor, gen: torch.Generator) -> dict:
+    tables = [(d, u, g, torch.full_like(r, RANK)) for _, d, u, g, r in parts]
+    n_in = x.shape[-1]
+    weights = [(torch.randn(u.shape[2], n_in, generator=gen, device=x.device) * n_in**-0.5).to(x.dtype)
+               for _, u, _, _ in tables]  # fmt: skip
+
+    def linears() -> list[torch.Tensor]:
+        return [torch.nn.functional.linear(x, w) for w in weights]
+
+    def linears_then_update() -> None:
+        gathered_lora.grouped_lora_add(x, [(b, *t) for b, t in zip(linears(), tables, strict=True)], rows)
+
+    bound = {sizes: GroupedLinearLoRA(x, weights, tables, rows, sizes) for sizes in LINEAR_SWEEP}
+    _, outs = bound[LINEAR_SWEEP[0]](x)
+    bases = [(x.float() @ w.float().T).to(x.dtype) for w in weights]
+    refs = [_reference(x, b, *t, rows) for b, t in zip(bases, tables, strict=True)]
+    error = max(((o.float() - r).abs().max() / r.abs().max()).item() for o, r in zip(outs, refs, strict=True))
+    sweep = {"L" + "x".join(map(str, s)): _graph_us(lambda s=s: bound[s](x)) for s in LINEAR_SWEEP}
+    return {
+        "linears_us": _graph_us(linears),
+        "linears_then_update_us": _graph_us(linears_then_update),
+        "linear_kernel_us": next(iter(sweep.values())),
+        "linear_kernel_error": error,
+        "ok": error <= TOLERANCE[torch.bfloat16],
+        "sweep_us": sweep,
+    }
+
+
+def linear_site_times(device: torch.device) -> dict:
+    """At the 135M shape's decode sites (batch 64, 64 distinct rank-16 experts, bf16), GPU µs under CUDA
+    graphs of: the base linears alone (cuBLAS), the base linears then the update kernel (what graphs
+    run), and the base-and-update kernel (what eager one-token steps run) at its built-in and swept
+    sizes, with its worst error against a float32 reference."""
+    result = {}
+    for site, (n_in, n_outs) in SHAPES["135m"].items():
+        gen = torch.Generator(device=device).manual_seed(n_in)
+        x, parts, rows = _table(device, torch.bfloat16, BATCH, 1, BATCH, n_in, n_outs, RANK, gen)
+        result[site] = _linear_site(x, parts, rows, gen)
+    return result
+
+
+def routed_decode_step(base: torch.nn.Module, device: torch.device) -> dict:
+    """A one-token step of 64 samples, each routed to its own expert: the base-and-update kernels (eager)
+    against the matmul path, and how far the experts move the logits off the base's."""
+    keys = [f"k{i}" for i in range(BATCH)]
+    routed, _ = build_routed(base, keys, (RANK,))
+    ids = torch.randint(0, base.config.vocab_size, (BATCH, 1), device=device)
+    with torch.no_grad(), route(routed, keys):
+        fused = routed.model(input_ids=ids).logits.float()
+        with gathered_lora.disabled():
+            plain = routed.model(input_ids=ids).logits.float()
+    with torch.no_grad():
+        bare = base(input_ids=ids).logits.float()
+    error = ((fused - plain).abs().max() / plain.abs().max()).item()
+    return {
+        "relative_error": error,
+        "top1_agreement": (fused.argmax(-1) == plain.argmax(-1)).float().mean().item(),
+        "experts_move_logits": ((plain - bare).abs().max() / plain.abs().max()).item(),
+        "ok": error <= 0.05,
+    }
+
+
 def routed_logits(base: torch.nn.Module, device: torch.device) -> dict:
     keys = [f"k{i}" for i in range(8)]
     routed, _ = build_routed(base, keys, (16, 4))
@@ -210,12 +280,16 @@ def main() -> None:
         "torch": torch.__version__,
         "cases": kernel_cases(device),
         "routed_model_bf16": routed_logits(base, device),
+        "routed_decode_step_bf16": routed_decode_step(base, device),
         "routed_graphed_generation": graphed_generation(base, device),
         "decode_site_us": site_times(device),
+        "linear_site_us": linear_site_times(device),
     }
     result["ok"] = (
         all(c["ok"] for c in result["cases"])
+        and all(s["ok"] for s in result["linear_site_us"].values())
         and result["routed_model_bf16"]["ok"]
+        and result["routed_decode_step_bf16"]["ok"]
         and result["routed_graphed_generation"]["ok"]
     )
     report(result, out)

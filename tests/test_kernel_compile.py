@@ -18,7 +18,7 @@ from adaplex.kernels import checked_attention_triton as attention
 from adaplex.kernels import dot_size
 from adaplex.kernels import gathered_lora_triton as gathered
 from adaplex.kernels.checked_attention import CHECKED_TILES_MAX_DIM, PASS_TILES, built_in_tiles
-from adaplex.kernels.gathered_lora import DECODE, ONE_TOKEN_LONG, PREFILL, UNROLLED, split_blocks
+from adaplex.kernels.gathered_lora import DECODE, LINEAR_DECODE, ONE_TOKEN_LONG, PREFILL, UNROLLED, split_blocks
 
 H100 = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -123,7 +123,7 @@ def test_row_pass_compiles_for_h100(dim, summary, recorded, weighted):
 def _lora_pointers(fn) -> dict[str, str]:
     """bf16 activations and tables, fp32 gains, int32 ranks, int64 rows."""
     kinds = {"g": "fp32", "r": "i32"}
-    pointers = {name: kinds.get(name[0], "bf16") for name in fn.arg_names if re.fullmatch(r"[dubogr][012]", name)}
+    pointers = {name: kinds.get(name[0], "bf16") for name in fn.arg_names if re.fullmatch(r"[dubogrw][012]", name)}
     return pointers | {"x_ptr": "bf16", "rows_ptr": "i64"}
 
 
@@ -148,6 +148,18 @@ def test_gathered_lora_tile_kernel_compiles_for_h100(sizes, n_in, flags):
                       PRECISION="tf32", UNROLL=n_in <= UNROLLED * sizes.block_k, HAS_ROWS=flags, HAS_GAIN=flags,
                       HAS_RANKS=flags)  # fmt: skip
     kernel = compile_for_h100(gathered.tile_kernel, _lora_pointers(gathered.tile_kernel), (), constexprs,
+                              num_warps=sizes.warps)  # fmt: skip
+    assert kernel.metadata.shared <= SHARED_MEMORY
+    assert resources(kernel)["STACK"] == 0
+
+
+@pytest.mark.parametrize("n_in", [576, 1536])
+def test_gathered_lora_linear_kernel_compiles_for_h100_without_spills(n_in):
+    sizes = LINEAR_DECODE
+    constexprs = dict(N_IN=n_in, RANK=16, BLOCK_M=sizes.block_m, BLOCK_N=sizes.block_n, CHUNKS=sizes.chunks,
+                      BLOCK_K=sizes.block_k, SHRINK_K=sizes.shrink_k, PRECISION="tf32", HAS_ROWS=True,
+                      HAS_GAIN=True, HAS_RANKS=True)  # fmt: skip
+    kernel = compile_for_h100(gathered.linear_kernel, _lora_pointers(gathered.linear_kernel), (), constexprs,
                               num_warps=sizes.warps)  # fmt: skip
     assert kernel.metadata.shared <= SHARED_MEMORY
     assert resources(kernel)["STACK"] == 0

@@ -150,6 +150,49 @@ print(json.dumps({{
 }}))
 """
 
+LINEAR_CHECK = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+import adaplex
+import adaplex.kernels.gathered_lora as kernel
+from adaplex import LoRAConfig
+from adaplex.methods import ExpertsConfig
+from adaplex.compose.route import route
+from helpers import randomize
+import tiny
+result = {{}}
+calls = []
+launch = kernel.GroupedLinearLoRA.__call__
+kernel.GroupedLinearLoRA.__call__ = lambda self, x: calls.append(len(self.tables)) or launch(self, x)
+for dtype in (torch.float32, torch.float16):
+    model = tiny.llama().to(dtype)
+    handle = adaplex.attach(model, "shared", LoRAConfig(r=2, alpha=16, targets=("all-linear",)))
+    handle.add("experts", ExpertsConfig(keys=("a", "b", "c"), r=4, alpha=32, key_ranks={{"c": 2}},
+                                        targets=("all-linear",)))
+    randomize(handle, "shared", seed=1)
+    randomize(handle, "experts", seed=2)
+    keys = ["a", "c", None, "b", "a"]
+    ids = tiny.tokens(batch=len(keys), length=1)  # a one-token step: each group's bases and updates in one launch
+    calls.clear()
+    with torch.no_grad(), route(handle, keys):
+        fused = model(input_ids=ids).logits.float()
+        first = list(calls)
+        again = model(input_ids=ids).logits.float()
+        with kernel.graph_kernels():  # as CUDA graphs run it: the base linears, then the update kernels
+            as_graphs = model(input_ids=ids).logits.float()
+        after_graphs = list(calls)
+    with torch.no_grad(), route(handle, keys), kernel.disabled():
+        plain = model(input_ids=ids).logits.float()
+    with torch.no_grad(), route(handle, [None] * len(keys)), kernel.disabled():
+        shared_only = model(input_ids=ids).logits.float()
+    result[str(dtype)] = {{"diff": (fused - plain).abs().max().item(), "scale": plain.abs().max().item(),
+                          "calls": first, "again": (again - fused).abs().max().item(),
+                          "graph_calls": after_graphs[len(first) * 2:],
+                          "graph_diff": (as_graphs - plain).abs().max().item(),
+                          "experts_matter": (plain - shared_only).abs().max().item()}}
+print(json.dumps(result))
+"""
+
 CHECKED_ATTENTION = """
 import itertools, json, sys, torch
 sys.path.insert(0, {tests!r})
@@ -372,6 +415,17 @@ def test_one_token_steps_on_long_inputs_take_chunks_that_keep_the_partial_shrink
     assert chunk(512, 14336, 1) == 2048  # at most four times the built-in chunk
     assert isinstance(built_in_sizes(64, 1, 576, 3), TileSizes)  # short inputs: the tile kernel
     assert built_in_sizes(64, 300, 4096, 1) == PREFILL
+
+
+def test_a_one_token_step_computes_each_groups_bases_with_its_updates_in_one_launch():
+    result = _interpreted(LINEAR_CHECK.format(tests=str(TESTS)))
+    for dtype, tolerance in (("torch.float32", 1e-5), ("torch.float16", 2e-3)):
+        case = result[dtype]
+        assert case["calls"] == [3, 1, 2, 1] * 2  # per layer: q/k/v, o, gate/up, down
+        assert case["scale"] > 0.1 and case["experts_matter"] > 0.01
+        assert case["diff"] < tolerance * case["scale"]  # against the base linears and the matmul path
+        assert case["again"] == 0
+        assert case["graph_calls"] == [] and case["graph_diff"] < tolerance * case["scale"]
 
 
 def test_a_bound_add_refuses_inputs_of_another_shape_or_dtype():

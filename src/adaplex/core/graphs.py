@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from transformers import StaticCache
 
+from adaplex.kernels import gathered_lora
+
 
 @dataclass(frozen=True)
 class GraphedStep:
@@ -40,17 +42,19 @@ def _prefilled(model: nn.Module, ids: torch.Tensor, max_len: int) -> tuple[Stati
 
 def capture(step: Callable[[], None], reset: Callable[[], None]) -> torch.cuda.CUDAGraph:
     """``step`` captured as a graph after three warm-up runs on a side stream (allocations, the
-    route's gathered weights, Triton compilation); ``reset`` then undoes what the warm-up advanced."""
+    route's gathered weights, Triton compilation); ``reset`` then undoes what the warm-up advanced.
+    Routed layers run the kernels that serve graphs best (``gathered_lora.graph_kernels``)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad(), torch.cuda.stream(side):
-        for _ in range(3):
+    with torch.no_grad(), gathered_lora.graph_kernels():
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             step()
-    torch.cuda.current_stream().wait_stream(side)
-    reset()
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        step()
     return graph
 
 
@@ -79,7 +83,8 @@ def graphed_decode(model: nn.Module, ids: torch.Tensor) -> GraphedStep:
 def static_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, graphed: bool = True) -> torch.Tensor:
     """Greedy continuation (B, new_tokens) of ``ids`` (B, T) over a static cache; with ``graphed``
     (CUDA), every decode step is one replay of a captured graph that also picks the next token and
-    advances the position, so the host only replays. graphed=False runs the same step eagerly."""
+    advances the position, so the host only replays. graphed=False runs the same step, with the same
+    kernels (``gathered_lora.graph_kernels``), eagerly: the same tokens either way."""
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be at least 1, not {new_tokens}")
     if graphed and not ids.is_cuda:
@@ -90,7 +95,8 @@ def static_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, graphe
     position = torch.tensor([seq], device=ids.device)
 
     def step() -> None:
-        logits = model(input_ids=token, past_key_values=cache, cache_position=position).logits[:, -1]
+        with gathered_lora.graph_kernels():
+            logits = model(input_ids=token, past_key_values=cache, cache_position=position).logits[:, -1]
         token.copy_(logits.argmax(-1, keepdim=True))
         position.add_(1)
 

@@ -156,8 +156,10 @@ class AdaptedLinear(nn.Module):
 
 
 Result = tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]  # (base output, output with deltas, names applied)
-# the members that join the leader's launch, the per-sample adapters they apply, one bound launch for each
-_Plan = tuple[list["AdaptedLinear"], tuple[str, ...], list[gathered_lora.GroupedLoRAAdd]]
+# the members that join the leader's launch, the per-sample adapters they apply, and either one bound add for
+# each adapter or, for one adapter on a one-token step, one launch that computes the base outputs too
+_Launches = list[gathered_lora.GroupedLoRAAdd] | gathered_lora.GroupedLinearLoRA
+_Plan = tuple[list["AdaptedLinear"], tuple[str, ...], _Launches]
 
 
 @dataclass
@@ -193,11 +195,13 @@ class SharedInputGroup:
         plan = self._plan(x, active)
         if plan is None:
             return None
-        joined, names, adds = plan
-        bases = [m.base(x) for m in joined]
-        outs = bases
-        for add in adds:
-            outs = add(x, outs)
+        joined, names, launches = plan
+        if isinstance(launches, gathered_lora.GroupedLinearLoRA):
+            bases, outs = launches(x)
+        else:
+            bases = outs = [m.base(x) for m in joined]
+            for add in launches:
+                outs = add(x, outs)
         for m, base, out in zip(joined[1:], bases[1:], outs[1:], strict=True):
             self._pending[id(m)] = _Pending(x, version(x), (base, out, names))
         return bases[0], outs[0], names
@@ -207,7 +211,7 @@ class SharedInputGroup:
         factors per member, or None: each member computes alone. Kept in the stack's memo while the
         active set holds where every kind involved is reusable (a route's are)."""
         stack = self.members[0].stack
-        key = (self, x.shape, x.dtype, x.device)
+        key = (self, x.shape, x.dtype, x.device, gathered_lora.fuses_linear(x))
         if key in stack.memo:
             return stack.memo[key]
         names = tuple(n for n in active if _per_sample(self.members[0], n))
@@ -224,8 +228,27 @@ class SharedInputGroup:
         if any(not _launchable_together(row) for row in factors):
             return None
         tables = [[(f.down, f.up, f.gain, f.ranks) for f in row] for row in factors]
+        weights = _linear_weights(joined, x) if len(names) == 1 else None
+        if weights is not None:
+            return joined, names, gathered_lora.GroupedLinearLoRA(x, weights, tables[0], factors[0][0].rows)
         adds = [gathered_lora.GroupedLoRAAdd(x, table, row[0].rows) for table, row in zip(tables, factors, strict=True)]
         return joined, names, adds
+
+
+def _linear_weights(members: list[AdaptedLinear], x: torch.Tensor) -> list[torch.Tensor] | None:
+    """The members' base weights where one launch may compute their base outputs with their updates: a
+    one-token step on a short input (``gathered_lora.fuses_linear``), every base a plain bias-free
+    ``nn.Linear`` without hooks holding a contiguous weight of x's dtype; else None."""
+    bases = [m.base for m in members]
+    plain = all(
+        type(b) is nn.Linear
+        and b.bias is None
+        and b.weight.dtype == x.dtype
+        and b.weight.is_contiguous()
+        and not (b._forward_hooks or b._forward_pre_hooks)
+        for b in bases
+    )
+    return [b.weight for b in bases] if plain and gathered_lora.fuses_linear(x) else None
 
 
 def _launchable_together(row: list[Factors]) -> bool:

@@ -10,7 +10,7 @@ does all three, in float32 (h is rounded to the weights' dtype before the expand
 path does), for up to three updates that read the same x (q/k/v, or gate/up, of a layer:
 ``grouped_lora_add``); the grid's last axis runs over the output tiles of every part.
 
-Two forms, picked by the sizes' type:
+Three forms, picked by the sizes' type:
 
 - ``TileSizes``: a program computes a (BLOCK_M tokens × BLOCK_N outputs) tile of one sample with
   tensor-core dots, accumulating the shrink over the input, then the expand for its tile. Each
@@ -23,6 +23,11 @@ Two forms, picked by the sizes' type:
   program. Every byte of D and U is read once, by enough programs to fill the GPU, where one
   program per sample re-reading D for each column block left an 8B layer's launches at ~10x
   their bytes.
+- ``LinearSizes`` (one token per sample, short inputs; ``GroupedLinearLoRA``): the base linears
+  too, base_p = x·W_pᵀ, in one launch per group of parts, for eager steps whose host launching kernels
+  sets the pace. A program takes BLOCK_M samples: their shrinks on CUDA cores (each sample its own D),
+  then per column chunk the base's tensor-core dot and the expand. Under CUDA graphs (``graph_kernels``)
+  the base linears stay cuBLAS's and the updates take the tile or two-launch form.
 
 The built-in sizes come from a sweep on an H200 (benchmarks/kernel_check.py). Launches go through
 ``Launcher``, which skips most of Triton's per-call host work.
@@ -42,6 +47,7 @@ from adaplex.kernels.launch import BoundLaunch, Launcher
 
 MAX_PARTS = 3
 _enabled = True
+_for_graphs = False
 
 # (base output (B, T, out), down (N, r, in), up (N, r, out), gain (B,) float32 or None, ranks (B,) int32 or None)
 Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
@@ -67,9 +73,22 @@ class SplitSizes(NamedTuple):
     warps: int
 
 
-Sizes = TileSizes | SplitSizes
+class LinearSizes(NamedTuple):
+    """The base-and-update kernel's sizes: samples per program, outputs per column chunk, chunks per
+    program, the base dot's input chunk, the shrink's input chunk, warps."""
+
+    block_m: int
+    block_n: int
+    chunks: int
+    block_k: int
+    shrink_k: int
+    warps: int
+
+
+Sizes = TileSizes | SplitSizes | LinearSizes
 DECODE = TileSizes(16, 512, 128, 2)  # a decode step (T <= 16 per sample) on a short input: one 16-row tile
 PREFILL = TileSizes(64, 64, 64, 4)
+LINEAR_DECODE = LinearSizes(16, 64, 1, 64, 32, 8)  # for host-bound eager steps; 1.04-1.42x the best swept GPU time
 ONE_TOKEN_LONG = SplitSizes(512, 1024, 1, 4)
 LONG_INPUT = 2048  # from here a one-token step takes the two-launch form
 PARTIAL_SHRINKS = 1024  # the two-launch form doubles its input chunk (up to 4x) until it has at most these
@@ -114,13 +133,14 @@ def disabled() -> Iterator[None]:
 
 
 @cache
-def _kernels() -> tuple[Launcher, Launcher, Launcher] | None:
-    """Launchers of the (tile, shrink, expand) kernels, compiled on first use; None without Triton."""
+def _kernels() -> tuple[Launcher, Launcher, Launcher, Launcher] | None:
+    """Launchers of the (tile, shrink, expand, linear) kernels, compiled on first use; None without Triton."""
     try:
         from adaplex.kernels import gathered_lora_triton as source
     except ImportError:
         return None
-    return Launcher(source.tile_kernel), Launcher(source.shrink_kernel), Launcher(source.expand_kernel)
+    kernels = source.tile_kernel, source.shrink_kernel, source.expand_kernel, source.linear_kernel
+    return tuple(map(Launcher, kernels))
 
 
 def gathered_lora_add(
@@ -151,42 +171,109 @@ def grouped_lora_add(
 Table = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # down, up, gain, ranks
 
 
-class GroupedLoRAAdd:
-    """``grouped_lora_add`` with its tables bound, for a route's forwards: ``add(x, bases)`` gives the
-    parts' outputs for inputs of ``x_like``'s shape, dtype and device (a decode step's, step after
-    step). The launches' sizes are worked out once, and after the first call each launch goes
-    straight to the compiled kernel (``BoundLaunch``)."""
+class _Bound:
+    """Tables bound for a route's forwards, on inputs of ``x_like``'s shape, dtype and device (a decode
+    step's, step after step): the launches' sizes are worked out once, and after the first call each
+    launch goes straight to the compiled kernel (``BoundLaunch``)."""
 
-    def __init__(
-        self, x_like: torch.Tensor, tables: Sequence[Table], rows: torch.Tensor | None, sizes: Sizes | None = None
-    ) -> None:
-        forms = tuple((down.shape, up.shape, gain is None, ranks is None) for down, up, gain, ranks in tables)
-        self.plan = _plan(x_like.shape, x_like.dtype, forms, rows is None, sizes)
+    def __init__(self, x_like: torch.Tensor, tables: Sequence[Table], rows: torch.Tensor | None, plan: _Plan) -> None:
+        self.plan = plan
         self.shape, self.dtype = x_like.shape, x_like.dtype
         self.tables = [(down.contiguous(), up.contiguous(), gain, ranks) for down, up, gain, ranks in tables]
         self.rows = rows
         self.launches: list[BoundLaunch] = []
         self.base_dtypes: list[torch.dtype] = []
 
-    def __call__(self, x: torch.Tensor, bases: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _launch(self, x: torch.Tensor, bases: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], *extra) -> None:
+        """Launch the plan on these bases and outputs (``extra`` tensors follow the parts' slots)."""
         if x.shape != self.shape or x.dtype != self.dtype:
             raise ValueError(f"bound for inputs {tuple(self.shape)} {self.dtype}, given {tuple(x.shape)} {x.dtype}")
-        x = x.contiguous()
-        bases = [base.contiguous() for base in bases]
-        outs = [torch.empty_like(base) for base in bases]
         dtypes = [base.dtype for base in bases]
         if dtypes != self.base_dtypes:  # first call, or bases of another dtype (autocast): launch afresh
             self.launches = [BoundLaunch(*launch) for launch in self.plan.launches]
             self.base_dtypes = dtypes
+        x = x.contiguous()
         tensors = [x, _or(self.rows, x)]
         for (down, up, gain, ranks), base, out in zip(self.tables, bases, outs, strict=True):
             tensors += (down, up, base, out, _or(gain, x), _or(ranks, x))
         tensors += tensors[2:8] * (MAX_PARTS - len(bases))  # unused slots: no program reaches them
+        tensors += extra
         if self.plan.partials is not None:
             tensors.append(x.new_empty(self.plan.partials, dtype=torch.float32))
         for launch in self.launches:
             launch(tensors)
+
+
+class GroupedLoRAAdd(_Bound):
+    """``grouped_lora_add`` with its tables bound: ``add(x, bases)`` gives the parts' outputs."""
+
+    def __init__(
+        self, x_like: torch.Tensor, tables: Sequence[Table], rows: torch.Tensor | None, sizes: Sizes | None = None
+    ) -> None:
+        if isinstance(sizes, LinearSizes):
+            raise ValueError("LinearSizes size the base-and-update kernel: GroupedLinearLoRA takes them")
+        super().__init__(x_like, tables, rows, _plan(x_like.shape, x_like.dtype, _forms(tables), rows is None, sizes))
+
+    def __call__(self, x: torch.Tensor, bases: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        bases = [base.contiguous() for base in bases]
+        outs = [torch.empty_like(base) for base in bases]
+        self._launch(x, bases, outs)
         return outs
+
+
+class GroupedLinearLoRA(_Bound):
+    """The parts' base linears and their per-sample updates in one launch, for one-token steps on short
+    inputs: ``(bases, outs) = linear(x)``, base_p = x W_pᵀ and out_p = base_p + g · (x @ down_p[rows]ᵀ) @
+    up_p[rows], the base as a bias-free ``nn.Linear`` of weight W_p (out, in) gives it (to the rounding of
+    its dot). Where a step launches a kernel per linear and one per group of updates, each costing more
+    than its arithmetic, this launches one for the group."""
+
+    def __init__(
+        self,
+        x_like: torch.Tensor,
+        weights: Sequence[torch.Tensor],
+        tables: Sequence[Table],
+        rows: torch.Tensor | None,
+        sizes: LinearSizes | None = None,
+    ) -> None:
+        plan = _plan(x_like.shape, x_like.dtype, _forms(tables), rows is None, sizes or LINEAR_DECODE)
+        super().__init__(x_like, tables, rows, plan)
+        shapes = [w.shape for w in weights]
+        if shapes != [(up.shape[2], x_like.shape[2]) for _, up, _, _ in tables]:
+            raise ValueError(f"each part needs a weight of (its up table's out size, in), given {shapes}")
+        self.weights = [*weights, *[weights[0]] * (MAX_PARTS - len(weights))]
+
+    def __call__(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        bases = [x.new_empty((*x.shape[:-1], up.shape[2])) for _, up, _, _ in self.tables]
+        outs = [torch.empty_like(base) for base in bases]
+        self._launch(x, bases, outs, *self.weights)
+        return bases, outs
+
+
+def fuses_linear(x: torch.Tensor) -> bool:
+    """Whether routed layers give inputs like ``x`` (B, T, in) to ``GroupedLinearLoRA``: one token a sample,
+    a short input, outside ``graph_kernels``."""
+    return not _for_graphs and x.dim() == 3 and x.shape[1] == 1 and x.shape[2] < LONG_INPUT
+
+
+@contextmanager
+def graph_kernels() -> Iterator[None]:
+    """Inside the block one-token steps keep their base linears as launches of their own and add the
+    updates with the update kernels, as CUDA graphs run them (``core.graphs`` sets it, for capture and
+    for the same steps run eagerly). ``GroupedLinearLoRA`` saves launches, which is what an eager step
+    waits on; a graph has no launch cost to save and its longer GPU time shows (H200, SmolLM2-135M
+    shape, batch 64: the base-and-update launch takes 13-30 µs a group against 7-14 µs for cuBLAS and
+    the update kernel; the graphed step 1.60x the base against 1.26x)."""
+    global _for_graphs
+    saved, _for_graphs = _for_graphs, True
+    try:
+        yield
+    finally:
+        _for_graphs = saved
+
+
+def _forms(tables: Sequence[Table]) -> tuple[PartForm, ...]:
+    return tuple((down.shape, up.shape, gain is None, ranks is None) for down, up, gain, ranks in tables)
 
 
 class _Plan(NamedTuple):
@@ -213,10 +300,10 @@ def _plan(
         raise ValueError(f"grouped_lora_add takes 1 to {MAX_PARTS} parts of one rank, all with gains and ranks or none")
     batch, tokens, n_in = shape
     sizes = sizes or built_in_sizes(batch, tokens, n_in, len(forms))
-    split = isinstance(sizes, SplitSizes)
-    if split and tokens != 1:
-        raise ValueError(f"the two-launch form takes one token per sample, not {tokens}")
-    columns = sizes.block_n * sizes.chunks if split else sizes.block_n  # per program
+    split, linear = isinstance(sizes, SplitSizes), isinstance(sizes, LinearSizes)
+    if (split or linear) and tokens != 1:
+        raise ValueError(f"{type(sizes).__name__} take one token per sample, not {tokens}")
+    columns = sizes.block_n * sizes.chunks if split or linear else sizes.block_n  # per program
     n_outs = [up[2] for _, up, _, _ in forms] + [0] * (MAX_PARTS - len(forms))
     part_tiles = [-(-n // columns) for n in n_outs]
     rank, no_gain, no_ranks = forms[0][0][1], forms[0][2], forms[0][3]
@@ -228,7 +315,13 @@ def _plan(
         ("num_warps", sizes.warps),
     )
     has_gain = ("HAS_GAIN", not no_gain)
-    tile_kernel, shrink_kernel, expand_kernel = _kernels()
+    tile_kernel, shrink_kernel, expand_kernel, linear_kernel = _kernels()
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    if linear:
+        blocks = ("BLOCK_M", sizes.block_m), ("BLOCK_N", sizes.block_n), ("CHUNKS", sizes.chunks)
+        inputs = ("N_IN", n_in), ("BLOCK_K", sizes.block_k), ("SHRINK_K", sizes.shrink_k), ("PRECISION", precision)
+        grid = (-(-batch // sizes.block_m), sum(part_tiles))
+        return _Plan(((linear_kernel, grid, (*scalars, batch), (*blocks, *inputs, has_gain, *flags)),), None)
     if split:
         splits, split_block = split_blocks(n_in, sizes.block_k)
         shrink = (batch, len(forms), splits), scalars, (("N_IN", n_in), ("BLOCK_K", sizes.block_k), *flags)
@@ -236,7 +329,6 @@ def _plan(
         blocks = ("BLOCK_N", sizes.block_n), ("CHUNKS", sizes.chunks)
         expand = (batch, sum(part_tiles)), scalars, (*sums, *blocks, has_gain, *flags)
         return _Plan(((shrink_kernel, *shrink), (expand_kernel, *expand)), (len(forms), batch, splits, dot_size(rank)))
-    precision = "ieee" if dtype == torch.float32 else "tf32"
     blocks = ("BLOCK_M", sizes.block_m), ("BLOCK_N", sizes.block_n), ("BLOCK_K", sizes.block_k)
     shrink = ("N_IN", n_in), ("UNROLL", n_in <= UNROLLED * sizes.block_k), ("PRECISION", precision)
     grid = (batch, -(-tokens // sizes.block_m), sum(part_tiles))

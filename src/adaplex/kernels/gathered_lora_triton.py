@@ -147,3 +147,67 @@ def expand_kernel(
         u = tl.load(up + ranks[:, None] * n_out + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
         y = tl.sum(h[:, None] * u.to(tl.float32), axis=0)  # (BLOCK_N,)
         tl.store(out + b * n_out + cols, (before.to(tl.float32) + y).to(before.dtype), mask=col_ok)
+
+
+@triton.jit
+def linear_kernel(
+    x_ptr, rows_ptr, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2, w0, w1, w2,
+    n_out0, n_out1, n_out2, tiles0, tiles01, r_max, batch,
+    N_IN: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+    BLOCK_K: tl.constexpr, SHRINK_K: tl.constexpr, PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr,
+    HAS_GAIN: tl.constexpr, HAS_RANKS: tl.constexpr,
+):  # fmt: skip
+    """A one-token step's base linear and per-sample update in one launch: base_p = x W_pᵀ and
+    out_p = base_p + g_m · (x_m D_nᵀ) U_n (n = rows[m]) for BLOCK_M samples and CHUNKS·BLOCK_N outputs of
+    part p; x (B, in), W_p (out, in). Each program computes its samples' shrinks once, on CUDA cores in
+    float32 (each sample has its own D), then per column chunk the base's tensor-core dot and the expand;
+    base and out are stored in the input's dtype (h rounded to it first, as the other forms round it).
+    Grid (sample blocks, output tiles of all parts)."""
+    part, tile = _part(tl.program_id(1), tiles0, tiles01)
+    down, up, base, out, gain, ranks_ptr, n_out = _pointers(
+        part, n_out0, n_out1, n_out2, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2
+    )  # fmt: skip
+    weight = w0
+    if part == 2:
+        weight = w2
+    elif part == 1:
+        weight = w1
+    ms = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = ms < batch
+    row = ms.to(tl.int64)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + ms, mask=m_ok, other=0).to(tl.int64)
+    ranks = tl.arange(0, RANK)
+    rank_ok = m_ok[:, None] & (ranks[None, :] < r_max)  # (BLOCK_M, RANK)
+    if HAS_RANKS:
+        rank_ok &= ranks[None, :] < tl.load(ranks_ptr + ms, mask=m_ok, other=0)[:, None]
+    x_rows = x_ptr + ms.to(tl.int64)[:, None] * N_IN  # (BLOCK_M, 1)
+    d_rows = down + (row * r_max)[:, None, None] * N_IN + ranks[None, :, None] * N_IN  # (BLOCK_M, RANK, 1)
+    h = tl.zeros((BLOCK_M, RANK), dtype=tl.float32)
+    for start in tl.range(0, N_IN, SHRINK_K):
+        ks = start + tl.arange(0, SHRINK_K)
+        k_ok = ks < N_IN
+        x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, SHRINK_K)
+        d = tl.load(d_rows + ks[None, None, :], mask=rank_ok[:, :, None] & k_ok[None, None, :], other=0.0)
+        h += tl.sum(d.to(tl.float32) * x.to(tl.float32)[:, None, :], axis=2)
+    if HAS_GAIN:
+        h *= tl.load(gain + ms, mask=m_ok, other=0.0)[:, None]
+    h = h.to(x_ptr.dtype.element_ty).to(tl.float32)[:, :, None]  # (BLOCK_M, RANK, 1)
+    u_rows = up + (row * r_max)[:, None, None] * n_out + ranks[None, :, None] * n_out  # (BLOCK_M, RANK, 1)
+    for chunk in tl.range(CHUNKS):
+        cols = (tile * CHUNKS + chunk) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_out
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for start in tl.range(0, N_IN, BLOCK_K):
+            ks = start + tl.arange(0, BLOCK_K)
+            k_ok = ks < N_IN
+            x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(weight + cols[None, :] * N_IN + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        u = tl.load(u_rows + cols[None, None, :], mask=rank_ok[:, :, None] & col_ok[None, None, :], other=0.0)
+        y = tl.sum(h * u.to(tl.float32), axis=1)  # (BLOCK_M, BLOCK_N)
+        at = ms[:, None] * n_out + cols[None, :]
+        ok = m_ok[:, None] & col_ok[None, :]
+        before = acc.to(x_ptr.dtype.element_ty)
+        tl.store(base + at, before, mask=ok)
+        tl.store(out + at, (before.to(tl.float32) + y).to(before.dtype), mask=ok)

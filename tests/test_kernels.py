@@ -17,8 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import adaplex
+from adaplex.core.layers import _linear_weights
 from adaplex.kernels import checked_attention
-from adaplex.kernels.gathered_lora import PREFILL, GroupedLoRAAdd, TileSizes, built_in_sizes
+from adaplex.kernels.gathered_lora import PREFILL, GroupedLoRAAdd, TileSizes, built_in_sizes, graph_kernels
+from adaplex.methods import ExpertsConfig
+
+import tiny
 
 TESTS = Path(__file__).parent
 
@@ -426,6 +431,23 @@ def test_a_one_token_step_computes_each_groups_bases_with_its_updates_in_one_lau
         assert case["diff"] < tolerance * case["scale"]  # against the base linears and the matmul path
         assert case["again"] == 0
         assert case["graph_calls"] == [] and case["graph_diff"] < tolerance * case["scale"]
+
+
+def test_only_plain_linears_outside_autocast_give_their_weights_to_the_base_and_update_kernel():
+    model = tiny.llama()
+    adaplex.attach(model, "experts", ExpertsConfig(keys=("a", "b"), r=4, targets=("all-linear",)))
+    members = model.model.layers[0].self_attn.q_proj.group.members  # q, k, v
+    step, prefill = torch.zeros(2, 1, 32), torch.zeros(2, 3, 32)
+    assert [w.data_ptr() for w in _linear_weights(members, step)] == [m.base.weight.data_ptr() for m in members]
+    assert _linear_weights(members, prefill) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _linear_weights(members, step) is None
+    with graph_kernels():
+        assert _linear_weights(members, step) is None
+    hook = members[1].base.register_forward_hook(lambda *_: None)
+    assert _linear_weights(members, step) is None
+    hook.remove()
+    assert _linear_weights(members, step.half()) is None  # weights of another dtype
 
 
 def test_a_bound_add_refuses_inputs_of_another_shape_or_dtype():

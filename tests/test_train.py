@@ -25,6 +25,7 @@ from adaplex.train.config import TrainConfig
 from adaplex.train.data import StepSampler
 from adaplex.train.module import TrainingDiverged
 from adaplex.train.run import train
+from adaplex.train.strategy import AdapterFSDP, decoder_blocks, strategy_for
 from adaplex.util.yamlconfig import load_yaml
 
 import tiny
@@ -208,6 +209,19 @@ def test_ddp_on_two_cpu_processes_killed_and_resumed_equals_one_process_with_the
             torch.testing.assert_close(b.state_dict(name)[key], tensor, atol=1e-5, rtol=0)
 
 
+def test_fsdp_units_are_the_models_decoder_blocks():
+    model = tiny.llama()
+    assert decoder_blocks(model) == {type(model.model.layers[0])}
+    strategy = strategy_for("fsdp", model, on_gpu=True)
+    assert isinstance(strategy, AdapterFSDP) and strategy.kwargs["use_orig_params"]
+    assert strategy._state_dict_type == "full"  # checkpoints hold whole tensors, whatever the process count
+    assert strategy_for("ddp", model, on_gpu=False) == "ddp"
+    with pytest.raises(ConfigError, match="names no decoder blocks to shard by"):
+        strategy_for("fsdp", torch.nn.Sequential(torch.nn.Linear(2, 2)), on_gpu=True)
+    with pytest.raises(ConfigError, match="needs them; on CPUs use ddp"):
+        strategy_for("fsdp", model, on_gpu=False)
+
+
 def test_continue_into_a_new_version_leaves_the_old_one(workspace):
     root = workspace
     v1 = train(config(root, "v1", optim={"max_steps": 4}, version="v1"))
@@ -278,7 +292,7 @@ def test_bad_data_and_config_errors(workspace, tmp_path, caplog):
     with pytest.raises(ConfigError, match="trainer: .*gpu"):  # fails after the output directory was made
         train(config(root, "e7", trainer={"accelerator": "gpu"}))
     assert not (root / "e7").exists()  # a run that failed before its first step leaves nothing behind
-    with pytest.raises(ConfigError, match="trainer: The strategy `fsdp` requires a GPU accelerator"):
+    with pytest.raises(ConfigError, match="trainer.strategy fsdp shards the base across GPUs"):
         train(config(root, "e8", trainer={"accelerator": "cpu", "devices": 2, "strategy": "fsdp"}))
     assert not (root / "e8").exists()
     yaml_path = tmp_path / "bad.yaml"

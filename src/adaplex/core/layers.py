@@ -237,10 +237,10 @@ class SharedInputGroup:
 
 def _linear_weights(members: list[AdaptedLinear], x: torch.Tensor) -> list[torch.Tensor] | None:
     """The members' base weights where one launch may compute their base outputs with their updates: a
-    one-token step on a short input (``gathered_lora.fuses_linear``), every base a plain bias-free
-    ``nn.Linear`` without hooks holding a contiguous weight of x's dtype; else None."""
+    one-token step on a short input (``gathered_lora.fuses_linear``) outside autocast, every base a plain
+    bias-free ``nn.Linear`` without hooks holding a contiguous weight of x's dtype; else None."""
     bases = [m.base for m in members]
-    plain = all(
+    plain = not torch.is_autocast_enabled(x.device.type) and all(
         type(b) is nn.Linear
         and b.bias is None
         and b.weight.dtype == x.dtype

@@ -35,6 +35,7 @@ from adaplex.train.data import CausalLMData, build_examples
 from adaplex.train.gates import GateAnalytics
 from adaplex.train.module import AdapterLM
 from adaplex.train.speed import compile_blocks
+from adaplex.train.strategy import full_parameters, strategy_for
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def train(config: TrainConfig, source: str = "config", resume: bool = False) -> 
             precision=precision_for(config),
             accelerator=config.trainer.accelerator,
             devices=config.trainer.devices,
-            strategy=config.trainer.strategy,
+            strategy=strategy_for(config.trainer.strategy, handle.model, uses_gpu(config.trainer.accelerator)),
             use_distributed_sampler=False,  # CausalLMData splits its one run order across processes
             logger=loggers,
             callbacks=callbacks,
@@ -200,10 +201,11 @@ def train(config: TrainConfig, source: str = "config", resume: bool = False) -> 
             _remove_new(out, existed)  # a run that failed before its first step leaves nothing behind
         raise
     handle.model.eval()
-    if not trainer.is_global_zero:
-        return out / "adapter"  # rank 0 saves
-    final = analytics.final if analytics is not None else None
-    return save_result(handle, config, produced, out / "adapter", final)
+    with full_parameters(trainer):  # every rank gathers FSDP's shards; rank 0 saves
+        if not trainer.is_global_zero:
+            return out / "adapter"
+        final = analytics.final if analytics is not None else None
+        return save_result(handle, config, produced, out / "adapter", final)
 
 
 def _remove_new(out: Path, existed: bool) -> None:

@@ -31,6 +31,20 @@ def test_fresh_adapter_leaves_outputs_bitwise_equal(family, config):
     assert torch.equal(tiny.outputs(model, ids), reference)
 
 
+@pytest.mark.parametrize("config", [LoRAConfig(r=4), BottleneckConfig(width=8)], ids=lambda c: c.method)
+def test_a_no_grad_forward_under_autocast_equals_the_one_with_grad(config):
+    """Without autograd an adapter adds into the base output in place, which autocast does not reach."""
+    model, ids = tiny.llama(), tiny.tokens()
+    handle = adaplex.attach(model, "a", config)
+    randomize(handle, "a", seed=3)
+    outputs = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs.append(model(input_ids=ids).logits.detach())
+    assert outputs[1].dtype == torch.bfloat16
+    torch.testing.assert_close(outputs[1], outputs[0], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_base_weights_unchanged_by_attach_train_step_and_detach(family):
     model, ids = tiny.FAMILIES[family](), tiny.tokens()

@@ -65,10 +65,11 @@ def add_product(
 ) -> torch.Tensor:
     """out + scale · (h @ weightᵀ) for (..., n) out, (..., r) h and an (n, r) weight, in ONE addmm over the
     flattened tokens: no separate passes over the (..., n) output to scale the product and add it (and,
-    ``inplace``, none to copy ``out`` first)."""
+    ``inplace``, none to copy ``out`` first). Autocast does not reach the in-place form, so there h and
+    the weight take out's dtype, as autocast gives them in the other."""
     h2 = h.reshape(-1, h.shape[-1])
     if inplace and out.is_contiguous():
-        out.view(-1, out.shape[-1]).addmm_(h2, weight.t(), alpha=scale)
+        out.view(-1, out.shape[-1]).addmm_(h2.to(out.dtype), weight.t().to(out.dtype), alpha=scale)
         return out
     return torch.addmm(out.reshape(-1, out.shape[-1]), h2, weight.t(), alpha=scale).view(out.shape)
 

@@ -155,6 +155,36 @@ print(json.dumps({{
 }}))
 """
 
+LINEAR_KERNEL_CHECK = """
+import json, torch
+from adaplex.kernels.gathered_lora import GroupedLinearLoRA, LinearSizes
+gen = torch.Generator().manual_seed(11)
+errors = []
+for dtype in (torch.float32, torch.float16):
+    for table in (True, False):  # a route's table (rows, gains, mixed ranks), or each sample its own update
+        batch, n_in, outs = 20, 100, (40, 24, 70)  # ragged: 2 blocks of 16 samples, tiles past every out size
+        x = torch.randn(batch, 1, n_in, generator=gen).to(dtype)
+        rows_of = 3 if table else batch
+        rows = torch.arange(batch) % 3 if table else None
+        gain = torch.linspace(0.5, 1.5, batch) if table else None
+        ranks = torch.tensor([8, 3, 5, 0] * 5, dtype=torch.int32) if table else None
+        weights = [(torch.randn(n, n_in, generator=gen) * 0.1).to(dtype) for n in outs]
+        tables = [((torch.randn(rows_of, 8, n_in, generator=gen) * 0.1).to(dtype),
+                   (torch.randn(rows_of, 8, n, generator=gen) * 0.1).to(dtype), gain, ranks) for n in outs]
+        bases, got = GroupedLinearLoRA(x, weights, tables, rows, LinearSizes(16, 16, 2, 32, 32, 4))(x)
+        for w, (down, up, _, _), base, out in zip(weights, tables, bases, got):
+            ref_base = x[:, 0].float() @ w.float().T
+            picked = torch.arange(batch) if rows is None else rows
+            keep = torch.ones(batch, 8) if ranks is None else (torch.arange(8) < ranks.view(-1, 1)).float()
+            scale = torch.ones(batch, 1) if gain is None else gain.view(-1, 1)
+            h = torch.einsum("bk,brk->br", x[:, 0].float(), down[picked].float()) * keep * scale
+            ref = ref_base.to(dtype).float() + torch.einsum("br,bro->bo", h.to(dtype).float(), up[picked].float())
+            base_error = (base[:, 0].float() - ref_base).abs().max() / ref_base.abs().max()
+            out_error = (out[:, 0].float() - ref).abs().max() / ref.abs().max()
+            errors.append([str(dtype), table, base_error.item(), out_error.item()])
+print(json.dumps(errors))
+"""
+
 LINEAR_CHECK = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
@@ -420,6 +450,14 @@ def test_one_token_steps_on_long_inputs_take_chunks_that_keep_the_partial_shrink
     assert chunk(512, 14336, 1) == 2048  # at most four times the built-in chunk
     assert isinstance(built_in_sizes(64, 1, 576, 3), TileSizes)  # short inputs: the tile kernel
     assert built_in_sizes(64, 300, 4096, 1) == PREFILL
+
+
+def test_the_base_and_update_kernel_equals_float32_references():
+    cases = _interpreted(LINEAR_KERNEL_CHECK.format())
+    assert len(cases) == 2 * 2 * 3  # dtypes x tables x parts
+    for dtype, _, base_error, out_error in cases:
+        tolerance = 1e-6 if dtype == "torch.float32" else 2e-3
+        assert base_error < tolerance and out_error < tolerance, (dtype, base_error, out_error)
 
 
 def test_a_one_token_step_computes_each_groups_bases_with_its_updates_in_one_launch():

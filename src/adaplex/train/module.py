@@ -109,6 +109,8 @@ class AdapterLM(L.LightningModule):
         penalty, terms = gate_penalty()
         self.log("train_loss", loss, prog_bar=True, sync_dist=True)  # under DDP: the mean over processes
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if self.device.type == "cuda":  # this process's peak so far (processes of a DDP or FSDP run are alike)
+            self.log("peak_mib", torch.cuda.max_memory_allocated(self.device) / 2**20)
         for name, value in terms.items():
             self.log(name, value)
         return loss + penalty

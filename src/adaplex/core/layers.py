@@ -237,10 +237,12 @@ class SharedInputGroup:
 
 def _linear_weights(members: list[AdaptedLinear], x: torch.Tensor) -> list[torch.Tensor] | None:
     """The members' base weights where one launch may compute their base outputs with their updates: a
-    one-token step on a short input (``gathered_lora.fuses_linear``) outside autocast, every base a plain
+    one-token step on a short input outside autocast (``gathered_lora.fuses_linear``), every base a plain
     bias-free ``nn.Linear`` without hooks holding a contiguous weight of x's dtype; else None."""
+    if not gathered_lora.fuses_linear(x):
+        return None
     bases = [m.base for m in members]
-    plain = not torch.is_autocast_enabled(x.device.type) and all(
+    plain = all(
         type(b) is nn.Linear
         and b.bias is None
         and b.weight.dtype == x.dtype
@@ -248,7 +250,7 @@ def _linear_weights(members: list[AdaptedLinear], x: torch.Tensor) -> list[torch
         and not (b._forward_hooks or b._forward_pre_hooks)
         for b in bases
     )
-    return [b.weight for b in bases] if plain and gathered_lora.fuses_linear(x) else None
+    return [b.weight for b in bases] if plain else None
 
 
 def _launchable_together(row: list[Factors]) -> bool:

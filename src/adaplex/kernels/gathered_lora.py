@@ -252,8 +252,14 @@ class GroupedLinearLoRA(_Bound):
 
 def fuses_linear(x: torch.Tensor) -> bool:
     """Whether routed layers give inputs like ``x`` (B, T, in) to ``GroupedLinearLoRA``: one token a sample,
-    a short input, outside ``graph_kernels``."""
-    return not _for_graphs and x.dim() == 3 and x.shape[1] == 1 and x.shape[2] < LONG_INPUT
+    a short input, outside ``graph_kernels`` and outside autocast (which computes the base linears its own way)."""
+    return (
+        not _for_graphs
+        and x.dim() == 3
+        and x.shape[1] == 1
+        and x.shape[2] < LONG_INPUT
+        and not torch.is_autocast_enabled(x.device.type)
+    )
 
 
 @contextmanager

@@ -46,7 +46,7 @@ def _tile_shrink(x_ptr, down, toks, tok_ok, ranks, rank_ok, start, N_IN: tl.cons
     k_ok = ks < N_IN
     x = tl.load(x_ptr + toks[:, None] * N_IN + ks[None, :], mask=tok_ok[:, None] & k_ok[None, :], other=0.0)
     d = tl.load(down + ranks[None, :] * N_IN + ks[:, None], mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
-    return tl.dot(x, d, input_precision=PRECISION)
+    return tl.dot(x.to(d.dtype), d, input_precision=PRECISION)  # x may be autocast's bf16 beside fp32 tables
 
 
 @triton.jit
@@ -211,3 +211,74 @@ def linear_kernel(
         before = acc.to(x_ptr.dtype.element_ty)
         tl.store(base + at, before, mask=ok)
         tl.store(out + at, (before.to(tl.float32) + y).to(before.dtype), mask=ok)
+
+
+@triton.jit
+def epilogue_kernel(
+    x_ptr, rows_ptr, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2, h_ptr, w0, w1, w2,
+    n_out0, n_out1, n_out2, tiles0, tiles01, r_max, batch,
+    N_IN: tl.constexpr, RANK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr,
+    HAS_GAIN: tl.constexpr, HAS_RANKS: tl.constexpr,
+):  # fmt: skip
+    """A one-token step's base linear with the per-sample expand in its epilogue, after ``shrink_kernel``:
+    base_p = x W_pᵀ and out_p = base_p + g_m · h_m U_n (n = rows[m], h_m the shrink's partials summed) for
+    BLOCK_M samples and BLOCK_N outputs of part p. Both are tensor-core dots: the expand takes GROUP
+    samples at a time as one dot of depth GROUP·RANK, its left side block-diagonal (sample m's h in its
+    own rank slots, zeros elsewhere) and its right side those samples' rows of U, gathered (a rank past
+    a sample's own is masked, never read). Grid (sample blocks, output tiles of all parts)."""
+    part, tile = _part(tl.program_id(1), tiles0, tiles01)
+    _, up, base, out, gain, ranks_ptr, n_out = _pointers(
+        part, n_out0, n_out1, n_out2, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2
+    )  # fmt: skip
+    weight = w0
+    if part == 2:
+        weight = w2
+    elif part == 1:
+        weight = w1
+    first = tl.program_id(0) * BLOCK_M
+    ms = first + tl.arange(0, BLOCK_M)
+    m_ok = ms < batch
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_out
+    x_rows = x_ptr + ms.to(tl.int64)[:, None] * N_IN  # (BLOCK_M, 1)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in tl.range(0, N_IN, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_ok = ks < N_IN
+        x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+        w = tl.load(weight + cols[None, :] * N_IN + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+    before = acc.to(x_ptr.dtype.element_ty)
+    at = ms[:, None] * n_out + cols[None, :]
+    ok = m_ok[:, None] & col_ok[None, :]
+    tl.store(base + at, before, mask=ok)
+    slots = tl.arange(0, GROUP * RANK)
+    j = slots % RANK  # (GROUP·RANK,) the rank a slot holds, of sample first + s + slots // RANK
+    scale = tl.full((BLOCK_M,), 1.0, tl.float32)
+    if HAS_GAIN:
+        scale = tl.load(gain + ms, mask=m_ok, other=0.0)
+    y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in tl.static_range(0, BLOCK_M, GROUP):
+        src = first + s + slots // RANK  # (GROUP·RANK,)
+        src_ok = src < batch
+        row = src.to(tl.int64)
+        if HAS_ROWS:
+            row = tl.load(rows_ptr + src, mask=src_ok, other=0).to(tl.int64)
+        rank = r_max
+        if HAS_RANKS:
+            rank = tl.load(ranks_ptr + src, mask=src_ok, other=0)
+        slot_ok = src_ok & (j < rank) & (j < r_max)
+        u = tl.load(
+            up + row[:, None] * r_max * n_out + j[:, None] * n_out + cols[None, :],
+            mask=slot_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )  # (GROUP·RANK, BLOCK_N)
+        own = (ms[:, None] == src[None, :]) & slot_ok[None, :]  # (BLOCK_M, GROUP·RANK): block-diagonal
+        h_at = (part * batch + ms.to(tl.int64))[:, None] * SPLITS * RANK + j[None, :]
+        h = tl.zeros((BLOCK_M, GROUP * RANK), dtype=tl.float32)
+        for split in tl.static_range(SPLITS):
+            h += tl.load(h_ptr + h_at + split * RANK, mask=own, other=0.0)
+        h = (h * scale[:, None]).to(u.dtype)  # rounded as the matmul path rounds it
+        y = tl.dot(h, u, y, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+    tl.store(out + at, (before.to(tl.float32) + y).to(before.dtype), mask=ok)

@@ -2,7 +2,8 @@
 float32; tables with shared rows, gains and mixed ranks), their decode-site GPU times under CUDA graphs
 at the SmolLM2-135M and Llama-3-8B layer shapes with a sweep of the kernels' sizes, the base-and-update
 kernel's (``GroupedLinearLoRA``) beside cuBLAS's base linears at the 135M sites, and a routed model's
-logits (a prefill and a one-token step) and graphed generation with and without them. Writes JSON;
+logits (a prefill and a one-token step; in bfloat16, and in float32 under bfloat16 autocast) and graphed
+generation with and without them. Writes JSON;
 exits 1 on a mismatch.
 
     python benchmarks/kernel_check.py SHAPE_CONFIG OUT.json
@@ -23,7 +24,7 @@ from adaplex.bench.shapes import shaped_model
 from adaplex.compose.route import route
 from adaplex.core.graphs import static_generate
 from adaplex.kernels import gathered_lora
-from adaplex.kernels.gathered_lora import EpilogueSizes, GroupedLinearLoRA, LinearSizes, SplitSizes, TileSizes
+from adaplex.kernels.gathered_lora import GroupedLinearLoRA, LinearSizes, SplitSizes, TileSizes
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to the output's max
 BATCH, RANK = 64, 16
@@ -165,27 +166,9 @@ LINEAR_SWEEP = [  # the built-in first
     LinearSizes(16, n, c, k, 32, w)
     for n, c, k, w in ((64, 1, 64, 8), (64, 1, 64, 4), (128, 1, 64, 8), (64, 1, 128, 8), (64, 2, 64, 8), (32, 2, 64, 8))
 ]
-EPILOGUE_SWEEP = {  # the built-in first
-    "135m": [
-        EpilogueSizes(*sizes)
-        for sizes in (
-            (16, 32, 64, 128, 4, 4), (16, 16, 64, 128, 4, 4), (16, 64, 64, 128, 4, 4), (32, 32, 64, 128, 4, 4),
-            (64, 32, 64, 128, 4, 4), (64, 64, 64, 128, 4, 4), (64, 16, 64, 128, 4, 4), (16, 32, 128, 128, 4, 4),
-            (16, 32, 64, 256, 4, 4), (16, 32, 64, 64, 4, 4), (16, 32, 64, 128, 2, 4), (16, 32, 64, 128, 4, 2),
-            (16, 32, 64, 128, 4, 8), (32, 64, 64, 128, 4, 4), (16, 64, 128, 128, 4, 4), (32, 32, 128, 256, 2, 4),
-        )
-    ],
-    "8b": [
-        EpilogueSizes(*sizes)
-        for sizes in (
-            (64, 64, 128, 1024, 4, 4), (16, 64, 128, 1024, 4, 4), (64, 128, 128, 1024, 4, 8), (64, 64, 256, 1024, 4, 4),
-            (64, 32, 128, 1024, 4, 4), (32, 64, 128, 1024, 4, 4), (64, 64, 128, 2048, 4, 4), (64, 64, 64, 1024, 4, 4),
-        )
-    ],
-}  # fmt: skip
 
 
-def _linear_site(x: torch.Tensor, parts: list, rows: torch.Tensor, gen: torch.Generator, shape: str) -> dict:
+def _linear_site(x: torch.Tensor, parts: list, rows: torch.Tensor, gen: torch.Generator) -> dict:
     tables = [(d, u, g, torch.full_like(r, RANK)) for _, d, u, g, r in parts]
     n_in = x.shape[-1]
     weights = [(torch.randn(u.shape[2], n_in, generator=gen, device=x.device) * n_in**-0.5).to(x.dtype)
@@ -197,46 +180,32 @@ def _linear_site(x: torch.Tensor, parts: list, rows: torch.Tensor, gen: torch.Ge
     def linears_then_update() -> None:
         gathered_lora.grouped_lora_add(x, [(b, *t) for b, t in zip(linears(), tables, strict=True)], rows)
 
+    bound = {sizes: GroupedLinearLoRA(x, weights, tables, rows, sizes) for sizes in LINEAR_SWEEP}
+    _, outs = bound[LINEAR_SWEEP[0]](x)
     bases = [(x.float() @ w.float().T).to(x.dtype) for w in weights]
     refs = [_reference(x, b, *t, rows) for b, t in zip(bases, tables, strict=True)]
-
-    def error(sizes) -> float:
-        _, outs = GroupedLinearLoRA(x, weights, tables, rows, sizes)(x)
-        return max(((o.float() - r).abs().max() / r.abs().max()).item() for o, r in zip(outs, refs, strict=True))
-
-    def times(sweep: list) -> dict:
-        bound = {sizes: GroupedLinearLoRA(x, weights, tables, rows, sizes) for sizes in sweep}
-        return {type(s).__name__[0] + "x".join(map(str, s)): _graph_us(lambda s=s: bound[s](x)) for s in sweep}
-
-    epilogue = times(EPILOGUE_SWEEP[shape])
-    result = {
+    error = max(((o.float() - r).abs().max() / r.abs().max()).item() for o, r in zip(outs, refs, strict=True))
+    sweep = {"L" + "x".join(map(str, s)): _graph_us(lambda s=s: bound[s](x)) for s in LINEAR_SWEEP}
+    return {
         "linears_us": _graph_us(linears),
         "linears_then_update_us": _graph_us(linears_then_update),
-        "epilogue_us": next(iter(epilogue.values())),
-        "epilogue_error": error(EPILOGUE_SWEEP[shape][0]),
-        "epilogue_best": min(epilogue, key=epilogue.get),
-        "epilogue_sweep_us": epilogue,
+        "linear_kernel_us": next(iter(sweep.values())),
+        "linear_kernel_error": error,
+        "ok": error <= TOLERANCE[torch.bfloat16],
+        "sweep_us": sweep,
     }
-    if shape == "135m":
-        linear = times(LINEAR_SWEEP)
-        result |= {"linear_kernel_us": next(iter(linear.values())), "linear_kernel_error": error(LINEAR_SWEEP[0]),
-                   "sweep_us": linear}  # fmt: skip
-    errors = [v for k, v in result.items() if k.endswith("_error")]
-    return result | {"ok": max(errors) <= TOLERANCE[torch.bfloat16]}
 
 
 def linear_site_times(device: torch.device) -> dict:
-    """At the decode sites (batch 64, 64 distinct rank-16 experts, bf16), GPU µs under CUDA graphs of: the
-    base linears alone (cuBLAS), the base linears then the update kernel (what graphs ran before the
-    epilogue form), the epilogue form (the shrink, then the base linears with the expand in their
-    epilogue) and, at 135M, the one-launch base-and-update kernel (what eager one-token steps run), each
-    at its built-in and swept sizes, with their worst errors against a float32 reference."""
+    """At the 135M shape's decode sites (batch 64, 64 distinct rank-16 experts, bf16), GPU µs under CUDA
+    graphs of: the base linears alone (cuBLAS), the base linears then the update kernel (what graphs
+    run), and the base-and-update kernel (what eager one-token steps run) at its built-in and swept
+    sizes, with its worst error against a float32 reference."""
     result = {}
-    for shape, sites in SHAPES.items():
-        for site, (n_in, n_outs) in sites.items():
-            gen = torch.Generator(device=device).manual_seed(n_in)
-            x, parts, rows = _table(device, torch.bfloat16, BATCH, 1, BATCH, n_in, n_outs, RANK, gen)
-            result[f"{shape}-{site}"] = _linear_site(x, parts, rows, gen, shape)
+    for site, (n_in, n_outs) in SHAPES["135m"].items():
+        gen = torch.Generator(device=device).manual_seed(n_in)
+        x, parts, rows = _table(device, torch.bfloat16, BATCH, 1, BATCH, n_in, n_outs, RANK, gen)
+        result[site] = _linear_site(x, parts, rows, gen)
     return result
 
 
@@ -246,14 +215,11 @@ def routed_autocast(base: torch.nn.Module, device: torch.device) -> dict:
     matmul path."""
     keys = [f"k{i}" for i in range(8)]
     routed, _ = build_routed(copy.deepcopy(base).float(), keys, (16,))
+    per_sample = [keys[i % 8] for i in range(16)]
     errors = {}
     for tokens in (64, 1):
         ids = torch.randint(0, base.config.vocab_size, (16, tokens), device=device)
-        with (
-            torch.no_grad(),
-            torch.autocast("cuda", dtype=torch.bfloat16),
-            route(routed, [keys[i % 8] for i in range(16)]),
-        ):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16), route(routed, per_sample):
             fused = routed.model(input_ids=ids).logits.float()
             with gathered_lora.disabled():
                 plain = routed.model(input_ids=ids).logits.float()

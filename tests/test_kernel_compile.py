@@ -18,15 +18,7 @@ from adaplex.kernels import checked_attention_triton as attention
 from adaplex.kernels import dot_size
 from adaplex.kernels import gathered_lora_triton as gathered
 from adaplex.kernels.checked_attention import CHECKED_TILES_MAX_DIM, PASS_TILES, built_in_tiles
-from adaplex.kernels.gathered_lora import (
-    DECODE,
-    EPILOGUE_DECODE,
-    LINEAR_DECODE,
-    ONE_TOKEN_LONG,
-    PREFILL,
-    UNROLLED,
-    split_blocks,
-)
+from adaplex.kernels.gathered_lora import DECODE, LINEAR_DECODE, ONE_TOKEN_LONG, PREFILL, UNROLLED, split_blocks
 
 H100 = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -169,17 +161,5 @@ def test_gathered_lora_linear_kernel_compiles_for_h100_without_spills(n_in):
                       HAS_GAIN=True, HAS_RANKS=True)  # fmt: skip
     kernel = compile_for_h100(gathered.linear_kernel, _lora_pointers(gathered.linear_kernel), (), constexprs,
                               num_warps=sizes.warps)  # fmt: skip
-    assert kernel.metadata.shared <= SHARED_MEMORY
-    assert resources(kernel)["STACK"] == 0
-
-
-@pytest.mark.parametrize("n_in", [576, 1536, 4096])
-def test_gathered_lora_epilogue_kernel_compiles_for_h100_without_spills(n_in):
-    sizes = EPILOGUE_DECODE
-    constexprs = dict(N_IN=n_in, RANK=16, SPLITS=split_blocks(n_in, sizes.shrink_k)[0], BLOCK_M=sizes.block_m,
-                      BLOCK_N=sizes.block_n, BLOCK_K=sizes.block_k, GROUP=sizes.group, PRECISION="tf32",
-                      HAS_ROWS=True, HAS_GAIN=True, HAS_RANKS=True)  # fmt: skip
-    pointers = _lora_pointers(gathered.epilogue_kernel) | {"h_ptr": "fp32"}
-    kernel = compile_for_h100(gathered.epilogue_kernel, pointers, (), constexprs, num_warps=sizes.warps)
     assert kernel.metadata.shared <= SHARED_MEMORY
     assert resources(kernel)["STACK"] == 0

@@ -211,7 +211,7 @@ class SharedInputGroup:
         factors per member, or None: each member computes alone. Kept in the stack's memo while the
         active set holds where every kind involved is reusable (a route's are)."""
         stack = self.members[0].stack
-        key = (self, x.shape, x.dtype, x.device, gathered_lora.linear_sizes(x))
+        key = (self, x.shape, x.dtype, x.device, gathered_lora.fuses_linear(x))
         if key in stack.memo:
             return stack.memo[key]
         names = tuple(n for n in active if _per_sample(self.members[0], n))
@@ -230,17 +230,16 @@ class SharedInputGroup:
         tables = [[(f.down, f.up, f.gain, f.ranks) for f in row] for row in factors]
         weights = _linear_weights(joined, x) if len(names) == 1 else None
         if weights is not None:
-            sizes = gathered_lora.linear_sizes(x)
-            return joined, names, gathered_lora.GroupedLinearLoRA(x, weights, tables[0], factors[0][0].rows, sizes)
+            return joined, names, gathered_lora.GroupedLinearLoRA(x, weights, tables[0], factors[0][0].rows)
         adds = [gathered_lora.GroupedLoRAAdd(x, table, row[0].rows) for table, row in zip(tables, factors, strict=True)]
         return joined, names, adds
 
 
 def _linear_weights(members: list[AdaptedLinear], x: torch.Tensor) -> list[torch.Tensor] | None:
     """The members' base weights where one launch may compute their base outputs with their updates: a
-    one-token step on a short input outside autocast (``gathered_lora.linear_sizes``), every base a plain
+    one-token step on a short input outside autocast (``gathered_lora.fuses_linear``), every base a plain
     bias-free ``nn.Linear`` without hooks holding a contiguous weight of x's dtype; else None."""
-    if gathered_lora.linear_sizes(x) is None:
+    if not gathered_lora.fuses_linear(x):
         return None
     bases = [m.base for m in members]
     plain = all(

@@ -85,23 +85,10 @@ class LinearSizes(NamedTuple):
     warps: int
 
 
-class EpilogueSizes(NamedTuple):
-    """The base linears with the expand in their epilogue, after a shrink launch: samples and outputs per
-    program, the base dot's input chunk, the shrink's input chunk, samples per expand dot, warps."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    shrink_k: int
-    group: int
-    warps: int
-
-
-Sizes = TileSizes | SplitSizes | LinearSizes | EpilogueSizes
+Sizes = TileSizes | SplitSizes | LinearSizes
 DECODE = TileSizes(16, 512, 128, 2)  # a decode step (T <= 16 per sample) on a short input: one 16-row tile
 PREFILL = TileSizes(64, 64, 64, 4)
 LINEAR_DECODE = LinearSizes(16, 64, 1, 64, 32, 8)  # for host-bound eager steps; 1.04-1.42x the best swept GPU time
-EPILOGUE_DECODE = EpilogueSizes(16, 32, 64, 128, 4, 4)  # under CUDA graphs
 ONE_TOKEN_LONG = SplitSizes(512, 1024, 1, 4)
 LONG_INPUT = 2048  # from here a one-token step takes the two-launch form
 PARTIAL_SHRINKS = 1024  # the two-launch form doubles its input chunk (up to 4x) until it has at most these
@@ -145,23 +132,15 @@ def disabled() -> Iterator[None]:
         _enabled = saved
 
 
-class _Kernels(NamedTuple):
-    tile: Launcher
-    shrink: Launcher
-    expand: Launcher
-    linear: Launcher
-    epilogue: Launcher
-
-
 @cache
-def _kernels() -> _Kernels | None:
-    """Launchers of the kernels, compiled on first use; None without Triton."""
+def _kernels() -> tuple[Launcher, Launcher, Launcher, Launcher] | None:
+    """Launchers of the (tile, shrink, expand, linear) kernels, compiled on first use; None without Triton."""
     try:
         from adaplex.kernels import gathered_lora_triton as source
     except ImportError:
         return None
     kernels = source.tile_kernel, source.shrink_kernel, source.expand_kernel, source.linear_kernel
-    return _Kernels(*map(Launcher, (*kernels, source.epilogue_kernel)))
+    return tuple(map(Launcher, kernels))
 
 
 def gathered_lora_add(
@@ -211,18 +190,18 @@ class _Bound:
             raise ValueError(f"bound for inputs {tuple(self.shape)} {self.dtype}, given {tuple(x.shape)} {x.dtype}")
         dtypes = [base.dtype for base in bases]
         if dtypes != self.base_dtypes:  # first call, or bases of another dtype (autocast): launch afresh
-            self.launches = [BoundLaunch(*launch[:4]) for launch in self.plan.launches]
+            self.launches = [BoundLaunch(*launch) for launch in self.plan.launches]
             self.base_dtypes = dtypes
         x = x.contiguous()
         tensors = [x, _or(self.rows, x)]
         for (down, up, gain, ranks), base, out in zip(self.tables, bases, outs, strict=True):
             tensors += (down, up, base, out, _or(gain, x), _or(ranks, x))
         tensors += tensors[2:8] * (MAX_PARTS - len(bases))  # unused slots: no program reaches them
+        tensors += extra
         if self.plan.partials is not None:
             tensors.append(x.new_empty(self.plan.partials, dtype=torch.float32))
-        tensors += extra
-        for launch, planned in zip(self.launches, self.plan.launches, strict=True):
-            launch(tensors[: planned.tensors])
+        for launch in self.launches:
+            launch(tensors)
 
 
 class GroupedLoRAAdd(_Bound):
@@ -231,8 +210,8 @@ class GroupedLoRAAdd(_Bound):
     def __init__(
         self, x_like: torch.Tensor, tables: Sequence[Table], rows: torch.Tensor | None, sizes: Sizes | None = None
     ) -> None:
-        if isinstance(sizes, LinearSizes | EpilogueSizes):
-            raise ValueError(f"{type(sizes).__name__} size a base-and-update kernel: GroupedLinearLoRA takes them")
+        if isinstance(sizes, LinearSizes):
+            raise ValueError("LinearSizes size the base-and-update kernel: GroupedLinearLoRA takes them")
         super().__init__(x_like, tables, rows, _plan(x_like.shape, x_like.dtype, _forms(tables), rows is None, sizes))
 
     def __call__(self, x: torch.Tensor, bases: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -243,12 +222,11 @@ class GroupedLoRAAdd(_Bound):
 
 
 class GroupedLinearLoRA(_Bound):
-    """The parts' base linears and their per-sample updates together, for one-token steps on short
+    """The parts' base linears and their per-sample updates in one launch, for one-token steps on short
     inputs: ``(bases, outs) = linear(x)``, base_p = x W_pᵀ and out_p = base_p + g · (x @ down_p[rows]ᵀ) @
     up_p[rows], the base as a bias-free ``nn.Linear`` of weight W_p (out, in) gives it (to the rounding of
     its dot). Where a step launches a kernel per linear and one per group of updates, each costing more
-    than its arithmetic, this launches one (``LinearSizes``) or two (``EpilogueSizes``) for the group;
-    ``sizes`` None: ``LINEAR_DECODE``."""
+    than its arithmetic, this launches one for the group."""
 
     def __init__(
         self,
@@ -256,7 +234,7 @@ class GroupedLinearLoRA(_Bound):
         weights: Sequence[torch.Tensor],
         tables: Sequence[Table],
         rows: torch.Tensor | None,
-        sizes: LinearSizes | EpilogueSizes | None = None,
+        sizes: LinearSizes | None = None,
     ) -> None:
         plan = _plan(x_like.shape, x_like.dtype, _forms(tables), rows is None, sizes or LINEAR_DECODE)
         super().__init__(x_like, tables, rows, plan)
@@ -272,23 +250,26 @@ class GroupedLinearLoRA(_Bound):
         return bases, outs
 
 
-def linear_sizes(x: torch.Tensor) -> LinearSizes | EpilogueSizes | None:
-    """The sizes routed layers give ``GroupedLinearLoRA`` for inputs like ``x`` (B, T, in), or None where
-    they keep their base linears apart: one token a sample on a short input, outside autocast (which
-    computes the base linears its own way); the one-launch form eagerly, the epilogue form inside
-    ``graph_kernels``."""
-    if x.dim() != 3 or x.shape[1] != 1 or x.shape[2] >= LONG_INPUT or torch.is_autocast_enabled(x.device.type):
-        return None
-    return EPILOGUE_DECODE if _for_graphs else LINEAR_DECODE
+def fuses_linear(x: torch.Tensor) -> bool:
+    """Whether routed layers give inputs like ``x`` (B, T, in) to ``GroupedLinearLoRA``: one token a sample,
+    a short input, outside ``graph_kernels`` and outside autocast (which computes the base linears its own way)."""
+    return (
+        not _for_graphs
+        and x.dim() == 3
+        and x.shape[1] == 1
+        and x.shape[2] < LONG_INPUT
+        and not torch.is_autocast_enabled(x.device.type)
+    )
 
 
 @contextmanager
 def graph_kernels() -> Iterator[None]:
-    """Inside the block one-token steps take the kernels that serve CUDA graphs best (``core.graphs`` sets
-    it, for capture and for the same steps run eagerly). The one-launch ``LinearSizes`` form saves
-    launches, which is what an eager step waits on; a graph has no launch cost to save and that form's
-    longer GPU time shows (H200, SmolLM2-135M shape, batch 64: 13-30 µs a group against 7-14 µs for
-    cuBLAS and the update kernel), so graphs take the ``EpilogueSizes`` form."""
+    """Inside the block one-token steps keep their base linears as launches of their own and add the
+    updates with the update kernels, as CUDA graphs run them (``core.graphs`` sets it, for capture and
+    for the same steps run eagerly). ``GroupedLinearLoRA`` saves launches, which is what an eager step
+    waits on; a graph has no launch cost to save and its longer GPU time shows (H200, SmolLM2-135M
+    shape, batch 64: the base-and-update launch takes 13-30 µs a group against 7-14 µs for cuBLAS and
+    the update kernel; the graphed step 1.60x the base against 1.26x)."""
     global _for_graphs
     saved, _for_graphs = _for_graphs, True
     try:
@@ -301,25 +282,11 @@ def _forms(tables: Sequence[Table]) -> tuple[PartForm, ...]:
     return tuple((down.shape, up.shape, gain is None, ranks is None) for down, up, gain, ranks in tables)
 
 
-class _Launch(NamedTuple):
-    """One launch of a plan, and how many of the bound call's tensors the kernel takes (the first ones:
-    x, rows, the parts' slots, then the partial shrinks if any, then the base weights if any)."""
-
-    launcher: Launcher
-    grid: tuple[int, ...]
-    scalars: tuple[int, ...]
-    constants: tuple
-    tensors: int
-
-
-SLOTS = 2 + 6 * MAX_PARTS  # x, rows, each part's (down, up, base, out, gain, ranks)
-
-
 class _Plan(NamedTuple):
-    """A call's launches and the shape of the two-launch forms' partial shrinks (parts, B, splits, RANK),
-    None for the one-launch forms."""
+    """A call's launches (launcher, grid, scalars, constants) and the shape of the two-launch form's
+    partial shrinks (parts, B, splits, RANK), None for the tile kernel's one launch."""
 
-    launches: tuple[_Launch, ...]
+    launches: tuple[tuple[Launcher, tuple[int, ...], tuple[int, ...], tuple], ...]
     partials: tuple[int, ...] | None
 
 
@@ -339,9 +306,10 @@ def _plan(
         raise ValueError(f"grouped_lora_add takes 1 to {MAX_PARTS} parts of one rank, all with gains and ranks or none")
     batch, tokens, n_in = shape
     sizes = sizes or built_in_sizes(batch, tokens, n_in, len(forms))
-    if isinstance(sizes, SplitSizes | LinearSizes | EpilogueSizes) and tokens != 1:
+    split, linear = isinstance(sizes, SplitSizes), isinstance(sizes, LinearSizes)
+    if (split or linear) and tokens != 1:
         raise ValueError(f"{type(sizes).__name__} take one token per sample, not {tokens}")
-    columns = sizes.block_n * getattr(sizes, "chunks", 1)  # per program
+    columns = sizes.block_n * sizes.chunks if split or linear else sizes.block_n  # per program
     n_outs = [up[2] for _, up, _, _ in forms] + [0] * (MAX_PARTS - len(forms))
     part_tiles = [-(-n // columns) for n in n_outs]
     rank, no_gain, no_ranks = forms[0][0][1], forms[0][2], forms[0][3]
@@ -353,39 +321,24 @@ def _plan(
         ("num_warps", sizes.warps),
     )
     has_gain = ("HAS_GAIN", not no_gain)
-    kernels = _kernels()
+    tile_kernel, shrink_kernel, expand_kernel, linear_kernel = _kernels()
     precision = "ieee" if dtype == torch.float32 else "tf32"
-    if isinstance(sizes, TileSizes):
-        blocks = ("BLOCK_M", sizes.block_m), ("BLOCK_N", sizes.block_n), ("BLOCK_K", sizes.block_k)
-        shrink = ("N_IN", n_in), ("UNROLL", n_in <= UNROLLED * sizes.block_k), ("PRECISION", precision)
-        grid = (batch, -(-tokens // sizes.block_m), sum(part_tiles))
-        launch = _Launch(kernels.tile, grid, (*scalars, tokens), (*blocks, *shrink, has_gain, *flags), SLOTS)
-        return _Plan((launch,), None)
-    if isinstance(sizes, LinearSizes):
+    if linear:
         blocks = ("BLOCK_M", sizes.block_m), ("BLOCK_N", sizes.block_n), ("CHUNKS", sizes.chunks)
         inputs = ("N_IN", n_in), ("BLOCK_K", sizes.block_k), ("SHRINK_K", sizes.shrink_k), ("PRECISION", precision)
         grid = (-(-batch // sizes.block_m), sum(part_tiles))
-        constants = (*blocks, *inputs, has_gain, *flags)
-        return _Plan((_Launch(kernels.linear, grid, (*scalars, batch), constants, SLOTS + MAX_PARTS),), None)
-    shrink_k = sizes.block_k if isinstance(sizes, SplitSizes) else sizes.shrink_k
-    splits, split_block = split_blocks(n_in, shrink_k)
-    partials = (len(forms), batch, splits, dot_size(rank))
-    shrink = _Launch(
-        kernels.shrink, (batch, len(forms), splits), scalars, (("N_IN", n_in), ("BLOCK_K", shrink_k), *flags), SLOTS + 1
-    )
-    if isinstance(sizes, SplitSizes):
+        return _Plan(((linear_kernel, grid, (*scalars, batch), (*blocks, *inputs, has_gain, *flags)),), None)
+    if split:
+        splits, split_block = split_blocks(n_in, sizes.block_k)
+        shrink = (batch, len(forms), splits), scalars, (("N_IN", n_in), ("BLOCK_K", sizes.block_k), *flags)
         sums = ("SPLITS", splits), ("SPLIT_BLOCK", split_block)
         blocks = ("BLOCK_N", sizes.block_n), ("CHUNKS", sizes.chunks)
-        expand = _Launch(
-            kernels.expand, (batch, sum(part_tiles)), scalars, (*sums, *blocks, has_gain, *flags), SLOTS + 1
-        )
-        return _Plan((shrink, expand), partials)
+        expand = (batch, sum(part_tiles)), scalars, (*sums, *blocks, has_gain, *flags)
+        return _Plan(((shrink_kernel, *shrink), (expand_kernel, *expand)), (len(forms), batch, splits, dot_size(rank)))
     blocks = ("BLOCK_M", sizes.block_m), ("BLOCK_N", sizes.block_n), ("BLOCK_K", sizes.block_k)
-    inputs = ("N_IN", n_in), ("SPLITS", splits), ("GROUP", sizes.group), ("PRECISION", precision)
-    grid = (-(-batch // sizes.block_m), sum(part_tiles))
-    constants = (*blocks, *inputs, has_gain, *flags)
-    epilogue = _Launch(kernels.epilogue, grid, (*scalars, batch), constants, SLOTS + 1 + MAX_PARTS)
-    return _Plan((shrink, epilogue), partials)
+    shrink = ("N_IN", n_in), ("UNROLL", n_in <= UNROLLED * sizes.block_k), ("PRECISION", precision)
+    grid = (batch, -(-tokens // sizes.block_m), sum(part_tiles))
+    return _Plan(((tile_kernel, grid, (*scalars, tokens), (*blocks, *shrink, has_gain, *flags)),), None)
 
 
 def _or(tensor: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:

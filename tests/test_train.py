@@ -14,13 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+import adaplex
+import adaplex.train.module as module
 from adaplex.core.models import load_base
 from adaplex.errors import ConfigError, StorageError
 from adaplex.io.describe import describe
 from adaplex.io.records import CONFIG_FILE, WEIGHTS_FILE, read_adapter_record
 from adaplex.io.storage import load
 from adaplex.io.tensor_files import read_tensors
+from adaplex.methods import LoRAConfig
 from adaplex.train.config import TrainConfig
 from adaplex.train.data import StepSampler
 from adaplex.train.module import TrainingDiverged
@@ -29,6 +33,7 @@ from adaplex.train.strategy import AdapterFSDP, decoder_blocks, strategy_for
 from adaplex.util.yamlconfig import load_yaml
 
 import tiny
+from helpers import randomize
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {{ eos_token }} {% endfor %}"
@@ -222,6 +227,26 @@ def test_fsdp_units_are_the_models_decoder_blocks():
         strategy_for("fsdp", model, on_gpu=False)
 
 
+def test_adapter_tensors_keep_their_names_inside_wrapped_blocks():
+    """FSDP units (like activation checkpointing, which runs on CPU) wrap each decoder block in a module
+    that adds a segment to every path; adapter files name the tensors as the unwrapped model does."""
+    model = tiny.llama()
+    handle = adaplex.attach(model, "style", LoRAConfig(r=2, alpha=4, targets=("all-linear",)))
+    randomize(handle, "style", seed=3)
+    plain = {k: v.clone() for k, v in handle.state_dict("style").items()}
+    ids = tiny.tokens(batch=2, length=5)
+    expected = model(input_ids=ids).logits
+    for i, layer in enumerate(model.model.layers):
+        model.model.layers[i] = checkpoint_wrapper(layer)
+    assert any("_checkpoint_wrapped_module" in n for n, _ in model.named_modules())
+    wrapped = handle.state_dict("style")
+    assert list(wrapped) == list(plain) and all(torch.equal(wrapped[k], plain[k]) for k in plain)
+    handle.load_state_dict("style", {k: v + 1 for k, v in plain.items()}, "test")  # loads by the same names
+    assert all(torch.equal(handle.state_dict("style")[k], plain[k] + 1) for k in plain)
+    handle.load_state_dict("style", plain, "test")
+    torch.testing.assert_close(model(input_ids=ids).logits, expected)
+
+
 def test_continue_into_a_new_version_leaves_the_old_one(workspace):
     root = workspace
     v1 = train(config(root, "v1", optim={"max_steps": 4}, version="v1"))
@@ -240,6 +265,28 @@ def test_continue_into_a_new_version_leaves_the_old_one(workspace):
     record = read_adapter_record(v2)
     assert (record.version, record.parent) == ("v2", "v1")
     assert (v2 / WEIGHTS_FILE).read_bytes() != old[WEIGHTS_FILE]
+
+
+def test_a_fused_optimizer_under_bf16_mixed_trains_with_its_gradients_clipped(workspace, monkeypatch):
+    """A fused AdamW (what CUDA parameters get) under bf16-mixed with gradient clipping on: Lightning's own
+    clipping refuses that optimizer; the module clips, to the configured norm."""
+    fused = []
+    monkeypatch.setattr(module, "adamw", lambda params, lr, wd, scaled: fused.append(torch.optim.AdamW(
+        params, lr=lr, weight_decay=wd, fused=True)) or fused[-1])  # fmt: skip
+    norms = []
+    clip = module.AdapterModule.configure_gradient_clipping
+
+    def clipped(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    monkeypatch.setattr(module.AdapterModule, "configure_gradient_clipping", clipped)
+    run = config(workspace, "fused-bf16", optim={"lr": 5e-3, "warmup_steps": 2, "max_steps": 4, "gradient_clip": 1e-3},
+                 trainer={"accelerator": "cpu", "precision": "bf16-mixed"})  # fmt: skip
+    train(run)
+    assert fused and fused[0].defaults["fused"]
+    assert len(norms) == 4 and max(norms) == pytest.approx(1e-3, rel=1e-3)  # every step's gradients clipped to 1e-3
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_checkpoints(workspace):

@@ -29,6 +29,7 @@ from adaplex.core.inject import (
     select_sites,
     site_shape,
     unwrap,
+    unwrapped_path,
     wrap,
     wrappers,
 )
@@ -280,14 +281,15 @@ class Adapted:
     # ---- parameters ------------------------------------------------------------------------
 
     def adapters(self, name: str) -> dict[str, Adapter]:
-        """Adapter modules of ``name`` keyed by the path of the base layer or attention layer."""
+        """Adapter modules of ``name`` keyed by the path of the base layer or attention layer, as the
+        unwrapped model names it (``unwrapped_path``: the same keys under FSDP)."""
         self.stack.check(name)
         found = {p: w.adapters[name] for p, w in wrappers(self.model).items() if name in w.adapters}
         for path, child in attention_adapters(self.model).items():
             for place in (child.prefixes, child.gates):
                 if name in place:
                     found[path] = place[name]
-        return found
+        return {unwrapped_path(path): adapter for path, adapter in found.items()}
 
     def sites(self, name: str) -> dict[str, Adapter]:
         """Adapter ``name``'s module at each site: by module path, a fused layer's part as '<module>.<part>'."""

@@ -227,6 +227,17 @@ def link_shared_inputs(model: nn.Module, family: Family) -> None:
             wrapper.group = SharedInputGroup([wrapper])
 
 
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")  # FSDP, checkpoints, compile
+
+
+def unwrapped_path(path: str) -> str:
+    """A module path as the model names it unwrapped: without the segments that FSDP units, activation
+    checkpointing and torch.compile insert (the names adapter files use, however the model was run)."""
+    for segment in WRAPPER_SEGMENTS:
+        path = path.replace(segment, "")
+    return path
+
+
 def wrappers(model: nn.Module) -> dict[str, AdaptedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
 

@@ -30,7 +30,7 @@ from adaplex.generator.store import GeneratorRecord, build_network, generator_re
 from adaplex.generator.tokenizer import Layout, layout_fields, normalize, with_statistics
 from adaplex.generator.zoo import Zoo, read_zoo
 from adaplex.train.data import ResumableLoader, StepSampler
-from adaplex.train.module import adapter_optimizer, check_finite
+from adaplex.train.module import AdapterModule, adapter_optimizer, check_finite
 from adaplex.train.run import lightning_trainer, main_process, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def grid_loss(
     return {"loss": weights.mse * mse + weights.l1 * l1, "mse": mse, "l1": l1}
 
 
-class GeneratorModule(L.LightningModule):
+class GeneratorModule(AdapterModule):
     def __init__(self, network: HyperConvGenerator, mask: torch.Tensor, loss: GenLoss, optim: GenOptim) -> None:
         super().__init__()
         self.network, self.weights, self.optim = network, loss, optim
@@ -177,7 +177,8 @@ class GeneratorModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim
-        return adapter_optimizer(list(self.network.parameters()), o.lr, o.weight_decay, o.warmup_steps, o.max_steps)
+        parameters = list(self.network.parameters())
+        return adapter_optimizer(parameters, o.lr, o.weight_decay, o.warmup_steps, o.max_steps, self.loss_scaled)
 
 
 def new_record(config: GenConfig, prepared: Prepared, network_grid: tuple[int, int]) -> GeneratorRecord:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import MetricCollection
@@ -14,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from adaplex.core.adapted import Adapted
 from adaplex.methods.head import ClassifierHead
 from adaplex.train.gates import GateRegulariser
-from adaplex.train.module import adapter_optimizer, check_finite
+from adaplex.train.module import AdapterModule, adapter_optimizer, check_finite
 
 
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
@@ -38,7 +37,7 @@ def metric_set(classes: int) -> MetricCollection:
     )
 
 
-class AdapterClassifier(L.LightningModule):
+class AdapterClassifier(AdapterModule):
     """Only the trainable adapters and the head are optimised."""
 
     def __init__(
@@ -94,4 +93,6 @@ class AdapterClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         parameters = self.handle.trainable_parameters() + list(self.head.parameters())
-        return adapter_optimizer(parameters, self.lr, self.weight_decay, self.warmup, self.total_steps)
+        return adapter_optimizer(
+            parameters, self.lr, self.weight_decay, self.warmup, self.total_steps, self.loss_scaled
+        )

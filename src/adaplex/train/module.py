@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
 
 from adaplex.compose.route import route
 from adaplex.core.adapted import Adapted
@@ -37,22 +38,55 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
         )
 
 
-def adamw(parameters: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; its fused kernel (one launch for every tensor) where the parameters are on CUDA."""
-    fused = bool(parameters) and all(p.is_cuda for p in parameters)
+def adamw(
+    parameters: list[torch.nn.Parameter], lr: float, weight_decay: float, loss_scaled: bool = False
+) -> torch.optim.AdamW:
+    """AdamW; its fused kernel (one launch for every tensor) where the parameters are on CUDA and no grad
+    scaler scales the loss (16-mixed: a fused step unscales inside itself, after clipping would have
+    seen scaled gradients)."""
+    fused = bool(parameters) and all(p.is_cuda for p in parameters) and not loss_scaled
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def adapter_optimizer(
-    parameters: list[torch.nn.Parameter], lr: float, weight_decay: float, warmup: int, total: int
+    parameters: list[torch.nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    warmup: int,
+    total: int,
+    loss_scaled: bool = False,
 ) -> dict[str, Any]:
     """AdamW with linear warm-up then cosine decay, stepped every optimizer step."""
-    optimizer = adamw(parameters, lr, weight_decay)
+    optimizer = adamw(parameters, lr, weight_decay, loss_scaled)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-class AdapterLM(L.LightningModule):
+class AdapterModule(L.LightningModule):
+    """What adaplex's training modules share: gradient clipping by norm, done here rather than by
+    Lightning's precision plugins, which refuse it for a fused optimizer under mixed precision (one that
+    unscales inside its step; under bf16 nothing is scaled) and cannot clip by norm under FSDP. Under
+    FSDP the root module clips its sharded gradients (their norm is taken across processes)."""
+
+    @property
+    def loss_scaled(self) -> bool:
+        """Whether a grad scaler scales the loss (16-mixed): then the optimizer must not be fused."""
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        if not gradient_clip_val:
+            return
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDPStrategy):
+            strategy.model.clip_grad_norm_(gradient_clip_val)
+        else:
+            parameters = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
+
+
+class AdapterLM(AdapterModule):
     """Next-token loss; only adapter parameters are optimised, and checkpoints hold only them."""
 
     def __init__(
@@ -141,8 +175,9 @@ class AdapterLM(L.LightningModule):
             self.log("val_ppl", torch.exp(loss), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
+        parameters = self.handle.trainable_parameters()
         return adapter_optimizer(
-            self.handle.trainable_parameters(), self.lr, self.weight_decay, self.warmup, self.total_steps
+            parameters, self.lr, self.weight_decay, self.warmup, self.total_steps, self.loss_scaled
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

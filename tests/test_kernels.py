@@ -220,11 +220,28 @@ for dtype in (torch.float32, torch.float16):
         plain = model(input_ids=ids).logits.float()
     with torch.no_grad(), route(handle, [None] * len(keys)), kernel.disabled():
         shared_only = model(input_ids=ids).logits.float()
+    q = model.model.layers[0].self_attn.q_proj.base
+    with torch.no_grad(), route(handle, keys):
+        model(input_ids=ids)  # the fused plans kept for this route
+        seen = []
+        hook = q.register_forward_hook(lambda *_: seen.append(1))  # added while the plans are kept
+        hooked = model(input_ids=ids).logits.float()
+        hook.remove()
+        v = model.model.layers[0].self_attn.v_proj.base  # (q does not matter to a one-token step)
+        original = v.weight
+        v.weight = torch.nn.Parameter(original * 2, requires_grad=False)  # replaced, not changed in place
+        replaced = model(input_ids=ids).logits.float()
+        with kernel.disabled():
+            replaced_plain = model(input_ids=ids).logits.float()
+        v.weight = original
     result[str(dtype)] = {{"diff": (fused - plain).abs().max().item(), "scale": plain.abs().max().item(),
                           "calls": first, "again": (again - fused).abs().max().item(),
                           "graph_calls": after_graphs[len(first) * 2:],
                           "graph_diff": (as_graphs - plain).abs().max().item(),
-                          "experts_matter": (plain - shared_only).abs().max().item()}}
+                          "experts_matter": (plain - shared_only).abs().max().item(),
+                          "hook_calls": len(seen), "hooked_diff": (hooked - plain).abs().max().item(),
+                          "replaced_diff": (replaced - replaced_plain).abs().max().item(),
+                          "replacing_matters": (replaced_plain - plain).abs().max().item()}}
 print(json.dumps(result))
 """
 
@@ -460,7 +477,7 @@ def test_the_base_and_update_kernel_equals_float32_references():
         assert base_error < tolerance and out_error < tolerance, (dtype, base_error, out_error)
 
 
-def test_a_one_token_step_computes_each_groups_bases_with_its_updates_in_one_launch():
+def test_a_one_token_step_computes_each_groups_bases_with_its_updates_in_one_launch_while_its_bases_hold():
     result = _interpreted(LINEAR_CHECK.format(tests=str(TESTS)))
     for dtype, tolerance in (("torch.float32", 1e-5), ("torch.float16", 2e-3)):
         case = result[dtype]
@@ -469,6 +486,9 @@ def test_a_one_token_step_computes_each_groups_bases_with_its_updates_in_one_lau
         assert case["diff"] < tolerance * case["scale"]  # against the base linears and the matmul path
         assert case["again"] == 0
         assert case["graph_calls"] == [] and case["graph_diff"] < tolerance * case["scale"]
+        # a hook added, or a weight replaced, while the route's plans are kept: seen by the next step
+        assert case["hook_calls"] == 1 and case["hooked_diff"] < tolerance * case["scale"]
+        assert case["replacing_matters"] > 0.01 and case["replaced_diff"] < tolerance * case["scale"]
 
 
 def test_only_plain_linears_outside_autocast_give_their_weights_to_the_base_and_update_kernel():

@@ -13,8 +13,9 @@ member's per-sample LoRA deltas (expert banks, given adapters) in ONE kernel lau
 (``GroupedLoRAAdd``); each other member then takes its result instead of computing it. A decode step
 of a routed Llama so launches 4 expert kernels per layer instead of 7. Where the active kinds are
 reusable (a route's), what the leader works out (who joins, the factors, the bound launches) is kept
-in the stack's memo until the active set changes, so a decode step after the first does only the
-launches. Results are those of the members computed alone (to rounding: a member's per-sample deltas
+in the stack's memo until the active set changes (or, for a launch that computes the base outputs
+too, until a base's weight is replaced or a forward hook added), so a decode step after the first
+does only the launches. Results are those of the members computed alone (to rounding: a member's per-sample deltas
 are added before its other adapters). A member called on another input than the leader's leaves the
 group and computes alone from then on.
 """
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from transformers.pytorch_utils import Conv1D
 
 from adaplex.core.stack import Stack
@@ -212,7 +214,7 @@ class SharedInputGroup:
         active set holds where every kind involved is reusable (a route's are)."""
         stack = self.members[0].stack
         key = (self, x.shape, x.dtype, x.device, gathered_lora.fuses_linear(x))
-        if key in stack.memo:
+        if key in stack.memo and _still_bound(stack.memo[key]):
             return stack.memo[key]
         names = tuple(n for n in active if _per_sample(self.members[0], n))
         plan = self._find_plan(x, active, names) if names else None
@@ -238,7 +240,8 @@ class SharedInputGroup:
 def _linear_weights(members: list[AdaptedLinear], x: torch.Tensor) -> list[torch.Tensor] | None:
     """The members' base weights where one launch may compute their base outputs with their updates: a
     one-token step on a short input outside autocast (``gathered_lora.fuses_linear``), every base a plain
-    bias-free ``nn.Linear`` without hooks holding a contiguous weight of x's dtype; else None."""
+    bias-free ``nn.Linear`` without forward hooks (its own or global) holding a contiguous weight of x's
+    dtype; else None."""
     if not gathered_lora.fuses_linear(x):
         return None
     bases = [m.base for m in members]
@@ -247,10 +250,25 @@ def _linear_weights(members: list[AdaptedLinear], x: torch.Tensor) -> list[torch
         and b.bias is None
         and b.weight.dtype == x.dtype
         and b.weight.is_contiguous()
-        and not (b._forward_hooks or b._forward_pre_hooks)
+        and not _hooked(b)
         for b in bases
     )
     return [b.weight for b in bases] if plain else None
+
+
+def _still_bound(plan: _Plan | None) -> bool:
+    """Whether a kept plan still holds: one that computes its members' base outputs in its own launch
+    holds while each base keeps the weight it was bound to and no hook has been added to one since
+    (the launch would bypass the hook, or read a replaced weight)."""
+    if plan is None or not isinstance(plan[2], gathered_lora.GroupedLinearLoRA):
+        return True
+    joined, _, launch = plan
+    return all(m.base.weight is w and not _hooked(m.base) for m, w in zip(joined, launch.weights, strict=False))
+
+
+def _hooked(base: nn.Module) -> bool:
+    """Whether a forward hook expects to see ``base`` called: one of its own, or a global one."""
+    return bool(base._forward_hooks or base._forward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks)
 
 
 def _launchable_together(row: list[Factors]) -> bool:

@@ -263,7 +263,13 @@ def _still_bound(plan: _Plan | None) -> bool:
     if plan is None or not isinstance(plan[2], gathered_lora.GroupedLinearLoRA):
         return True
     joined, _, launch = plan
-    return all(m.base.weight is w and not _hooked(m.base) for m, w in zip(joined, launch.weights, strict=False))
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        return False
+    for member, weight in zip(joined, launch.weights, strict=False):  # every step, every group: no __getattr__
+        base = member._modules["base"]
+        if base._parameters["weight"] is not weight or base._forward_hooks or base._forward_pre_hooks:
+            return False
+    return True
 
 
 def _hooked(base: nn.Module) -> bool:

@@ -15,9 +15,9 @@ of a routed Llama so launches 4 expert kernels per layer instead of 7. Where the
 reusable (a route's), what the leader works out (who joins, the factors, the bound launches) is kept
 in the stack's memo until the active set changes (or, for a launch that computes the base outputs
 too, until a base's weight is replaced or a forward hook added), so a decode step after the first
-does only the launches. Results are those of the members computed alone (to rounding: a member's per-sample deltas
-are added before its other adapters). A member called on another input than the leader's leaves the
-group and computes alone from then on.
+does only the launches. Results are those of the members computed alone (to rounding: a member's
+per-sample deltas are added before its other adapters). A member called on another input than the
+leader's leaves the group and computes alone from then on.
 """
 
 from __future__ import annotations

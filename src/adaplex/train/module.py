@@ -70,8 +70,10 @@ class AdapterModule(L.LightningModule):
 
     @property
     def loss_scaled(self) -> bool:
-        """Whether a grad scaler scales the loss (16-mixed): then the optimizer must not be fused."""
-        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        """Whether a grad scaler scales the loss (16-mixed): then the optimizer must not be fused. False
+        outside a trainer."""
+        trainer = self._trainer
+        return trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None

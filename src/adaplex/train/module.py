@@ -76,8 +76,13 @@ class AdapterModule(L.LightningModule):
         return trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
 
     def configure_gradient_clipping(
-        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
     ) -> None:
+        """Scale the gradients so that their global norm is at most ``gradient_clip_val`` (adaplex's
+        trainers leave Lightning's algorithm at its default, norm)."""
         if not gradient_clip_val:
             return
         strategy = self.trainer.strategy

@@ -30,7 +30,7 @@ from adaplex.generator.store import GeneratorRecord, build_network, generator_re
 from adaplex.generator.tokenizer import Layout, layout_fields, normalize, with_statistics
 from adaplex.generator.zoo import Zoo, read_zoo
 from adaplex.train.data import ResumableLoader, StepSampler
-from adaplex.train.module import AdapterModule, adapter_optimizer, check_finite
+from adaplex.train.module import AdapterModule, check_finite
 from adaplex.train.run import lightning_trainer, main_process, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class GeneratorModule(AdapterModule):
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim
         parameters = list(self.network.parameters())
-        return adapter_optimizer(parameters, o.lr, o.weight_decay, o.warmup_steps, o.max_steps, self.loss_scaled)
+        return self.adapter_optimizer(parameters, o.lr, o.weight_decay, o.warmup_steps, o.max_steps)
 
 
 def new_record(config: GenConfig, prepared: Prepared, network_grid: tuple[int, int]) -> GeneratorRecord:

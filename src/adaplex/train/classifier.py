@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from adaplex.core.adapted import Adapted
 from adaplex.methods.head import ClassifierHead
 from adaplex.train.gates import GateRegulariser
-from adaplex.train.module import AdapterModule, adapter_optimizer, check_finite
+from adaplex.train.module import AdapterModule, check_finite
 
 
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
@@ -93,6 +93,4 @@ class AdapterClassifier(AdapterModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         parameters = self.handle.trainable_parameters() + list(self.head.parameters())
-        return adapter_optimizer(
-            parameters, self.lr, self.weight_decay, self.warmup, self.total_steps, self.loss_scaled
-        )
+        return self.adapter_optimizer(parameters, self.lr, self.weight_decay, self.warmup, self.total_steps)

@@ -48,30 +48,24 @@ def adamw(
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def adapter_optimizer(
-    parameters: list[torch.nn.Parameter],
-    lr: float,
-    weight_decay: float,
-    warmup: int,
-    total: int,
-    loss_scaled: bool = False,
-) -> dict[str, Any]:
-    """AdamW with linear warm-up then cosine decay, stepped every optimizer step."""
-    optimizer = adamw(parameters, lr, weight_decay, loss_scaled)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
 class AdapterModule(L.LightningModule):
-    """What adaplex's training modules share: gradient clipping by norm, done here rather than by
-    Lightning's precision plugins, which refuse it for a fused optimizer under mixed precision (one that
-    unscales inside its step; under bf16 nothing is scaled) and cannot clip by norm under FSDP. Under
-    FSDP the root module clips its sharded gradients (their norm is taken across processes)."""
+    """What adaplex's training modules share: their optimizer (``adapter_optimizer``) and gradient
+    clipping by norm, done here rather than by Lightning's precision plugins, which refuse it for a fused
+    optimizer under mixed precision (one that unscales inside its step; under bf16 nothing is scaled) and
+    cannot clip by norm under FSDP. Under FSDP the root module clips its sharded gradients (their norm
+    is taken across processes)."""
 
-    @property
-    def loss_scaled(self) -> bool:
-        """Whether a grad scaler scales the loss (16-mixed): then the optimizer must not be fused. False
-        outside a trainer."""
+    def adapter_optimizer(
+        self, parameters: list[torch.nn.Parameter], lr: float, weight_decay: float, warmup: int, total: int
+    ) -> dict[str, Any]:
+        """AdamW (fused unless a grad scaler scales the loss) with linear warm-up then cosine decay,
+        stepped every optimizer step: what ``configure_optimizers`` returns."""
+        optimizer = adamw(parameters, lr, weight_decay, self._loss_scaled())
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _loss_scaled(self) -> bool:
+        """Whether a grad scaler scales the loss (16-mixed); False outside a trainer."""
         trainer = self._trainer
         return trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
 
@@ -183,9 +177,7 @@ class AdapterLM(AdapterModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         parameters = self.handle.trainable_parameters()
-        return adapter_optimizer(
-            parameters, self.lr, self.weight_decay, self.warmup, self.total_steps, self.loss_scaled
-        )
+        return self.adapter_optimizer(parameters, self.lr, self.weight_decay, self.warmup, self.total_steps)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the adapters' tensors: a checkpoint is a few MB, not a copy of the base."""

@@ -4,7 +4,9 @@
 # references, their decode sites' GPU times with a tile sweep, the base-and-update kernel beside cuBLAS), route (SmolLM2-135M shape, decode, batch 64:
 # 1 and 64 distinct adapters with the base, profiled; 8 with PEFT beside; 64 at mixed ranks 4/16), route-8b
 # (a Llama-3-8B layer shape with 2 layers: 64 and 1,024 resident experts, then 1,024 paged into 64 device
-# slots), host (benchmarks/route_host.py: where the host's time goes in an eager decode step, 135M shape),
+# slots), dependent (benchmarks/dependent_check.py: dependent update launches give the independent ones'
+# logits, replay after replay; benchmarks/dependent_sweep.py: the two-launch form's sizes with them, 8B shape),
+# host (benchmarks/route_host.py: where the host's time goes in an eager decode step, 135M shape),
 # and before / before-8b / before-host (route, route-8b and host's main runs with the code in
 # .devcarry/old-src, for a before/after in one session). Models have random weights of the real shapes (benchmarks/shapes).
 # Carried, not committed: .whl (pinned wheels the image lacks) and, for before, .devcarry/old-src.
@@ -28,10 +30,13 @@ for section in ${*:-kernel route}; do
              --out "$OUT/route-decode-cuda-mixed.json" ;;
     before) SRC=$PWD/.devcarry/old-src bench --shape $SMALL --adapters 1 --adapters 64 --peers none --rounds 9 \
               --out "$OUT/route-decode-cuda-before.json" ;;
-    route-8b) bench --shape $LARGE --layers 2 --adapters 64 --adapters 1024 --peers none --rounds 7 --profile \
+    route-8b) bench --shape $LARGE --layers 2 --adapters 64 --adapters 1024 --peers none --rounds 11 --profile \
                 --out "$OUT/route-decode-cuda-8b.json"
-              bench --shape $LARGE --layers 2 --adapters 1024 --slots 64 --peers none --rounds 7 \
+              bench --shape $LARGE --layers 2 --adapters 1024 --slots 64 --peers none --rounds 11 \
                 --out "$OUT/route-decode-cuda-8b-paged.json" ;;
+    dependent) (cd benchmarks && PYTHONPATH=/tmp/site:$SRC python3 dependent_check.py "$OUT/dependent-check-cuda.json" \
+                 2>&1 | grep -v Warning | tail -3
+               PYTHONPATH=/tmp/site:$SRC python3 dependent_sweep.py "$OUT/dependent-sweep-cuda-8b.json" | tail -3) ;;
     host|before-host) S=$SRC; [ $section = before-host ] && S=$PWD/.devcarry/old-src
                       (cd benchmarks && PYTHONPATH=/tmp/site:$S python3 route_host.py ../$SMALL "$OUT/route-$section-cuda.json" \
                         2>&1 | grep -v Warning | tail -40) ;;

@@ -127,19 +127,29 @@ def _lora_pointers(fn) -> dict[str, str]:
     return pointers | {"x_ptr": "bf16", "rows_ptr": "i64"}
 
 
-@pytest.mark.parametrize("n_in", [4096, 14336])
-def test_gathered_lora_split_kernels_compile_for_h100_without_spills(n_in):
+def assert_dependent(ptx: str, dependent: bool, *instructions: str) -> None:
+    """A dependent launch's kernel holds each of ``instructions`` (griddepcontrol's) once; another, none."""
+    for instruction in instructions:
+        assert ptx.count(f"griddepcontrol.{instruction};") == (1 if dependent else 0), instruction
+
+
+@pytest.mark.parametrize("n_in, dependent", [(4096, False), (4096, True), (14336, True)])
+def test_gathered_lora_split_kernels_compile_for_h100_without_spills(n_in, dependent):
     sizes = ONE_TOKEN_LONG
-    flags = dict(RANK=16, HAS_ROWS=True, HAS_RANKS=True)
+    flags = dict(RANK=16, HAS_ROWS=True, HAS_RANKS=True, DEPENDENT=dependent)
     splits, split_block = split_blocks(n_in, sizes.block_k)
     shrink = dict(N_IN=n_in, BLOCK_K=sizes.block_k, **flags)
     expand = dict(SPLITS=splits, SPLIT_BLOCK=split_block, BLOCK_N=sizes.block_n,
                   CHUNKS=sizes.chunks, HAS_GAIN=True, **flags)  # fmt: skip
-    for fn, constexprs in ((gathered.shrink_kernel, shrink), (gathered.expand_kernel, expand)):
+    for fn, constexprs, gdc in (
+        (gathered.shrink_kernel, shrink, ("launch_dependents", "wait")),
+        (gathered.expand_kernel, expand, ("wait",)),
+    ):
         pointers = _lora_pointers(fn) | {"h_ptr": "fp32"}
-        kernel = compile_for_h100(fn, pointers, (), constexprs, num_warps=sizes.warps)
+        kernel = compile_for_h100(fn, pointers, (), constexprs, num_warps=sizes.warps, launch_pdl=dependent)
         assert kernel.metadata.shared <= SHARED_MEMORY
         assert resources(kernel)["STACK"] == 0
+        assert_dependent(kernel.asm["ptx"], dependent, *gdc)
 
 
 @pytest.mark.parametrize("sizes, n_in, flags", [(DECODE, 576, True), (PREFILL, 576, False), (PREFILL, 14336, True)])

@@ -19,7 +19,7 @@ import torch
 
 import adaplex
 from adaplex.core.layers import _linear_weights
-from adaplex.kernels import checked_attention
+from adaplex.kernels import checked_attention, gathered_lora
 from adaplex.kernels.gathered_lora import PREFILL, GroupedLoRAAdd, TileSizes, built_in_sizes, graph_kernels
 from adaplex.methods import ExpertsConfig
 
@@ -467,6 +467,18 @@ def test_one_token_steps_on_long_inputs_take_chunks_that_keep_the_partial_shrink
     assert chunk(512, 14336, 1) == 2048  # at most four times the built-in chunk
     assert isinstance(built_in_sizes(64, 1, 576, 3), TileSizes)  # short inputs: the tile kernel
     assert built_in_sizes(64, 300, 4096, 1) == PREFILL
+
+
+@pytest.mark.parametrize("dependent", [False, True])
+def test_only_the_two_launch_forms_launches_are_dependent_and_only_when_asked(dependent):
+    def launch_options(n_in: int) -> list[set]:
+        forms = ((torch.Size((4, 16, n_in)), torch.Size((4, 16, 1024)), True, True),)
+        plan = gathered_lora._plan(torch.Size((64, 1, n_in)), torch.bfloat16, forms, False, None, dependent)
+        return [{(k, v) for k, v in constants if k in ("DEPENDENT", "launch_pdl")} for *_, constants in plan.launches]
+
+    split = {("DEPENDENT", dependent), ("launch_pdl", dependent)}
+    assert launch_options(4096) == [split, split]  # shrink, expand
+    assert launch_options(576) == [set()]  # the tile kernel: never dependent
 
 
 def test_the_base_and_update_kernel_equals_float32_references():

@@ -3,10 +3,12 @@
 Every sample of the batch uses its own rank-r LoRA adapter (keys cycle through K adapters). adaplex
 routes through one ExpertBank per site (gathered batched matmuls); PEFT runs the same adapters
 with ``adapter_names``. Where the fused routing kernel runs (CUDA), the routed model is also timed
-without it ("adaplex-routed-bmm": batched matmuls). Modes: "prefill" times a full forward of (B, T)
-tokens; "decode" times one next-token step of a batch with a KV cache of T tokens (the cache is
-cropped back after each step), and on CUDA also that step captured as a CUDA graph over a static
-cache, as serving engines run decode (base and routed; PEFT's mixed batches cannot be captured).
+without it ("adaplex-routed-bmm": batched matmuls) and, from compute capability 9.0, with update launches
+that wait for the base linear's to end before they start ("adaplex-routed-independent"). Modes:
+"prefill" times a full forward of (B, T) tokens; "decode" times one next-token step of a batch with a
+KV cache of T tokens (the cache is cropped back after each step), and on CUDA also that step captured
+as a CUDA graph over a static cache, as serving engines run decode (base and the routed variants; PEFT's
+mixed batches cannot be captured).
 With ``profile``, a few steps of base and routed are also profiled (``adaplex.bench.profile``): where
 the routed step's time goes.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -38,6 +40,12 @@ from adaplex.util.measure import device_name, interleaved_times, median_ratio, s
 from adaplex.util.progress import report
 
 PROFILED = ("base", "adaplex-routed", "base-graph", "adaplex-routed-graph")  # the steps --profile profiles
+GRAPHED = ("base", "adaplex-routed", "adaplex-routed-independent")  # the steps also timed as CUDA graphs
+# the routed model's variants, by the kernels they run: batched matmuls, and update launches that are not dependent
+VARIANTS = {
+    "adaplex-routed-bmm": gathered_lora.disabled,
+    "adaplex-routed-independent": gathered_lora.independent_launches,
+}
 
 
 def _randomize(params, seed: int) -> None:
@@ -127,10 +135,16 @@ def measure(
     if gathered_lora.available(ids):  # the same routed model without its fused kernel, side by side
         models["adaplex-routed-bmm"] = routed.model
         kwargs["adaplex-routed-bmm"] = {}
+        if gathered_lora.dependent_launches(ids):  # and with its launches waiting for the base's to end
+            models["adaplex-routed-independent"] = routed.model
+            kwargs["adaplex-routed-independent"] = {}
     caches: dict[str, DynamicCache] = {}
 
+    def kernels(name: str) -> AbstractContextManager:
+        return VARIANTS.get(name.removesuffix("-graph"), nullcontext)()
+
     def forward(name: str, **inputs) -> None:
-        with torch.no_grad(), gathered_lora.disabled() if name == "adaplex-routed-bmm" else nullcontext():
+        with torch.no_grad(), kernels(name):
             models[name](**inputs, **kwargs[name])
 
     if mode == "decode":
@@ -153,7 +167,10 @@ def measure(
     with route(routed, per_sample):
         steps = {n: step(n) for n in models}
         if mode == "decode" and ids.is_cuda:  # as serving engines run decode: one CUDA graph per step
-            steps |= {f"{n}-graph": graphed_decode(models[n], ids) for n in ("base", "adaplex-routed")}
+            for name in GRAPHED:
+                if name in models:
+                    with kernels(name):
+                        steps[f"{name}-graph"] = graphed_decode(models[name], ids)
         times = interleaved_times(steps, rounds, ids.device, warmup=2)
         profiled = [n for n in PROFILED if n in steps] if profile else []
         profiles = {n: profile_steps(steps[n], 5, ids.device) for n in profiled}
@@ -161,7 +178,9 @@ def measure(
         "peft_x_base": ("peft-mixed", "base"),
         "peft_x_routed": ("peft-mixed", "adaplex-routed"),
         "routed_bmm_x_base": ("adaplex-routed-bmm", "base"),
+        "routed_independent_x_base": ("adaplex-routed-independent", "base"),
         "graph_routed_x_base": ("adaplex-routed-graph", "base-graph"),
+        "graph_routed_independent_x_base": ("adaplex-routed-independent-graph", "base-graph"),
         "graph_base_x_base": ("base-graph", "base"),
     }
     ratios = {name: pair for name, pair in ratios.items() if pair[0] in times}

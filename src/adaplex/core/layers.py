@@ -201,9 +201,10 @@ class SharedInputGroup:
         if isinstance(launches, gathered_lora.GroupedLinearLoRA):
             bases, outs = launches(x)
         else:
-            bases = outs = [m.base(x) for m in joined]
+            inputs = x.contiguous()  # before the base linears: the update launches may depend on them alone
+            bases = outs = [m.base(inputs) for m in joined]
             for add in launches:
-                outs = add(x, outs)
+                outs = add(inputs, outs)
         for m, base, out in zip(joined[1:], bases[1:], outs[1:], strict=True):
             self._pending[id(m)] = _Pending(x, version(x), (base, out, names))
         return bases[0], outs[0], names
@@ -213,7 +214,7 @@ class SharedInputGroup:
         factors per member, or None: each member computes alone. Kept in the stack's memo while the
         active set holds where every kind involved is reusable (a route's are)."""
         stack = self.members[0].stack
-        key = (self, x.shape, x.dtype, x.device, gathered_lora.fuses_linear(x))
+        key = (self, x.shape, x.dtype, x.device, gathered_lora.fuses_linear(x), gathered_lora.dependent_launches(x))
         if key in stack.memo and _still_bound(stack.memo[key]):
             return stack.memo[key]
         names = tuple(n for n in active if _per_sample(self.members[0], n))
@@ -233,7 +234,10 @@ class SharedInputGroup:
         weights = _linear_weights(joined, x) if len(names) == 1 else None
         if weights is not None:
             return joined, names, gathered_lora.GroupedLinearLoRA(x, weights, tables[0], factors[0][0].rows)
-        adds = [gathered_lora.GroupedLoRAAdd(x, table, row[0].rows) for table, row in zip(tables, factors, strict=True)]
+        adds = [
+            gathered_lora.GroupedLoRAAdd(x, table, row[0].rows, dependent=True)
+            for table, row in zip(tables, factors, strict=True)
+        ]
         return joined, names, adds
 
 

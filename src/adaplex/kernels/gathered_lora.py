@@ -22,7 +22,8 @@ Three forms, picked by the sizes' type:
   in float32; the expand sums a sample's partials and adds g·h·U over CHUNKS·BLOCK_N columns per
   program. Every byte of D and U is read once, by enough programs to fill the GPU, where one
   program per sample re-reading D for each column block left an 8B layer's launches at ~10x
-  their bytes.
+  their bytes. From compute capability 9.0 both are programmatic dependent launches where the caller
+  allows (``GroupedLoRAAdd``'s ``dependent``): the expand loads U while the shrink still runs.
 - ``LinearSizes`` (one token per sample, short inputs; ``GroupedLinearLoRA``): the base linears
   too, base_p = x·W_pᵀ, in one launch per group of parts, for eager steps whose host launching kernels
   sets the pace. A program takes BLOCK_M samples: their shrinks on CUDA cores (each sample its own D),
@@ -48,6 +49,7 @@ from adaplex.kernels.launch import BoundLaunch, Launcher
 MAX_PARTS = 3
 _enabled = True
 _for_graphs = False
+_dependent = True
 
 # (base output (B, T, out), down (N, r, in), up (N, r, out), gain (B,) float32 or None, ranks (B,) int32 or None)
 Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
@@ -119,6 +121,29 @@ def available(x: torch.Tensor) -> bool:
     """Whether the kernels can run on ``x``'s device: CUDA (or any device under the interpreter) with
     Triton installed, as PyTorch's CUDA wheels install it."""
     return _enabled and (x.is_cuda or INTERPRETED) and _kernels() is not None
+
+
+def dependent_launches(x: torch.Tensor) -> bool:
+    """Whether update launches on ``x``'s device may be programmatic dependent launches (compute capability
+    9.0 and up, compiled kernels): each starts before the kernel ahead of it ends and waits for it only
+    where it reads what that kernel wrote (``GroupedLoRAAdd``'s ``dependent``)."""
+    return _dependent and x.is_cuda and not INTERPRETED and _hopper_or_later(x.device)
+
+
+@cache
+def _hopper_or_later(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@contextmanager
+def independent_launches() -> Iterator[None]:
+    """Inside the block update launches wait for the kernel ahead of them to end before they start (to compare)."""
+    global _dependent
+    saved, _dependent = _dependent, False
+    try:
+        yield
+    finally:
+        _dependent = saved
 
 
 @contextmanager
@@ -205,14 +230,30 @@ class _Bound:
 
 
 class GroupedLoRAAdd(_Bound):
-    """``grouped_lora_add`` with its tables bound: ``add(x, bases)`` gives the parts' outputs."""
+    """``grouped_lora_add`` with its tables bound: ``add(x, bases)`` gives the parts' outputs.
+
+    ``dependent``: the caller's promise that each call comes right after the kernels that compute its
+    bases, with x (contiguous), the tables, rows, gains and ranks all written before those kernels
+    began. The two-launch form's launches are then programmatic dependent ones (where
+    ``dependent_launches`` allows): the shrink starts when the base linear lets it (at the latest as its
+    last blocks end) and lets the expand start at once, which loads U and waits only before it reads the
+    partials and the bases. (The
+    tile kernel's one launch stays independent: as a dependent launch after cuBLAS's GEMM it found nothing
+    to overlap, H200, benchmarks/results/route-decode-cuda-dependent-tile-rejected.json.)"""
 
     def __init__(
-        self, x_like: torch.Tensor, tables: Sequence[Table], rows: torch.Tensor | None, sizes: Sizes | None = None
+        self,
+        x_like: torch.Tensor,
+        tables: Sequence[Table],
+        rows: torch.Tensor | None,
+        sizes: Sizes | None = None,
+        dependent: bool = False,
     ) -> None:
         if isinstance(sizes, LinearSizes):
             raise ValueError("LinearSizes size the base-and-update kernel: GroupedLinearLoRA takes them")
-        super().__init__(x_like, tables, rows, _plan(x_like.shape, x_like.dtype, _forms(tables), rows is None, sizes))
+        dependent = dependent and dependent_launches(x_like)
+        plan = _plan(x_like.shape, x_like.dtype, _forms(tables), rows is None, sizes, dependent)
+        super().__init__(x_like, tables, rows, plan)
 
     def __call__(self, x: torch.Tensor, bases: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         bases = [base.contiguous() for base in bases]
@@ -236,7 +277,7 @@ class GroupedLinearLoRA(_Bound):
         rows: torch.Tensor | None,
         sizes: LinearSizes | None = None,
     ) -> None:
-        plan = _plan(x_like.shape, x_like.dtype, _forms(tables), rows is None, sizes or LINEAR_DECODE)
+        plan = _plan(x_like.shape, x_like.dtype, _forms(tables), rows is None, sizes or LINEAR_DECODE, False)
         super().__init__(x_like, tables, rows, plan)
         shapes = [w.shape for w in weights]
         if shapes != [(up.shape[2], x_like.shape[2]) for _, up, _, _ in tables]:
@@ -295,9 +336,15 @@ PartForm = tuple[torch.Size, torch.Size, bool, bool]  # down's shape, up's shape
 
 @lru_cache(maxsize=256)
 def _plan(
-    shape: torch.Size, dtype: torch.dtype, forms: tuple[PartForm, ...], no_rows: bool, sizes: Sizes | None
+    shape: torch.Size,
+    dtype: torch.dtype,
+    forms: tuple[PartForm, ...],
+    no_rows: bool,
+    sizes: Sizes | None,
+    dependent: bool,
 ) -> _Plan:
-    """What a call of these shapes launches, worked out once per shape (a decode step's layers share it)."""
+    """What a call of these shapes launches, worked out once per shape (a decode step's layers share it);
+    ``dependent``: the two-launch form's launches are programmatic dependent ones."""
     if (
         not 1 <= len(forms) <= MAX_PARTS
         or len({down[1] for down, *_ in forms}) != 1
@@ -329,11 +376,12 @@ def _plan(
         grid = (-(-batch // sizes.block_m), sum(part_tiles))
         return _Plan(((linear_kernel, grid, (*scalars, batch), (*blocks, *inputs, has_gain, *flags)),), None)
     if split:
+        launch = ("DEPENDENT", dependent), ("launch_pdl", dependent)
         splits, split_block = split_blocks(n_in, sizes.block_k)
-        shrink = (batch, len(forms), splits), scalars, (("N_IN", n_in), ("BLOCK_K", sizes.block_k), *flags)
+        shrink = (batch, len(forms), splits), scalars, (("N_IN", n_in), ("BLOCK_K", sizes.block_k), *flags, *launch)
         sums = ("SPLITS", splits), ("SPLIT_BLOCK", split_block)
         blocks = ("BLOCK_N", sizes.block_n), ("CHUNKS", sizes.chunks)
-        expand = (batch, sum(part_tiles)), scalars, (*sums, *blocks, has_gain, *flags)
+        expand = (batch, sum(part_tiles)), scalars, (*sums, *blocks, has_gain, *flags, *launch)
         return _Plan(((shrink_kernel, *shrink), (expand_kernel, *expand)), (len(forms), batch, splits, dot_size(rank)))
     blocks = ("BLOCK_M", sizes.block_m), ("BLOCK_N", sizes.block_n), ("BLOCK_K", sizes.block_k)
     shrink = ("N_IN", n_in), ("UNROLL", n_in <= UNROLLED * sizes.block_k), ("PRECISION", precision)

@@ -3,6 +3,7 @@ importing Triton is slow)."""
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -95,10 +96,14 @@ def shrink_kernel(
     x_ptr, rows_ptr, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2, h_ptr,
     n_out0, n_out1, n_out2, tiles0, tiles01, r_max,
     N_IN: tl.constexpr, RANK: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ROWS: tl.constexpr,
-    HAS_RANKS: tl.constexpr,
+    HAS_RANKS: tl.constexpr, DEPENDENT: tl.constexpr,
 ):  # fmt: skip
     """One token's partial h = D_n x_b over inputs [s·BLOCK_K, (s + 1)·BLOCK_K) of part p, on CUDA cores,
-    into h[p, b, s] (RANK,) in float32; grid (B, parts, splits)."""
+    into h[p, b, s] (RANK,) in float32; grid (B, parts, splits). DEPENDENT (launched dependent on the base
+    linear, the expand dependent on it): it reads only x and its tables, lets the expand start at once, and
+    ends only once the base linear has, so that the expand's wait covers the base output too."""
+    if DEPENDENT:
+        gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     part, split = tl.program_id(1), tl.program_id(2)
     down, _, _, _, _, ranks_ptr, _ = _pointers(
@@ -116,6 +121,17 @@ def shrink_kernel(
     h = tl.sum(d.to(tl.float32) * x[None, :], axis=1)
     at = ((part * tl.num_programs(0) + b) * tl.num_programs(2) + split) * RANK
     tl.store(h_ptr + at + ranks, h)
+    if DEPENDENT:
+        gdc_wait()
+
+
+@triton.jit
+def _up_chunk(up, ranks, rank_ok, tile, chunk, n_out, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Chunk ``chunk`` of the expand's tile: its output columns, which are in range, U there (RANK, BLOCK_N)."""
+    cols = (tile * CHUNKS + chunk) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_out
+    u = tl.load(up + ranks[:, None] * n_out + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+    return cols, col_ok, u
 
 
 @triton.jit
@@ -124,27 +140,31 @@ def expand_kernel(
     n_out0, n_out1, n_out2, tiles0, tiles01, r_max,
     RANK: tl.constexpr, SPLITS: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNKS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_RANKS: tl.constexpr,
+    DEPENDENT: tl.constexpr,
 ):  # fmt: skip
     """base + g·h·U over CHUNKS·BLOCK_N output columns of one token, h summed over the shrink's splits;
-    grid (B, output tiles of all parts)."""
+    grid (B, output tiles of all parts). The first chunk's U is loaded before h and the base (DEPENDENT:
+    before waiting on the shrink, which is still running)."""
     b = tl.program_id(0).to(tl.int64)
     part, tile = _part(tl.program_id(1), tiles0, tiles01)
     _, up, base, out, gain, ranks_ptr, n_out = _pointers(
         part, n_out0, n_out1, n_out2, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2
     )  # fmt: skip
+    row, ranks, rank_ok = _row_and_ranks(b, rows_ptr, ranks_ptr, r_max, RANK, HAS_ROWS, HAS_RANKS)
+    up += row * r_max * n_out
+    cols, col_ok, u = _up_chunk(up, ranks, rank_ok, tile, 0, n_out, CHUNKS, BLOCK_N)
+    if DEPENDENT:
+        gdc_wait()
     splits = tl.arange(0, SPLIT_BLOCK)
     at = ((part * tl.num_programs(0) + b) * SPLITS + splits[:, None]) * RANK + tl.arange(0, RANK)[None, :]
     h = tl.sum(tl.load(h_ptr + at, mask=splits[:, None] < SPLITS, other=0.0), axis=0)  # (RANK,)
-    row, ranks, rank_ok = _row_and_ranks(b, rows_ptr, ranks_ptr, r_max, RANK, HAS_ROWS, HAS_RANKS)
     if HAS_GAIN:
         h *= tl.load(gain + b)
     h = h.to(up.dtype.element_ty).to(tl.float32)  # rounded as the matmul path rounds it
-    up += row * r_max * n_out
     for chunk in tl.static_range(CHUNKS):
-        cols = (tile * CHUNKS + chunk) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_out
+        if chunk > 0:
+            cols, col_ok, u = _up_chunk(up, ranks, rank_ok, tile, chunk, n_out, CHUNKS, BLOCK_N)
         before = tl.load(base + b * n_out + cols, mask=col_ok, other=0.0)
-        u = tl.load(up + ranks[:, None] * n_out + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
         y = tl.sum(h[:, None] * u.to(tl.float32), axis=0)  # (BLOCK_N,)
         tl.store(out + b * n_out + cols, (before.to(tl.float32) + y).to(before.dtype), mask=col_ok)
 

@@ -21,7 +21,7 @@ from adaplex.compose.route import route
 from adaplex.core.graphs import graphed_decode
 from adaplex.kernels import gathered_lora
 
-SHAPES = {"llama-3-8b": 2}  # shape config in benchmarks/shapes -> layers
+SHAPES = {"llama-3-8b": 2, "smollm2-135m": None}  # shape config in benchmarks/shapes -> layers (None: all)
 BATCH, SEQ, ADAPTERS, BOUND, REPLAYS = 64, 128, 64, 0.05, 200
 
 

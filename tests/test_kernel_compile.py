@@ -18,7 +18,7 @@ from adaplex.kernels import checked_attention_triton as attention
 from adaplex.kernels import dot_size
 from adaplex.kernels import gathered_lora_triton as gathered
 from adaplex.kernels.checked_attention import CHECKED_TILES_MAX_DIM, PASS_TILES, built_in_tiles
-from adaplex.kernels.gathered_lora import DECODE, LINEAR_DECODE, ONE_TOKEN_LONG, PREFILL, UNROLLED, split_blocks
+from adaplex.kernels.gathered_lora import DECODE, LINEAR_DECODE, ONE_TOKEN, PREFILL, UNROLLED, split_blocks
 
 H100 = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -135,7 +135,7 @@ def assert_dependent(ptx: str, dependent: bool, *instructions: str) -> None:
 
 @pytest.mark.parametrize("n_in, dependent", [(4096, False), (4096, True), (14336, True)])
 def test_gathered_lora_split_kernels_compile_for_h100_without_spills(n_in, dependent):
-    sizes = ONE_TOKEN_LONG
+    sizes = ONE_TOKEN
     flags = dict(RANK=16, HAS_ROWS=True, HAS_RANKS=True, DEPENDENT=dependent)
     splits, split_block = split_blocks(n_in, sizes.block_k)
     shrink = dict(N_IN=n_in, BLOCK_K=sizes.block_k, **flags)

@@ -20,7 +20,7 @@ import torch
 import adaplex
 from adaplex.core.layers import _linear_weights
 from adaplex.kernels import checked_attention, gathered_lora
-from adaplex.kernels.gathered_lora import PREFILL, GroupedLoRAAdd, TileSizes, built_in_sizes, graph_kernels
+from adaplex.kernels.gathered_lora import DECODE, PREFILL, GroupedLoRAAdd, built_in_sizes, graph_kernels
 from adaplex.methods import ExpertsConfig
 
 import tiny
@@ -457,7 +457,7 @@ def test_siblings_share_one_launch_planned_once_per_route_and_equal_the_matmul_p
     assert result["members"] == [2, 3]  # layer 0's k_proj left its group; layer 1's group is whole
 
 
-def test_one_token_steps_on_long_inputs_take_chunks_that_keep_the_partial_shrinks_at_most_1024():
+def test_one_token_steps_take_the_two_launch_form_with_chunks_that_keep_the_partial_shrinks_at_most_1024():
     def chunk(batch: int, n_in: int, parts: int) -> int:
         return built_in_sizes(batch, 1, n_in, parts).block_k
 
@@ -465,20 +465,21 @@ def test_one_token_steps_on_long_inputs_take_chunks_that_keep_the_partial_shrink
     assert chunk(64, 14336, 1) == 1024  # its down projection: 896
     assert chunk(64, 4096, 2) == chunk(64, 4096, 1) == chunk(8, 4096, 3) == 512  # gate/up, o, a small batch
     assert chunk(512, 14336, 1) == 2048  # at most four times the built-in chunk
-    assert isinstance(built_in_sizes(64, 1, 576, 3), TileSizes)  # short inputs: the tile kernel
+    assert chunk(64, 576, 3) == 512  # a short input too (a graphed 135M step: 1.17x the base against 1.25x tiled)
+    assert built_in_sizes(64, 4, 576, 3) == DECODE  # a few tokens a sample: the tile kernel
     assert built_in_sizes(64, 300, 4096, 1) == PREFILL
 
 
 @pytest.mark.parametrize("dependent", [False, True])
 def test_only_the_two_launch_forms_launches_are_dependent_and_only_when_asked(dependent):
-    def launch_options(n_in: int) -> list[set]:
-        forms = ((torch.Size((4, 16, n_in)), torch.Size((4, 16, 1024)), True, True),)
-        plan = gathered_lora._plan(torch.Size((64, 1, n_in)), torch.bfloat16, forms, False, None, dependent)
+    def launch_options(tokens: int) -> list[set]:
+        forms = ((torch.Size((4, 16, 576)), torch.Size((4, 16, 1024)), True, True),)
+        plan = gathered_lora._plan(torch.Size((64, tokens, 576)), torch.bfloat16, forms, False, None, dependent)
         return [{(k, v) for k, v in constants if k in ("DEPENDENT", "launch_pdl")} for *_, constants in plan.launches]
 
     split = {("DEPENDENT", dependent), ("launch_pdl", dependent)}
-    assert launch_options(4096) == [split, split]  # shrink, expand
-    assert launch_options(576) == [set()]  # the tile kernel: never dependent
+    assert launch_options(1) == [split, split]  # shrink, expand
+    assert launch_options(4) == [set()]  # the tile kernel: never dependent
 
 
 def test_the_base_and_update_kernel_equals_float32_references():

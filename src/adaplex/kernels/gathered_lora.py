@@ -5,7 +5,7 @@ distinct updates (``adaplex.methods.Factors`` describes them: a route's experts,
 many samples share it), g_b a per-sample gain and r_b a per-sample rank: rows of D and U past r_b
 are zero and never read, so mixed ranks cost the bytes of their own ranks, not of the largest. The
 batched-matmul path needs three kernels per layer (shrink, expand, add); in a launch-bound decode
-step each costs more than its arithmetic. Here one launch (two for one-token steps on long inputs)
+step each costs more than its arithmetic. Here one launch (two for one-token steps)
 does all three, in float32 (h is rounded to the weights' dtype before the expand, as the matmul
 path does), for up to three updates that read the same x (q/k/v, or gate/up, of a layer:
 ``grouped_lora_add``); the grid's last axis runs over the output tiles of every part.
@@ -17,7 +17,7 @@ Three forms, picked by the sizes' type:
   program recomputes its sample's shrink (r·in multiply-adds per token, small beside the base
   layer's in·out); short inputs unroll it, so that all its loads are issued at once, and the
   expand's and the base's loads are issued before it.
-- ``SplitSizes`` (one token per sample, long inputs): two launches. The shrink splits the input
+- ``SplitSizes`` (one token per sample): two launches. The shrink splits the input
   into BLOCK_K chunks, one program per (sample, part, chunk), each writing its partial h (r,)
   in float32; the expand sums a sample's partials and adds g·h·U over CHUNKS·BLOCK_N columns per
   program. Every byte of D and U is read once, by enough programs to fill the GPU, where one
@@ -28,7 +28,7 @@ Three forms, picked by the sizes' type:
   too, base_p = x·W_pᵀ, in one launch per group of parts, for eager steps whose host launching kernels
   sets the pace. A program takes BLOCK_M samples: their shrinks on CUDA cores (each sample its own D),
   then per column chunk the base's tensor-core dot and the expand. Under CUDA graphs (``graph_kernels``)
-  the base linears stay cuBLAS's and the updates take the tile or two-launch form.
+  the base linears stay cuBLAS's and the updates take the two-launch form.
 
 The built-in sizes come from a sweep on an H200 (benchmarks/kernel_check.py). Launches go through
 ``Launcher``, which skips most of Triton's per-call host work.
@@ -88,11 +88,11 @@ class LinearSizes(NamedTuple):
 
 
 Sizes = TileSizes | SplitSizes | LinearSizes
-DECODE = TileSizes(16, 512, 128, 2)  # a decode step (T <= 16 per sample) on a short input: one 16-row tile
+DECODE = TileSizes(16, 512, 128, 2)  # a few tokens a sample (T <= 16) on a short input: one 16-row tile
 PREFILL = TileSizes(64, 64, 64, 4)
 LINEAR_DECODE = LinearSizes(16, 64, 1, 64, 32, 8)  # for host-bound eager steps; 1.04-1.42x the best swept GPU time
-ONE_TOKEN_LONG = SplitSizes(512, 1024, 1, 4)
-LONG_INPUT = 2048  # from here a one-token step takes the two-launch form
+ONE_TOKEN = SplitSizes(512, 1024, 1, 4)
+LONG_INPUT = 2048  # below it, eager one-token steps take the base-and-update kernel (``fuses_linear``)
 PARTIAL_SHRINKS = 1024  # the two-launch form doubles its input chunk (up to 4x) until it has at most these
 
 
@@ -101,12 +101,15 @@ def built_in_sizes(batch: int, tokens: int, n_in: int, parts: int) -> Sizes:
     updates of that input. The two-launch form's chunk grows while batch x parts x chunks exceeds
     PARTIAL_SHRINKS, a rule fitted to an H200 sweep at batch 64 (benchmarks/kernel_check.py): chunks of
     1,024 take 2 µs off an 8B layer's q/k/v and down launches (1,536 and 1,792 partial shrinks at 512),
-    while its o and gate/up launches (512 and 1,024) are 0.7-2 µs faster at 512."""
-    if tokens == 1 and n_in >= LONG_INPUT:
-        block_k = ONE_TOKEN_LONG.block_k
-        while batch * parts * split_blocks(n_in, block_k)[0] > PARTIAL_SHRINKS and block_k < 4 * ONE_TOKEN_LONG.block_k:
+    while its o and gate/up launches (512 and 1,024) are 0.7-2 µs faster at 512. One-token steps take the
+    two-launch form on short inputs too: a graphed SmolLM2-135M step (inputs of 576 and 1,536) is 1.17x
+    its base with it against 1.25x with the tile kernel (benchmarks/results/route-decode-cuda-linear.json,
+    dependent-sweep-cuda-smollm2-135m.json)."""
+    if tokens == 1:
+        block_k = ONE_TOKEN.block_k
+        while batch * parts * split_blocks(n_in, block_k)[0] > PARTIAL_SHRINKS and block_k < 4 * ONE_TOKEN.block_k:
             block_k *= 2
-        return ONE_TOKEN_LONG._replace(block_k=block_k)
+        return ONE_TOKEN._replace(block_k=block_k)
     return DECODE if tokens <= 16 else PREFILL
 
 

@@ -37,7 +37,7 @@ The built-in sizes come from a sweep on an H200 (benchmarks/kernel_check.py). La
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from functools import cache, lru_cache
 from typing import NamedTuple
 
@@ -139,25 +139,23 @@ def _hopper_or_later(device: torch.device) -> bool:
 
 
 @contextmanager
-def independent_launches() -> Iterator[None]:
+def _switched(flag: str, value: bool) -> Iterator[None]:
+    """Inside the block this module's ``flag`` holds ``value``."""
+    saved, globals()[flag] = globals()[flag], value
+    try:
+        yield
+    finally:
+        globals()[flag] = saved
+
+
+def independent_launches() -> AbstractContextManager[None]:
     """Inside the block update launches wait for the kernel ahead of them to end before they start (to compare)."""
-    global _dependent
-    saved, _dependent = _dependent, False
-    try:
-        yield
-    finally:
-        _dependent = saved
+    return _switched("_dependent", False)
 
 
-@contextmanager
-def disabled() -> Iterator[None]:
+def disabled() -> AbstractContextManager[None]:
     """Inside the block routed layers use the batched-matmul path (to compare, or to rule the kernel out)."""
-    global _enabled
-    saved, _enabled = _enabled, False
-    try:
-        yield
-    finally:
-        _enabled = saved
+    return _switched("_enabled", False)
 
 
 @cache
@@ -306,20 +304,14 @@ def fuses_linear(x: torch.Tensor) -> bool:
     )
 
 
-@contextmanager
-def graph_kernels() -> Iterator[None]:
+def graph_kernels() -> AbstractContextManager[None]:
     """Inside the block one-token steps keep their base linears as launches of their own and add the
     updates with the update kernels, as CUDA graphs run them (``core.graphs`` sets it, for capture and
     for the same steps run eagerly). ``GroupedLinearLoRA`` saves launches, which is what an eager step
     waits on; a graph has no launch cost to save and its longer GPU time shows (H200, SmolLM2-135M
     shape, batch 64: the base-and-update launch takes 13-30 µs a group against 7-14 µs for cuBLAS and
-    the update kernel; the graphed step 1.60x the base against 1.26x)."""
-    global _for_graphs
-    saved, _for_graphs = _for_graphs, True
-    try:
-        yield
-    finally:
-        _for_graphs = saved
+    the tile kernel; the graphed step 1.60x the base against 1.26x with them)."""
+    return _switched("_for_graphs", True)
 
 
 def _forms(tables: Sequence[Table]) -> tuple[PartForm, ...]:

@@ -133,7 +133,7 @@ def assert_dependent(ptx: str, dependent: bool, *instructions: str) -> None:
         assert ptx.count(f"griddepcontrol.{instruction};") == (1 if dependent else 0), instruction
 
 
-@pytest.mark.parametrize("n_in, dependent", [(4096, False), (4096, True), (14336, True)])
+@pytest.mark.parametrize("n_in, dependent", [(576, True), (1536, False), (4096, False), (4096, True), (14336, True)])
 def test_gathered_lora_split_kernels_compile_for_h100_without_spills(n_in, dependent):
     sizes = ONE_TOKEN
     flags = dict(RANK=16, HAS_ROWS=True, HAS_RANKS=True, DEPENDENT=dependent)

@@ -238,9 +238,9 @@ class GroupedLoRAAdd(_Bound):
     began. The two-launch form's launches are then programmatic dependent ones (where
     ``dependent_launches`` allows): the shrink starts when the base linear lets it (at the latest as its
     last blocks end) and lets the expand start at once, which loads U and waits only before it reads the
-    partials and the bases. (The
-    tile kernel's one launch stays independent: as a dependent launch after cuBLAS's GEMM it found nothing
-    to overlap, H200, benchmarks/results/route-decode-cuda-dependent-tile-rejected.json.)"""
+    partials and the bases. (The tile kernel's one launch stays independent: as a dependent launch after
+    cuBLAS's GEMM it found nothing to overlap, H200,
+    benchmarks/results/route-decode-cuda-dependent-tile-rejected.json.)"""
 
     def __init__(
         self,

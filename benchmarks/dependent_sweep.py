@@ -1,10 +1,12 @@
-"""The two-launch form's sizes swept again with dependent launches, on a decode step as a CUDA graph
-(batch 64, 64 distinct rank-16 experts on all seven linears, bfloat16): on a 2-layer Llama-3-8B shape,
-and on the SmolLM2-135M shape the two-launch form against the tile kernel. Each variant's graph and the
-base's are replayed in turn, ``REPLAYS`` a timing, and the medians over rounds of routed/base are
-reported. Writes JSON.
+"""Sizes of the one-token forms swept with dependent launches, on a decode step as a CUDA graph (batch 64,
+64 distinct rank-16 experts on all seven linears, bfloat16), on the SmolLM2-135M shape and a 2-layer
+Llama-3-8B shape. Sweeps: llama-3-8b and smollm2-135m, the two-launch form's sizes (and, at 135M, the tile
+kernel) with cuBLAS's base linears; linears-135m and linears-8b, the linears-and-shrinks launch's tile
+(``GRAPH_LINEAR_SHORT`` on inputs under 2,048, ``GRAPH_LINEAR_LONG`` from it) beside cuBLAS's linears then
+the two-launch form. Each variant's graph and the base's are replayed in turn, ``REPLAYS`` a timing, and
+the medians over rounds of routed/base are reported. Writes JSON.
 
-    python benchmarks/dependent_sweep.py llama-3-8b|smollm2-135m OUT.json
+    python benchmarks/dependent_sweep.py llama-3-8b|smollm2-135m|linears-135m|linears-8b OUT.json
 
 results/dependent-sweep-cuda-smollm2-135m.json was measured while one-token steps on inputs under
 2,048 took the tile kernel: its "built-in (tile kernel)" is the "tile kernel" variant here, and its
@@ -37,24 +39,57 @@ def _tile_kernel(batch: int, tokens: int, n_in: int, parts: int) -> gathered_lor
     return gathered_lora.DECODE if tokens <= 16 else gathered_lora.PREFILL
 
 
-# shape -> layers (None: all), and its variants: name -> (gathered_lora's settings replaced, dependent launches)
-SHAPES = {
-    "llama-3-8b": (2, {
-        "built-in": ({}, True),
-        "independent": ({}, False),
-        "shrinks-2048": ({"PARTIAL_SHRINKS": 2048}, True),
-        "shrinks-512": ({"PARTIAL_SHRINKS": 512}, True),
-        "columns-512": ({"ONE_TOKEN": ONE_TOKEN._replace(block_n=512)}, True),
-        "columns-2048": ({"ONE_TOKEN": ONE_TOKEN._replace(block_n=2048)}, True),
-        "warps-2": ({"ONE_TOKEN": ONE_TOKEN._replace(warps=2)}, True),
-        "warps-8": ({"ONE_TOKEN": ONE_TOKEN._replace(warps=8)}, True),
+def _cublas_linears(x: torch.Tensor, parts: int) -> None:
+    """No sizes for the base linears: they stay cuBLAS's launches, the updates the two-launch form's."""
+    return None
+
+
+CUBLAS = {"linear_sizes": _cublas_linears}
+
+
+def _linears(**sizes) -> dict:
+    """The linears-and-shrinks launch with its tile's ``sizes`` replaced, on short and long inputs."""
+    return {
+        name: getattr(gathered_lora, name)._replace(**sizes) for name in ("GRAPH_LINEAR_SHORT", "GRAPH_LINEAR_LONG")
+    }
+
+
+# sweep -> (shape, layers (None: all), variants: name -> (gathered_lora's settings replaced, dependent launches))
+SWEEPS = {
+    "llama-3-8b": ("llama-3-8b", 2, {
+        "built-in": (CUBLAS, True),
+        "independent": (CUBLAS, False),
+        "shrinks-2048": ({**CUBLAS, "PARTIAL_SHRINKS": 2048}, True),
+        "shrinks-512": ({**CUBLAS, "PARTIAL_SHRINKS": 512}, True),
+        "columns-512": ({**CUBLAS, "ONE_TOKEN": ONE_TOKEN._replace(block_n=512)}, True),
+        "columns-2048": ({**CUBLAS, "ONE_TOKEN": ONE_TOKEN._replace(block_n=2048)}, True),
+        "warps-2": ({**CUBLAS, "ONE_TOKEN": ONE_TOKEN._replace(warps=2)}, True),
+        "warps-8": ({**CUBLAS, "ONE_TOKEN": ONE_TOKEN._replace(warps=8)}, True),
     }),
-    "smollm2-135m": (None, {
-        "tile kernel": ({"built_in_sizes": _tile_kernel}, False),
-        "two launches": ({}, True),
-        "two launches, independent": ({}, False),
-        "two launches, columns 256": ({"ONE_TOKEN": ONE_TOKEN._replace(block_n=256)}, True),
-        "two launches, inputs 256": ({"ONE_TOKEN": ONE_TOKEN._replace(block_k=256, block_n=256)}, True),
+    "smollm2-135m": ("smollm2-135m", None, {
+        "tile kernel": ({**CUBLAS, "built_in_sizes": _tile_kernel}, False),
+        "two launches": (CUBLAS, True),
+        "two launches, independent": (CUBLAS, False),
+        "two launches, columns 256": ({**CUBLAS, "ONE_TOKEN": ONE_TOKEN._replace(block_n=256)}, True),
+        "two launches, inputs 256": ({**CUBLAS, "ONE_TOKEN": ONE_TOKEN._replace(block_k=256, block_n=256)}, True),
+    }),
+    "linears-135m": ("smollm2-135m", None, {  # the linears-and-shrinks launch, then the expand
+        "cuBLAS, then two launches": (CUBLAS, True),
+        "built-in": (_linears(), True),
+        "built-in, independent": (_linears(), False),
+        "inputs 32": (_linears(block_k=32), True),
+        "inputs 128": (_linears(block_k=128), True),
+        "columns 32": (_linears(block_n=32), True),
+        "stages 3": (_linears(stages=3), True),
+    }),
+    "linears-8b": ("llama-3-8b", 2, {
+        "cuBLAS, then two launches": (CUBLAS, True),
+        "built-in": (_linears(), True),
+        "built-in, independent": (_linears(), False),
+        "columns 16": (_linears(block_n=16), True),
+        "columns 64": (_linears(block_n=64), True),
+        "inputs 64": (_linears(block_k=64), True),
+        "stages 5": (_linears(stages=5), True),
     }),
 }  # fmt: skip
 
@@ -71,8 +106,8 @@ def _timed(step) -> float:
     return start.elapsed_time(end) / REPLAYS * 1e-3
 
 
-def main(name: str, out: str) -> None:
-    layers, variants = SHAPES[name]
+def main(sweep: str, out: str) -> None:
+    name, layers, variants = SWEEPS[sweep]
     base = shaped_model(Path(__file__).parent / "shapes" / f"{name}.json", layers, torch.bfloat16)
     base = base.cuda().requires_grad_(False)
     torch.manual_seed(0)
@@ -97,6 +132,7 @@ def main(name: str, out: str) -> None:
     times = {variant: t[1:] for variant, t in times.items()}  # the first round warms up
     result = {
         "device": torch.cuda.get_device_name(0),
+        "sweep": sweep,
         "shape": name,
         "layers": base.config.num_hidden_layers,
         "base_step_s": statistics.median(times["base"]),

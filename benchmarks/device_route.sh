@@ -5,7 +5,8 @@
 # 1 and 64 distinct adapters with the base, profiled; 8 with PEFT beside; 64 at mixed ranks 4/16), route-8b
 # (a Llama-3-8B layer shape with 2 layers: 64 and 1,024 resident experts, then 1,024 paged into 64 device
 # slots), dependent (benchmarks/dependent_check.py: dependent update launches give the independent ones'
-# logits, replay after replay; benchmarks/dependent_sweep.py: the two-launch form's sizes with them),
+# logits, replay after replay; benchmarks/dependent_sweep.py: the two-launch form's sizes with them), linears
+# (the same check, then the linears-and-shrinks launch's sizes swept at both shapes),
 # host (benchmarks/route_host.py: where the host's time goes in an eager decode step, 135M shape),
 # and before / before-8b / before-host (route, route-8b and host's main runs with the code in
 # .devcarry/old-src, for a before/after in one session). Models have random weights of the real shapes (benchmarks/shapes).
@@ -39,6 +40,12 @@ for section in ${*:-kernel route}; do
                for shape in llama-3-8b smollm2-135m; do
                  PYTHONPATH=/tmp/site:$SRC python3 dependent_sweep.py $shape "$OUT/dependent-sweep-cuda-$shape.json" | tail -12
                done) ;;
+    linears) (cd benchmarks && PYTHONPATH=/tmp/site:$SRC python3 dependent_check.py "$OUT/dependent-check-cuda.json" \
+                2>&1 | grep -v Warning | tail -3
+              for sweep in linears-135m linears-8b; do
+                PYTHONPATH=/tmp/site:$SRC python3 dependent_sweep.py $sweep "$OUT/dependent-sweep-cuda-$sweep.json" 2>&1 \
+                  | grep -v Warning | tail -16
+              done) ;;
     host|before-host) S=$SRC; [ $section = before-host ] && S=$PWD/.devcarry/old-src
                       (cd benchmarks && PYTHONPATH=/tmp/site:$S python3 route_host.py ../$SMALL "$OUT/route-$section-cuda.json" \
                         2>&1 | grep -v Warning | tail -40) ;;

@@ -18,7 +18,17 @@ from adaplex.kernels import checked_attention_triton as attention
 from adaplex.kernels import dot_size
 from adaplex.kernels import gathered_lora_triton as gathered
 from adaplex.kernels.checked_attention import CHECKED_TILES_MAX_DIM, PASS_TILES, built_in_tiles
-from adaplex.kernels.gathered_lora import DECODE, LINEAR_DECODE, ONE_TOKEN, PREFILL, UNROLLED, split_blocks
+from adaplex.kernels.gathered_lora import (
+    DECODE,
+    GRAPH_LINEAR_LONG,
+    GRAPH_LINEAR_SHORT,
+    LINEAR_DECODE,
+    ONE_TOKEN,
+    PREFILL,
+    UNROLLED,
+    built_in_sizes,
+    split_blocks,
+)
 
 H100 = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -173,3 +183,28 @@ def test_gathered_lora_linear_kernel_compiles_for_h100_without_spills(n_in):
                               num_warps=sizes.warps)  # fmt: skip
     assert kernel.metadata.shared <= SHARED_MEMORY
     assert resources(kernel)["STACK"] == 0
+
+
+@pytest.mark.parametrize(
+    "sizes, n_in, parts, dependent",
+    [
+        (GRAPH_LINEAR_SHORT, 576, 3, True),  # the 135M shape's q/k/v
+        (GRAPH_LINEAR_SHORT, 576, 2, False),  # its gate/up, independent
+        (GRAPH_LINEAR_SHORT, 1536, 1, True),  # its down
+        (GRAPH_LINEAR_LONG, 4096, 3, True),  # the 8B shape's q/k/v
+        (GRAPH_LINEAR_LONG, 14336, 1, True),  # its down
+    ],
+)
+def test_gathered_lora_linear_shrink_kernel_compiles_for_h100_without_spills(sizes, n_in, parts, dependent):
+    sizes = sizes._replace(update=built_in_sizes(64, 1, n_in, parts))
+    splits, _ = split_blocks(n_in, sizes.update.block_k)
+    constexprs = dict(N_IN=n_in, RANK=16, BLOCK_M=sizes.block_m, BLOCK_N=sizes.block_n, BLOCK_K=sizes.block_k,
+                      SHRINK_K=sizes.update.block_k, SPLITS=splits, PRECISION="tf32", HAS_ROWS=True,
+                      HAS_RANKS=True, DEPENDENT=dependent)  # fmt: skip
+    fn = gathered.linear_shrink_kernel
+    kernel = compile_for_h100(fn, _lora_pointers(fn) | {"h_ptr": "fp32"}, (), constexprs, num_warps=sizes.warps,
+                              num_stages=sizes.stages)  # fmt: skip
+    assert kernel.metadata.shared <= SHARED_MEMORY
+    assert resources(kernel)["STACK"] == 0
+    assert_dependent(kernel.asm["ptx"], dependent, "launch_dependents")
+    assert_dependent(kernel.asm["ptx"], False, "wait")  # the expand waits; this launch waits on nothing

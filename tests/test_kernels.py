@@ -20,7 +20,17 @@ import torch
 import adaplex
 from adaplex.core.layers import _linear_weights
 from adaplex.kernels import checked_attention, gathered_lora
-from adaplex.kernels.gathered_lora import DECODE, PREFILL, GroupedLoRAAdd, built_in_sizes, graph_kernels
+from adaplex.kernels.gathered_lora import (
+    DECODE,
+    GRAPH_LINEAR_LONG,
+    GRAPH_LINEAR_SHORT,
+    LINEAR_DECODE,
+    PREFILL,
+    GroupedLoRAAdd,
+    built_in_sizes,
+    graph_kernels,
+    linear_sizes,
+)
 from adaplex.methods import ExpertsConfig
 
 import tiny
@@ -156,32 +166,34 @@ print(json.dumps({{
 """
 
 LINEAR_KERNEL_CHECK = """
-import json, torch
-from adaplex.kernels.gathered_lora import GroupedLinearLoRA, LinearSizes
+import itertools, json, torch
+from adaplex.kernels.gathered_lora import GroupedLinearLoRA, LinearSizes, SplitLinearSizes, SplitSizes
 gen = torch.Generator().manual_seed(11)
 errors = []
-for dtype in (torch.float32, torch.float16):
-    for table in (True, False):  # a route's table (rows, gains, mixed ranks), or each sample its own update
-        batch, n_in, outs = 20, 100, (40, 24, 70)  # ragged: 2 blocks of 16 samples, tiles past every out size
-        x = torch.randn(batch, 1, n_in, generator=gen).to(dtype)
-        rows_of = 3 if table else batch
-        rows = torch.arange(batch) % 3 if table else None
-        gain = torch.linspace(0.5, 1.5, batch) if table else None
-        ranks = torch.tensor([8, 3, 5, 0] * 5, dtype=torch.int32) if table else None
-        weights = [(torch.randn(n, n_in, generator=gen) * 0.1).to(dtype) for n in outs]
-        tables = [((torch.randn(rows_of, 8, n_in, generator=gen) * 0.1).to(dtype),
-                   (torch.randn(rows_of, 8, n, generator=gen) * 0.1).to(dtype), gain, ranks) for n in outs]
-        bases, got = GroupedLinearLoRA(x, weights, tables, rows, LinearSizes(16, 16, 2, 32, 32, 4))(x)
-        for w, (down, up, _, _), base, out in zip(weights, tables, bases, got):
-            ref_base = x[:, 0].float() @ w.float().T
-            picked = torch.arange(batch) if rows is None else rows
-            keep = torch.ones(batch, 8) if ranks is None else (torch.arange(8) < ranks.view(-1, 1)).float()
-            scale = torch.ones(batch, 1) if gain is None else gain.view(-1, 1)
-            h = torch.einsum("bk,brk->br", x[:, 0].float(), down[picked].float()) * keep * scale
-            ref = ref_base.to(dtype).float() + torch.einsum("br,bro->bo", h.to(dtype).float(), up[picked].float())
-            base_error = (base[:, 0].float() - ref_base).abs().max() / ref_base.abs().max()
-            out_error = (out[:, 0].float() - ref).abs().max() / ref.abs().max()
-            errors.append([str(dtype), table, base_error.item(), out_error.item()])
+one_launch = LinearSizes(16, 16, 2, 32, 32, 4)
+then_expand = SplitLinearSizes(16, 16, 32, 4, 2, SplitSizes(32, 32, 2, 4))  # 4 partial shrinks, a ragged last
+# table: a route's table (rows, gains, mixed ranks), or each sample its own update
+for sizes, dtype, table in itertools.product((one_launch, then_expand), (torch.float32, torch.float16), (True, False)):
+    batch, n_in, outs = 20, 100, (40, 24, 70)  # ragged: 2 blocks of 16 samples, tiles past every out size
+    x = torch.randn(batch, 1, n_in, generator=gen).to(dtype)
+    rows_of = 3 if table else batch
+    rows = torch.arange(batch) % 3 if table else None
+    gain = torch.linspace(0.5, 1.5, batch) if table else None
+    ranks = torch.tensor([8, 3, 5, 0] * 5, dtype=torch.int32) if table else None
+    weights = [(torch.randn(n, n_in, generator=gen) * 0.1).to(dtype) for n in outs]
+    tables = [((torch.randn(rows_of, 8, n_in, generator=gen) * 0.1).to(dtype),
+               (torch.randn(rows_of, 8, n, generator=gen) * 0.1).to(dtype), gain, ranks) for n in outs]
+    bases, got = GroupedLinearLoRA(x, weights, tables, rows, sizes)(x)
+    for w, (down, up, _, _), base, out in zip(weights, tables, bases, got):
+        ref_base = x[:, 0].float() @ w.float().T
+        picked = torch.arange(batch) if rows is None else rows
+        keep = torch.ones(batch, 8) if ranks is None else (torch.arange(8) < ranks.view(-1, 1)).float()
+        scale = torch.ones(batch, 1) if gain is None else gain.view(-1, 1)
+        h = torch.einsum("bk,brk->br", x[:, 0].float(), down[picked].float()) * keep * scale
+        ref = ref_base.to(dtype).float() + torch.einsum("br,bro->bo", h.to(dtype).float(), up[picked].float())
+        base_error = (base[:, 0].float() - ref_base).abs().max() / ref_base.abs().max()
+        out_error = (out[:, 0].float() - ref).abs().max() / ref.abs().max()
+        errors.append([type(sizes).__name__, str(dtype), table, base_error.item(), out_error.item()])
 print(json.dumps(errors))
 """
 
@@ -198,7 +210,10 @@ import tiny
 result = {{}}
 calls = []
 launch = kernel.GroupedLinearLoRA.__call__
-kernel.GroupedLinearLoRA.__call__ = lambda self, x: calls.append(len(self.tables)) or launch(self, x)
+def counted(self, x):
+    calls.append([len(self.tables), len(self.plan.launches)])
+    return launch(self, x)
+kernel.GroupedLinearLoRA.__call__ = counted
 for dtype in (torch.float32, torch.float16):
     model = tiny.llama().to(dtype)
     handle = adaplex.attach(model, "shared", LoRAConfig(r=2, alpha=16, targets=("all-linear",)))
@@ -213,7 +228,7 @@ for dtype in (torch.float32, torch.float16):
         fused = model(input_ids=ids).logits.float()
         first = list(calls)
         again = model(input_ids=ids).logits.float()
-        with kernel.graph_kernels():  # as CUDA graphs run it: the base linears, then the update kernels
+        with kernel.graph_kernels():  # as CUDA graphs run it: the linears and the shrinks, then the expand
             as_graphs = model(input_ids=ids).logits.float()
         after_graphs = list(calls)
     with torch.no_grad(), route(handle, keys), kernel.disabled():
@@ -470,6 +485,22 @@ def test_one_token_steps_take_the_two_launch_form_with_chunks_that_keep_the_part
     assert built_in_sizes(64, 300, 4096, 1) == PREFILL
 
 
+def test_one_token_steps_compute_their_base_linears_with_the_updates_in_the_form_their_runner_wants():
+    step = torch.zeros(64, 1, 576)
+    assert linear_sizes(step, 3) == LINEAR_DECODE  # eager: one launch a group
+    assert linear_sizes(torch.zeros(64, 1, 4096), 3) is None  # eager, a long input: cuBLAS's linears
+    assert linear_sizes(torch.zeros(64, 2, 576), 3) is None  # more than one token a sample
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear_sizes(step, 3) is None
+    with graph_kernels():  # the linears and the shrinks, then the expand, with the update's built-in sizes
+        assert linear_sizes(step, 3) == GRAPH_LINEAR_SHORT._replace(update=built_in_sizes(64, 1, 576, 3))
+        for n_in, parts in ((4096, 3), (14336, 1)):
+            found = linear_sizes(torch.zeros(64, 1, n_in), parts)
+            assert found == GRAPH_LINEAR_LONG._replace(update=built_in_sizes(64, 1, n_in, parts))
+        assert found.update.block_k == 1024 and GRAPH_LINEAR_LONG != GRAPH_LINEAR_SHORT
+        assert linear_sizes(torch.zeros(64, 3, 576), 3) is None
+
+
 @pytest.mark.parametrize("dependent", [False, True])
 def test_only_the_two_launch_forms_launches_are_dependent_and_only_when_asked(dependent):
     def launch_options(tokens: int) -> list[set]:
@@ -484,8 +515,8 @@ def test_only_the_two_launch_forms_launches_are_dependent_and_only_when_asked(de
 
 def test_the_base_and_update_kernel_equals_float32_references():
     cases = _interpreted(LINEAR_KERNEL_CHECK.format())
-    assert len(cases) == 2 * 2 * 3  # dtypes x tables x parts
-    for dtype, _, base_error, out_error in cases:
+    assert len(cases) == 2 * 2 * 2 * 3  # forms x dtypes x tables x parts
+    for _, dtype, _, base_error, out_error in cases:
         tolerance = 1e-6 if dtype == "torch.float32" else 2e-3
         assert base_error < tolerance and out_error < tolerance, (dtype, base_error, out_error)
 
@@ -494,11 +525,13 @@ def test_a_one_token_step_computes_each_groups_bases_with_its_updates_in_one_lau
     result = _interpreted(LINEAR_CHECK.format(tests=str(TESTS)))
     for dtype, tolerance in (("torch.float32", 1e-5), ("torch.float16", 2e-3)):
         case = result[dtype]
-        assert case["calls"] == [3, 1, 2, 1] * 2  # per layer: q/k/v, o, gate/up, down
+        groups = [3, 1, 2, 1] * 2  # per layer: q/k/v, o, gate/up, down
+        assert case["calls"] == [[parts, 1] for parts in groups]  # one launch a group
         assert case["scale"] > 0.1 and case["experts_matter"] > 0.01
         assert case["diff"] < tolerance * case["scale"]  # against the base linears and the matmul path
         assert case["again"] == 0
-        assert case["graph_calls"] == [] and case["graph_diff"] < tolerance * case["scale"]
+        assert case["graph_calls"] == [[parts, 2] for parts in groups]  # the linears and the shrinks, the expand
+        assert case["graph_diff"] < tolerance * case["scale"]
         # a hook added, or a weight replaced, while the route's plans are kept: seen by the next step
         assert case["hook_calls"] == 1 and case["hooked_diff"] < tolerance * case["scale"]
         assert case["replacing_matters"] > 0.01 and case["replaced_diff"] < tolerance * case["scale"]
@@ -513,8 +546,8 @@ def test_only_plain_linears_outside_autocast_give_their_weights_to_the_base_and_
     assert _linear_weights(members, prefill) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _linear_weights(members, step) is None
-    with graph_kernels():
-        assert _linear_weights(members, step) is None
+    with graph_kernels():  # the linears-and-shrinks launch takes them on short inputs
+        assert [w.data_ptr() for w in _linear_weights(members, step)] == [m.base.weight.data_ptr() for m in members]
     hook = members[1].base.register_forward_hook(lambda *_: None)
     assert _linear_weights(members, step) is None
     hook.remove()

@@ -159,7 +159,7 @@ class AdaptedLinear(nn.Module):
 
 Result = tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]  # (base output, output with deltas, names applied)
 # the members that join the leader's launch, the per-sample adapters they apply, and either one bound add for
-# each adapter or, for one adapter on a one-token step, one launch that computes the base outputs too
+# each adapter or, for one adapter on a one-token step, launches that compute the base outputs too
 _Launches = list[gathered_lora.GroupedLoRAAdd] | gathered_lora.GroupedLinearLoRA
 _Plan = tuple[list["AdaptedLinear"], tuple[str, ...], _Launches]
 
@@ -214,7 +214,8 @@ class SharedInputGroup:
         factors per member, or None: each member computes alone. Kept in the stack's memo while the
         active set holds where every kind involved is reusable (a route's are)."""
         stack = self.members[0].stack
-        key = (self, x.shape, x.dtype, x.device, gathered_lora.fuses_linear(x), gathered_lora.dependent_launches(x))
+        fused = gathered_lora.linear_sizes(x, len(self.members))
+        key = (self, x.shape, x.dtype, x.device, fused, gathered_lora.dependent_launches(x))
         if key in stack.memo and _still_bound(stack.memo[key]):
             return stack.memo[key]
         names = tuple(n for n in active if _per_sample(self.members[0], n))
@@ -242,11 +243,11 @@ class SharedInputGroup:
 
 
 def _linear_weights(members: list[AdaptedLinear], x: torch.Tensor) -> list[torch.Tensor] | None:
-    """The members' base weights where one launch may compute their base outputs with their updates: a
-    one-token step on a short input outside autocast (``gathered_lora.fuses_linear``), every base a plain
-    bias-free ``nn.Linear`` without forward hooks (its own or global) holding a contiguous weight of x's
-    dtype; else None."""
-    if not gathered_lora.fuses_linear(x):
+    """The members' base weights where ``GroupedLinearLoRA`` may compute their base outputs with their
+    updates: where ``gathered_lora.linear_sizes`` gives sizes for x, every base a plain bias-free
+    ``nn.Linear`` without forward hooks (its own or global) holding a contiguous weight of x's dtype;
+    else None."""
+    if gathered_lora.linear_sizes(x, len(members)) is None:
         return None
     bases = [m.base for m in members]
     plain = all(

@@ -27,10 +27,15 @@ Three forms, picked by the sizes' type:
 - ``LinearSizes`` (one token per sample, short inputs; ``GroupedLinearLoRA``): the base linears
   too, base_p = x·W_pᵀ, in one launch per group of parts, for eager steps whose host launching kernels
   sets the pace. A program takes BLOCK_M samples: their shrinks on CUDA cores (each sample its own D),
-  then per column chunk the base's tensor-core dot and the expand. Under CUDA graphs (``graph_kernels``)
-  the base linears stay cuBLAS's and the updates take the two-launch form.
+  then per column chunk the base's tensor-core dot and the expand.
+- ``SplitLinearSizes`` (one token per sample; ``GroupedLinearLoRA`` under CUDA graphs,
+  ``graph_kernels``): two launches. The first's programs compute either a (BLOCK_M samples ×
+  BLOCK_N outputs) tile of the base linears with tensor-core dots or one partial shrink as in
+  ``SplitSizes``; the second is that form's expand, a dependent launch that loads U while the first
+  runs. The base linears' and the updates' bytes stream through one launch's programs at once, where
+  cuBLAS's launches and the update's left the GPU part-idle between them.
 
-The built-in sizes come from a sweep on an H200 (benchmarks/kernel_check.py). Launches go through
+The built-in sizes come from sweeps on an H200 (benchmarks/kernel_check.py, dependent_sweep.py). Launches go through
 ``Launcher``, which skips most of Triton's per-call host work.
 """
 
@@ -87,12 +92,29 @@ class LinearSizes(NamedTuple):
     warps: int
 
 
-Sizes = TileSizes | SplitSizes | LinearSizes
+class SplitLinearSizes(NamedTuple):
+    """The base linears' launch (which computes the partial shrinks too) and the expand after it: the
+    linears' tile (samples x outputs per program, the input chunk of their dot), its warps and pipeline
+    stages, and the update's ``SplitSizes`` (the shrink's input chunk, the expand's columns and warps)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    update: SplitSizes
+
+
+Sizes = TileSizes | SplitSizes | LinearSizes | SplitLinearSizes
 DECODE = TileSizes(16, 512, 128, 2)  # a few tokens a sample (T <= 16) on a short input: one 16-row tile
 PREFILL = TileSizes(64, 64, 64, 4)
 LINEAR_DECODE = LinearSizes(16, 64, 1, 64, 32, 8)  # for host-bound eager steps; 1.04-1.42x the best swept GPU time
 ONE_TOKEN = SplitSizes(512, 1024, 1, 4)
-LONG_INPUT = 2048  # below it, eager one-token steps take the base-and-update kernel (``fuses_linear``)
+LONG_INPUT = 2048  # below it, eager one-token steps take the base-and-update kernel (``linear_sizes``)
+# graphed one-token steps' linears-and-shrinks launch on inputs under LONG_INPUT and from it (the update's
+# sizes are built_in_sizes's): 1.007x and 1.126x the base graph on the 135M and 8B shapes, H200 (``linear_sizes``)
+GRAPH_LINEAR_SHORT = SplitLinearSizes(64, 16, 64, 4, 4, ONE_TOKEN)
+GRAPH_LINEAR_LONG = SplitLinearSizes(64, 32, 128, 4, 4, ONE_TOKEN)
 PARTIAL_SHRINKS = 1024  # the two-launch form doubles its input chunk (up to 4x) until it has at most these
 
 
@@ -159,13 +181,20 @@ def disabled() -> AbstractContextManager[None]:
 
 
 @cache
-def _kernels() -> tuple[Launcher, Launcher, Launcher, Launcher] | None:
-    """Launchers of the (tile, shrink, expand, linear) kernels, compiled on first use; None without Triton."""
+def _kernels() -> tuple[Launcher, Launcher, Launcher, Launcher, Launcher] | None:
+    """Launchers of the (tile, shrink, expand, linear, linear-and-shrink) kernels, compiled on first use; None
+    without Triton."""
     try:
         from adaplex.kernels import gathered_lora_triton as source
     except ImportError:
         return None
-    kernels = source.tile_kernel, source.shrink_kernel, source.expand_kernel, source.linear_kernel
+    kernels = (
+        source.tile_kernel,
+        source.shrink_kernel,
+        source.expand_kernel,
+        source.linear_kernel,
+        source.linear_shrink_kernel,
+    )
     return tuple(map(Launcher, kernels))
 
 
@@ -207,27 +236,30 @@ class _Bound:
         self.shape, self.dtype = x_like.shape, x_like.dtype
         self.tables = [(down.contiguous(), up.contiguous(), gain, ranks) for down, up, gain, ranks in tables]
         self.rows = rows
-        self.launches: list[BoundLaunch] = []
+        self.launches: list[tuple[bool, BoundLaunch]] = []
         self.base_dtypes: list[torch.dtype] = []
 
-    def _launch(self, x: torch.Tensor, bases: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], *extra) -> None:
-        """Launch the plan on these bases and outputs (``extra`` tensors follow the parts' slots)."""
+    def _launch(
+        self, x: torch.Tensor, bases: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], *weights: torch.Tensor
+    ) -> None:
+        """Launch the plan on these bases and outputs (the base linears' ``weights`` go to the launches that
+        compute them, after the parts' slots and the partial shrinks)."""
         if x.shape != self.shape or x.dtype != self.dtype:
             raise ValueError(f"bound for inputs {tuple(self.shape)} {self.dtype}, given {tuple(x.shape)} {x.dtype}")
         dtypes = [base.dtype for base in bases]
         if dtypes != self.base_dtypes:  # first call, or bases of another dtype (autocast): launch afresh
-            self.launches = [BoundLaunch(*launch) for launch in self.plan.launches]
+            self.launches = [(weighted, BoundLaunch(*launch)) for weighted, *launch in self.plan.launches]
             self.base_dtypes = dtypes
         x = x.contiguous()
         tensors = [x, _or(self.rows, x)]
         for (down, up, gain, ranks), base, out in zip(self.tables, bases, outs, strict=True):
             tensors += (down, up, base, out, _or(gain, x), _or(ranks, x))
         tensors += tensors[2:8] * (MAX_PARTS - len(bases))  # unused slots: no program reaches them
-        tensors += extra
         if self.plan.partials is not None:
             tensors.append(x.new_empty(self.plan.partials, dtype=torch.float32))
-        for launch in self.launches:
-            launch(tensors)
+        weighted = [*tensors, *weights]
+        for takes_weights, launch in self.launches:
+            launch(weighted if takes_weights else tensors)
 
 
 class GroupedLoRAAdd(_Bound):
@@ -250,8 +282,8 @@ class GroupedLoRAAdd(_Bound):
         sizes: Sizes | None = None,
         dependent: bool = False,
     ) -> None:
-        if isinstance(sizes, LinearSizes):
-            raise ValueError("LinearSizes size the base-and-update kernel: GroupedLinearLoRA takes them")
+        if isinstance(sizes, LinearSizes | SplitLinearSizes):
+            raise ValueError(f"{type(sizes).__name__} size the base linears' launch: GroupedLinearLoRA takes them")
         dependent = dependent and dependent_launches(x_like)
         plan = _plan(x_like.shape, x_like.dtype, _forms(tables), rows is None, sizes, dependent)
         super().__init__(x_like, tables, rows, plan)
@@ -264,11 +296,13 @@ class GroupedLoRAAdd(_Bound):
 
 
 class GroupedLinearLoRA(_Bound):
-    """The parts' base linears and their per-sample updates in one launch, for one-token steps on short
-    inputs: ``(bases, outs) = linear(x)``, base_p = x W_pᵀ and out_p = base_p + g · (x @ down_p[rows]ᵀ) @
-    up_p[rows], the base as a bias-free ``nn.Linear`` of weight W_p (out, in) gives it (to the rounding of
-    its dot). Where a step launches a kernel per linear and one per group of updates, each costing more
-    than its arithmetic, this launches one for the group."""
+    """The parts' base linears with their per-sample updates, for one-token steps: ``(bases, outs) =
+    linear(x)``, base_p = x W_pᵀ and out_p = base_p + g · (x @ down_p[rows]ᵀ) @ up_p[rows], the base as a
+    bias-free ``nn.Linear`` of weight W_p (out, in) gives it (to the rounding of its dot). Where a step
+    launches a kernel per linear and two per group of updates, this launches one for the group
+    (``LinearSizes``) or two (``SplitLinearSizes``: the linears and the partial shrinks, then the expand,
+    a programmatic dependent launch where ``dependent_launches`` allows, which loads U while the linears
+    run). ``sizes`` None: ``linear_sizes``'s choice."""
 
     def __init__(
         self,
@@ -276,9 +310,11 @@ class GroupedLinearLoRA(_Bound):
         weights: Sequence[torch.Tensor],
         tables: Sequence[Table],
         rows: torch.Tensor | None,
-        sizes: LinearSizes | None = None,
+        sizes: LinearSizes | SplitLinearSizes | None = None,
     ) -> None:
-        plan = _plan(x_like.shape, x_like.dtype, _forms(tables), rows is None, sizes or LINEAR_DECODE, False)
+        sizes = sizes or linear_sizes(x_like, len(tables)) or LINEAR_DECODE
+        dependent = isinstance(sizes, SplitLinearSizes) and dependent_launches(x_like)
+        plan = _plan(x_like.shape, x_like.dtype, _forms(tables), rows is None, sizes, dependent)
         super().__init__(x_like, tables, rows, plan)
         shapes = [w.shape for w in weights]
         if shapes != [(up.shape[2], x_like.shape[2]) for _, up, _, _ in tables]:
@@ -292,25 +328,29 @@ class GroupedLinearLoRA(_Bound):
         return bases, outs
 
 
-def fuses_linear(x: torch.Tensor) -> bool:
-    """Whether routed layers give inputs like ``x`` (B, T, in) to ``GroupedLinearLoRA``: one token a sample,
-    a short input, outside ``graph_kernels`` and outside autocast (which computes the base linears its own way)."""
-    return (
-        not _for_graphs
-        and x.dim() == 3
-        and x.shape[1] == 1
-        and x.shape[2] < LONG_INPUT
-        and not torch.is_autocast_enabled(x.device.type)
-    )
+def linear_sizes(x: torch.Tensor, parts: int) -> LinearSizes | SplitLinearSizes | None:
+    """How routed layers compute ``parts`` base linears with their updates on inputs like ``x`` (B, T, in):
+    ``GroupedLinearLoRA``'s sizes, or None where the base linears are launches of their own (more than one
+    token a sample, autocast, which computes them its own way, or an eager step on an input from
+    LONG_INPUT). Eager steps take the one-launch form; graphed ones (``graph_kernels``) the linears and
+    shrinks, then the expand, with the tile swept on an H200 at batch 64, 64 rank-16 experts on all seven
+    linears (benchmarks/dependent_sweep.py): routed/base 1.007x on the SmolLM2-135M shape and 1.126x on a
+    Llama-3-8B layer's, against 1.21x and 1.14x with cuBLAS's linears then the two-launch form."""
+    if x.dim() != 3 or x.shape[1] != 1 or torch.is_autocast_enabled(x.device.type):
+        return None
+    batch, _, n_in = x.shape
+    if _for_graphs:
+        graph_linear = GRAPH_LINEAR_SHORT if n_in < LONG_INPUT else GRAPH_LINEAR_LONG
+        return graph_linear._replace(update=built_in_sizes(batch, 1, n_in, parts))
+    return LINEAR_DECODE if n_in < LONG_INPUT else None
 
 
 def graph_kernels() -> AbstractContextManager[None]:
-    """Inside the block one-token steps keep their base linears as launches of their own and add the
-    updates with the update kernels, as CUDA graphs run them (``core.graphs`` sets it, for capture and
-    for the same steps run eagerly). ``GroupedLinearLoRA`` saves launches, which is what an eager step
-    waits on; a graph has no launch cost to save and its longer GPU time shows (H200, SmolLM2-135M
-    shape, batch 64: the base-and-update launch takes 13-30 µs a group against 7-14 µs for cuBLAS and
-    the tile kernel; the graphed step 1.60x the base against 1.26x with them)."""
+    """Inside the block one-token steps take the kernels that serve CUDA graphs best (``core.graphs`` sets it,
+    for capture and for the same steps run eagerly): the one-launch form saves launches, which is what an
+    eager step waits on, while a graph has no launch cost to save and wants the GPU time the two-launch
+    linears form saves (``linear_sizes``; H200, SmolLM2-135M shape, batch 64: the one-launch form's graphed
+    step 1.60x the base)."""
     return _switched("_for_graphs", True)
 
 
@@ -319,10 +359,10 @@ def _forms(tables: Sequence[Table]) -> tuple[PartForm, ...]:
 
 
 class _Plan(NamedTuple):
-    """A call's launches (launcher, grid, scalars, constants) and the shape of the two-launch form's
-    partial shrinks (parts, B, splits, RANK), None for the tile kernel's one launch."""
+    """A call's launches (whether it takes the base weights, launcher, grid, scalars, constants) and the shape
+    of the partial shrinks (parts, B, splits, RANK), None for the forms of one launch."""
 
-    launches: tuple[tuple[Launcher, tuple[int, ...], tuple[int, ...], tuple], ...]
+    launches: tuple[tuple[bool, Launcher, tuple[int, ...], tuple[int, ...], tuple], ...]
     partials: tuple[int, ...] | None
 
 
@@ -339,7 +379,8 @@ def _plan(
     dependent: bool,
 ) -> _Plan:
     """What a call of these shapes launches, worked out once per shape (a decode step's layers share it);
-    ``dependent``: the two-launch form's launches are programmatic dependent ones."""
+    ``dependent``: the expand (and the shrink before it, in the two-launch form) is a programmatic
+    dependent launch."""
     if (
         not 1 <= len(forms) <= MAX_PARTS
         or len({down[1] for down, *_ in forms}) != 1
@@ -348,40 +389,60 @@ def _plan(
         raise ValueError(f"grouped_lora_add takes 1 to {MAX_PARTS} parts of one rank, all with gains and ranks or none")
     batch, tokens, n_in = shape
     sizes = sizes or built_in_sizes(batch, tokens, n_in, len(forms))
-    split, linear = isinstance(sizes, SplitSizes), isinstance(sizes, LinearSizes)
-    if (split or linear) and tokens != 1:
+    if not isinstance(sizes, TileSizes) and tokens != 1:
         raise ValueError(f"{type(sizes).__name__} take one token per sample, not {tokens}")
-    columns = sizes.block_n * sizes.chunks if split or linear else sizes.block_n  # per program
     n_outs = [up[2] for _, up, _, _ in forms] + [0] * (MAX_PARTS - len(forms))
-    part_tiles = [-(-n // columns) for n in n_outs]
     rank, no_gain, no_ranks = forms[0][0][1], forms[0][2], forms[0][3]
-    scalars = (*n_outs, part_tiles[0], part_tiles[0] + part_tiles[1], rank)
-    flags = (
-        ("RANK", dot_size(rank)),
-        ("HAS_ROWS", not no_rows),
-        ("HAS_RANKS", not no_ranks),
-        ("num_warps", sizes.warps),
-    )
+    flags = ("RANK", dot_size(rank)), ("HAS_ROWS", not no_rows), ("HAS_RANKS", not no_ranks)
     has_gain = ("HAS_GAIN", not no_gain)
-    tile_kernel, shrink_kernel, expand_kernel, linear_kernel = _kernels()
+    tile_kernel, shrink_kernel, expand_kernel, linear_kernel, linear_shrink_kernel = _kernels()
     precision = "ieee" if dtype == torch.float32 else "tf32"
-    if linear:
+    if isinstance(sizes, TileSizes):
+        tiles, scalars = _tiles(n_outs, sizes.block_n, rank)
+        blocks = ("BLOCK_M", sizes.block_m), ("BLOCK_N", sizes.block_n), ("BLOCK_K", sizes.block_k)
+        shrink = ("N_IN", n_in), ("UNROLL", n_in <= UNROLLED * sizes.block_k), ("PRECISION", precision)
+        launch = (*blocks, *shrink, has_gain, *flags, ("num_warps", sizes.warps))
+        return _Plan(
+            ((False, tile_kernel, (batch, -(-tokens // sizes.block_m), tiles), (*scalars, tokens), launch),), None
+        )
+    if isinstance(sizes, LinearSizes):
+        tiles, scalars = _tiles(n_outs, sizes.block_n * sizes.chunks, rank)
         blocks = ("BLOCK_M", sizes.block_m), ("BLOCK_N", sizes.block_n), ("CHUNKS", sizes.chunks)
         inputs = ("N_IN", n_in), ("BLOCK_K", sizes.block_k), ("SHRINK_K", sizes.shrink_k), ("PRECISION", precision)
-        grid = (-(-batch // sizes.block_m), sum(part_tiles))
-        return _Plan(((linear_kernel, grid, (*scalars, batch), (*blocks, *inputs, has_gain, *flags)),), None)
-    if split:
-        launch = ("DEPENDENT", dependent), ("launch_pdl", dependent)
-        splits, split_block = split_blocks(n_in, sizes.block_k)
-        shrink = (batch, len(forms), splits), scalars, (("N_IN", n_in), ("BLOCK_K", sizes.block_k), *flags, *launch)
-        sums = ("SPLITS", splits), ("SPLIT_BLOCK", split_block)
-        blocks = ("BLOCK_N", sizes.block_n), ("CHUNKS", sizes.chunks)
-        expand = (batch, sum(part_tiles)), scalars, (*sums, *blocks, has_gain, *flags, *launch)
-        return _Plan(((shrink_kernel, *shrink), (expand_kernel, *expand)), (len(forms), batch, splits, dot_size(rank)))
+        launch = (*blocks, *inputs, has_gain, *flags, ("num_warps", sizes.warps))
+        return _Plan(((True, linear_kernel, (-(-batch // sizes.block_m), tiles), (*scalars, batch), launch),), None)
+    update = sizes.update if isinstance(sizes, SplitLinearSizes) else sizes
+    splits, split_block = split_blocks(n_in, update.block_k)
+    partials = len(forms), batch, splits, dot_size(rank)
+    pdl = ("DEPENDENT", dependent), ("launch_pdl", dependent)
+    tiles, scalars = _tiles(n_outs, update.block_n * update.chunks, rank)
+    sums = ("SPLITS", splits), ("SPLIT_BLOCK", split_block), ("BLOCK_N", update.block_n), ("CHUNKS", update.chunks)
+    expand = False, expand_kernel, (batch, tiles), scalars, (*sums, has_gain, *flags, ("num_warps", update.warps), *pdl)
+    if isinstance(sizes, SplitSizes):
+        inputs = ("N_IN", n_in), ("BLOCK_K", sizes.block_k)
+        shrink = (
+            False,
+            shrink_kernel,
+            (batch, len(forms), splits),
+            scalars,
+            (*inputs, *flags, ("num_warps", sizes.warps), *pdl),
+        )
+        return _Plan((shrink, expand), partials)
+    tiles, scalars = _tiles(n_outs, sizes.block_n, rank)
+    linears = -(-batch // sizes.block_m) * tiles  # programs; the partial shrinks' follow
     blocks = ("BLOCK_M", sizes.block_m), ("BLOCK_N", sizes.block_n), ("BLOCK_K", sizes.block_k)
-    shrink = ("N_IN", n_in), ("UNROLL", n_in <= UNROLLED * sizes.block_k), ("PRECISION", precision)
-    grid = (batch, -(-tokens // sizes.block_m), sum(part_tiles))
-    return _Plan(((tile_kernel, grid, (*scalars, tokens), (*blocks, *shrink, has_gain, *flags)),), None)
+    inputs = ("N_IN", n_in), ("SHRINK_K", update.block_k), ("SPLITS", splits), ("PRECISION", precision)
+    options = ("num_warps", sizes.warps), ("num_stages", sizes.stages), ("DEPENDENT", dependent)
+    grid = (linears + len(forms) * batch * splits,)
+    first = True, linear_shrink_kernel, grid, (*scalars, batch, linears), (*blocks, *inputs, *flags, *options)
+    return _Plan((first, expand), partials)
+
+
+def _tiles(n_outs: list[int], columns: int, rank: int) -> tuple[int, tuple[int, ...]]:
+    """The parts' output tiles of ``columns`` each, and the scalars the kernels take for them: the parts'
+    out sizes, where part 0's and part 1's tiles end, the tables' rank."""
+    tiles = [-(-n // columns) for n in n_outs]
+    return sum(tiles), (*n_outs, tiles[0], tiles[0] + tiles[1], rank)
 
 
 def _or(tensor: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:

@@ -92,23 +92,11 @@ def tile_kernel(
 
 
 @triton.jit
-def shrink_kernel(
-    x_ptr, rows_ptr, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2, h_ptr,
-    n_out0, n_out1, n_out2, tiles0, tiles01, r_max,
-    N_IN: tl.constexpr, RANK: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ROWS: tl.constexpr,
-    HAS_RANKS: tl.constexpr, DEPENDENT: tl.constexpr,
-):  # fmt: skip
-    """One token's partial h = D_n x_b over inputs [s·BLOCK_K, (s + 1)·BLOCK_K) of part p, on CUDA cores,
-    into h[p, b, s] (RANK,) in float32; grid (B, parts, splits). DEPENDENT (launched dependent on the base
-    linear, the expand dependent on it): it reads only x and its tables, lets the expand start at once, and
-    ends only once the base linear has, so that the expand's wait covers the base output too."""
-    if DEPENDENT:
-        gdc_launch_dependents()
-    b = tl.program_id(0).to(tl.int64)
-    part, split = tl.program_id(1), tl.program_id(2)
-    down, _, _, _, _, ranks_ptr, _ = _pointers(
-        part, n_out0, n_out1, n_out2, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2
-    )  # fmt: skip
+def _partial_shrink(x_ptr, rows_ptr, down, ranks_ptr, h_ptr, b, part, split, batch, splits, r_max,
+                    N_IN: tl.constexpr, RANK: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ROWS: tl.constexpr,
+                    HAS_RANKS: tl.constexpr):  # fmt: skip
+    """Sample b's partial h = D_n x_b over inputs [split·BLOCK_K, (split + 1)·BLOCK_K) of part ``part``, on
+    CUDA cores, into h[part, b, split] (RANK,) in float32."""
     ks = split * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = ks < N_IN
     x = tl.load(x_ptr + b * N_IN + ks, mask=k_ok, other=0.0).to(tl.float32)  # (BLOCK_K,)
@@ -119,8 +107,28 @@ def shrink_kernel(
         other=0.0,
     )  # (RANK, BLOCK_K)
     h = tl.sum(d.to(tl.float32) * x[None, :], axis=1)
-    at = ((part * tl.num_programs(0) + b) * tl.num_programs(2) + split) * RANK
-    tl.store(h_ptr + at + ranks, h)
+    tl.store(h_ptr + ((part * batch + b) * splits + split) * RANK + ranks, h)
+
+
+@triton.jit
+def shrink_kernel(
+    x_ptr, rows_ptr, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2, h_ptr,
+    n_out0, n_out1, n_out2, tiles0, tiles01, r_max,
+    N_IN: tl.constexpr, RANK: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ROWS: tl.constexpr,
+    HAS_RANKS: tl.constexpr, DEPENDENT: tl.constexpr,
+):  # fmt: skip
+    """The partial shrinks (``_partial_shrink``); grid (B, parts, splits). DEPENDENT (launched dependent on
+    the base linear, the expand dependent on it): it reads only x and its tables, lets the expand start at
+    once, and ends only once the base linear has, so that the expand's wait covers the base output too."""
+    if DEPENDENT:
+        gdc_launch_dependents()
+    part = tl.program_id(1)
+    down, _, _, _, _, ranks_ptr, _ = _pointers(
+        part, n_out0, n_out1, n_out2, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2
+    )  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    _partial_shrink(x_ptr, rows_ptr, down, ranks_ptr, h_ptr, b, part, tl.program_id(2), tl.num_programs(0),
+                    tl.num_programs(2), r_max, N_IN, RANK, BLOCK_K, HAS_ROWS, HAS_RANKS)  # fmt: skip
     if DEPENDENT:
         gdc_wait()
 
@@ -170,6 +178,71 @@ def expand_kernel(
 
 
 @triton.jit
+def _weight(part, w0, w1, w2):
+    """Part ``part``'s base weight."""
+    weight = w0
+    if part == 2:
+        weight = w2
+    elif part == 1:
+        weight = w1
+    return weight
+
+
+@triton.jit
+def _linear_tile(x_rows, weight, m_ok, cols, col_ok, N_IN: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """x·Wᵀ for the samples whose rows of x start at ``x_rows`` (BLOCK_M, 1) and the output columns ``cols``,
+    W (out, in): (BLOCK_M, BLOCK_N) in float32, a tensor-core dot over the input in BLOCK_K chunks."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in tl.range(0, N_IN, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_ok = ks < N_IN
+        x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(weight + cols[None, :] * N_IN + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def linear_shrink_kernel(
+    x_ptr, rows_ptr, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2, h_ptr, w0, w1, w2,
+    n_out0, n_out1, n_out2, tiles0, tiles01, r_max, batch, linear_programs,
+    N_IN: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SHRINK_K: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr,
+    HAS_RANKS: tl.constexpr, DEPENDENT: tl.constexpr,
+):  # fmt: skip
+    """A one-token step's base linears and partial shrinks in one launch, which ``expand_kernel`` completes:
+    programs below ``linear_programs`` compute base_p = x W_pᵀ over BLOCK_M samples x BLOCK_N outputs of part
+    p (x (B, in), W_p (out, in)), stored in x's dtype; the others one (part, sample, split)'s partial shrink
+    (``_partial_shrink``) on the SMs the linears leave free. DEPENDENT: the expand starts at once (it loads U,
+    then waits for this whole launch). 1-D grid."""
+    if DEPENDENT:
+        gdc_launch_dependents()
+    program = tl.program_id(0)
+    m_blocks = tl.cdiv(batch, BLOCK_M)
+    shrink = program - linear_programs  # the partial shrink's index (programs past the linears')
+    linear_part, tile = _part(program // m_blocks, tiles0, tiles01)
+    part = tl.where(shrink < 0, linear_part, shrink // (SPLITS * batch))
+    down, _, base, _, _, ranks_ptr, n_out = _pointers(
+        part, n_out0, n_out1, n_out2, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2
+    )  # fmt: skip
+    if shrink < 0:
+        ms = (program % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = ms < batch
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_out
+        x_rows = x_ptr + ms.to(tl.int64)[:, None] * N_IN
+        acc = _linear_tile(x_rows, _weight(part, w0, w1, w2), m_ok, cols, col_ok, N_IN, BLOCK_M, BLOCK_N, BLOCK_K,
+                           PRECISION)  # fmt: skip
+        at = ms.to(tl.int64)[:, None] * n_out + cols[None, :]
+        tl.store(base + at, acc.to(x_ptr.dtype.element_ty), mask=m_ok[:, None] & col_ok[None, :])
+    else:
+        b = (shrink // SPLITS % batch).to(tl.int64)
+        _partial_shrink(x_ptr, rows_ptr, down, ranks_ptr, h_ptr, b, part, shrink % SPLITS, batch, SPLITS, r_max,
+                        N_IN, RANK, SHRINK_K, HAS_ROWS, HAS_RANKS)  # fmt: skip
+
+
+@triton.jit
 def linear_kernel(
     x_ptr, rows_ptr, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2, w0, w1, w2,
     n_out0, n_out1, n_out2, tiles0, tiles01, r_max, batch,
@@ -187,11 +260,7 @@ def linear_kernel(
     down, up, base, out, gain, ranks_ptr, n_out = _pointers(
         part, n_out0, n_out1, n_out2, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2
     )  # fmt: skip
-    weight = w0
-    if part == 2:
-        weight = w2
-    elif part == 1:
-        weight = w1
+    weight = _weight(part, w0, w1, w2)
     ms = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = ms < batch
     row = ms.to(tl.int64)
@@ -217,13 +286,7 @@ def linear_kernel(
     for chunk in tl.range(CHUNKS):
         cols = (tile * CHUNKS + chunk) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < n_out
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for start in tl.range(0, N_IN, BLOCK_K):
-            ks = start + tl.arange(0, BLOCK_K)
-            k_ok = ks < N_IN
-            x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(weight + cols[None, :] * N_IN + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(x, w, acc, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        acc = _linear_tile(x_rows, weight, m_ok, cols, col_ok, N_IN, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         u = tl.load(u_rows + cols[None, None, :], mask=rank_ok[:, :, None] & col_ok[None, None, :], other=0.0)
         y = tl.sum(h * u.to(tl.float32), axis=1)  # (BLOCK_M, BLOCK_N)
         at = ms[:, None] * n_out + cols[None, :]

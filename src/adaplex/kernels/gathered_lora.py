@@ -112,7 +112,7 @@ LINEAR_DECODE = LinearSizes(16, 64, 1, 64, 32, 8)  # for host-bound eager steps;
 ONE_TOKEN = SplitSizes(512, 1024, 1, 4)
 LONG_INPUT = 2048  # below it, eager one-token steps take the base-and-update kernel (``linear_sizes``)
 # graphed one-token steps' linears-and-shrinks launch on inputs under LONG_INPUT and from it (the update's
-# sizes are built_in_sizes's): 1.007x and 1.126x the base graph on the 135M and 8B shapes, H200 (``linear_sizes``)
+# sizes are built_in_sizes's): 1.01x and 1.13x the base graph on the 135M and 8B shapes, H200 (``linear_sizes``)
 GRAPH_LINEAR_SHORT = SplitLinearSizes(64, 16, 64, 4, 4, ONE_TOKEN)
 GRAPH_LINEAR_LONG = SplitLinearSizes(64, 32, 128, 4, 4, ONE_TOKEN)
 PARTIAL_SHRINKS = 1024  # the two-launch form doubles its input chunk (up to 4x) until it has at most these
@@ -334,7 +334,7 @@ def linear_sizes(x: torch.Tensor, parts: int) -> LinearSizes | SplitLinearSizes 
     token a sample, autocast, which computes them its own way, or an eager step on an input from
     LONG_INPUT). Eager steps take the one-launch form; graphed ones (``graph_kernels``) the linears and
     shrinks, then the expand, with the tile swept on an H200 at batch 64, 64 rank-16 experts on all seven
-    linears (benchmarks/dependent_sweep.py): routed/base 1.007x on the SmolLM2-135M shape and 1.126x on a
+    linears (benchmarks/dependent_sweep.py): routed/base 1.01x on the SmolLM2-135M shape and 1.13x on a
     Llama-3-8B layer's, against 1.21x and 1.14x with cuBLAS's linears then the two-launch form."""
     if x.dim() != 3 or x.shape[1] != 1 or torch.is_autocast_enabled(x.device.type):
         return None

@@ -89,6 +89,9 @@ SWEEPS = {
         "columns 16": (_linears(block_n=16), True),
         "columns 64": (_linears(block_n=64), True),
         "inputs 64": (_linears(block_k=64), True),
+        "inputs 256": (_linears(block_k=256), True),
+        "samples 32": (_linears(block_m=32), True),
+        "warps 8": (_linears(warps=8), True),
         "stages 5": (_linears(stages=5), True),
     }),
 }  # fmt: skip

@@ -487,8 +487,9 @@ def test_one_token_steps_take_the_two_launch_form_with_chunks_that_keep_the_part
 
 def test_one_token_steps_compute_their_base_linears_with_the_updates_in_the_form_their_runner_wants():
     step = torch.zeros(64, 1, 576)
-    assert linear_sizes(step, 3) == LINEAR_DECODE  # eager: one launch a group
-    assert linear_sizes(torch.zeros(64, 1, 4096), 3) is None  # eager, a long input: cuBLAS's linears
+    assert linear_sizes(step, 3) == LINEAR_DECODE  # eager on a short input: one launch a group
+    long_step = torch.zeros(64, 1, 4096)  # eager on a long input: the linears and the shrinks, then the expand
+    assert linear_sizes(long_step, 3) == GRAPH_LINEAR_LONG._replace(update=built_in_sizes(64, 1, 4096, 3))
     assert linear_sizes(torch.zeros(64, 2, 576), 3) is None  # more than one token a sample
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert linear_sizes(step, 3) is None

@@ -28,9 +28,9 @@ Three forms, picked by the sizes' type:
   too, base_p = x·W_pᵀ, in one launch per group of parts, for eager steps whose host launching kernels
   sets the pace. A program takes BLOCK_M samples: their shrinks on CUDA cores (each sample its own D),
   then per column chunk the base's tensor-core dot and the expand.
-- ``SplitLinearSizes`` (one token per sample; ``GroupedLinearLoRA`` under CUDA graphs,
-  ``graph_kernels``): two launches. The first's programs compute either a (BLOCK_M samples ×
-  BLOCK_N outputs) tile of the base linears with tensor-core dots or one partial shrink as in
+- ``SplitLinearSizes`` (one token per sample; ``GroupedLinearLoRA`` under CUDA graphs, ``graph_kernels``,
+  and eagerly on inputs from LONG_INPUT): two launches. The first's programs compute either a (BLOCK_M
+  samples × BLOCK_N outputs) tile of the base linears with tensor-core dots or one partial shrink as in
   ``SplitSizes``; the second is that form's expand, a dependent launch that loads U while the first
   runs. The base linears' and the updates' bytes stream through one launch's programs at once, where
   cuBLAS's launches and the update's left the GPU part-idle between them.
@@ -110,9 +110,9 @@ DECODE = TileSizes(16, 512, 128, 2)  # a few tokens a sample (T <= 16) on a shor
 PREFILL = TileSizes(64, 64, 64, 4)
 LINEAR_DECODE = LinearSizes(16, 64, 1, 64, 32, 8)  # for host-bound eager steps; 1.04-1.42x the best swept GPU time
 ONE_TOKEN = SplitSizes(512, 1024, 1, 4)
-LONG_INPUT = 2048  # below it, eager one-token steps take the base-and-update kernel (``linear_sizes``)
+LONG_INPUT = 2048  # below it, eager one-token steps take the base-and-update kernel; from it, as graphs do
 # graphed one-token steps' linears-and-shrinks launch on inputs under LONG_INPUT and from it (the update's
-# sizes are built_in_sizes's): 1.01x and 1.13x the base graph on the 135M and 8B shapes, H200 (``linear_sizes``)
+# sizes are built_in_sizes's): 1.03x and 1.11x the base graph on the 135M and 8B shapes, H100 (``linear_sizes``)
 GRAPH_LINEAR_SHORT = SplitLinearSizes(64, 16, 64, 4, 4, ONE_TOKEN)
 GRAPH_LINEAR_LONG = SplitLinearSizes(64, 32, 128, 4, 4, ONE_TOKEN)
 PARTIAL_SHRINKS = 1024  # the two-launch form doubles its input chunk (up to 4x) until it has at most these
@@ -331,18 +331,19 @@ class GroupedLinearLoRA(_Bound):
 def linear_sizes(x: torch.Tensor, parts: int) -> LinearSizes | SplitLinearSizes | None:
     """How routed layers compute ``parts`` base linears with their updates on inputs like ``x`` (B, T, in):
     ``GroupedLinearLoRA``'s sizes, or None where the base linears are launches of their own (more than one
-    token a sample, autocast, which computes them its own way, or an eager step on an input from
-    LONG_INPUT). Eager steps take the one-launch form; graphed ones (``graph_kernels``) the linears and
-    shrinks, then the expand, with the tile swept on an H200 at batch 64, 64 rank-16 experts on all seven
-    linears (benchmarks/dependent_sweep.py): routed/base 1.01x on the SmolLM2-135M shape and 1.13x on a
-    Llama-3-8B layer's, against 1.21x and 1.14x with cuBLAS's linears then the two-launch form."""
+    token a sample, or autocast, which computes them its own way). Eager steps on inputs under LONG_INPUT
+    take the one-launch form; graphed ones (``graph_kernels``), and eager ones from LONG_INPUT, the linears
+    and shrinks, then the expand, with the tile swept at batch 64, 64 rank-16 experts on all seven linears
+    (benchmarks/dependent_sweep.py; H100): graphs 1.03x the base on the SmolLM2-135M shape and 1.11x on a
+    Llama-3-8B layer's by GPU time, against 1.23x and 1.14x with cuBLAS's linears then the two-launch form;
+    eager 8B steps 1.19x the base against 1.35x with cuBLAS's linears (half the launches a layer)."""
     if x.dim() != 3 or x.shape[1] != 1 or torch.is_autocast_enabled(x.device.type):
         return None
     batch, _, n_in = x.shape
-    if _for_graphs:
-        graph_linear = GRAPH_LINEAR_SHORT if n_in < LONG_INPUT else GRAPH_LINEAR_LONG
-        return graph_linear._replace(update=built_in_sizes(batch, 1, n_in, parts))
-    return LINEAR_DECODE if n_in < LONG_INPUT else None
+    if n_in < LONG_INPUT and not _for_graphs:
+        return LINEAR_DECODE
+    graph_linear = GRAPH_LINEAR_SHORT if n_in < LONG_INPUT else GRAPH_LINEAR_LONG
+    return graph_linear._replace(update=built_in_sizes(batch, 1, n_in, parts))
 
 
 def graph_kernels() -> AbstractContextManager[None]:

@@ -93,6 +93,15 @@ SWEEPS = {
         "samples 32": (_linears(block_m=32), True),
         "warps 8": (_linears(warps=8), True),
         "stages 5": (_linears(stages=5), True),
+        "columns 64, warps 8": (_linears(block_n=64, warps=8), True),
+        "columns 128, inputs 64": (_linears(block_n=128, block_k=64), True),
+        "stages 3": (_linears(stages=3), True),
+        "shrinks 2048": ({"PARTIAL_SHRINKS": 2048}, True),
+        "shrinks 512": ({"PARTIAL_SHRINKS": 512}, True),
+        "expand columns 512": ({"ONE_TOKEN": ONE_TOKEN._replace(block_n=512)}, True),
+        "expand columns 2048": ({"ONE_TOKEN": ONE_TOKEN._replace(block_n=2048)}, True),
+        "warps 2": (_linears(warps=2), True),
+        "inputs 256, stages 2": (_linears(block_k=256, stages=2), True),
     }),
 }  # fmt: skip
 

@@ -7,12 +7,14 @@
 # slots), dependent (benchmarks/dependent_check.py: dependent update launches give the independent ones'
 # logits, replay after replay; benchmarks/dependent_sweep.py: the two-launch form's sizes with them), linears
 # (the same check, then the linears-and-shrinks launch's sizes swept at both shapes),
+# ncu (benchmarks/linear_ncu.py under Nsight Compute: the 8B decode sites' linears, cuBLAS's and fused, by hardware counters),
 # host (benchmarks/route_host.py: where the host's time goes in an eager decode step, 135M shape),
 # and before / before-8b / before-host (route, route-8b and host's main runs with the code in
 # .devcarry/old-src, for a before/after in one session). Models have random weights of the real shapes (benchmarks/shapes).
 # Carried, not committed: .whl (pinned wheels the image lacks) and, for before, .devcarry/old-src.
 set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+[ -d /tmp/site/transformers ] ||  # installed once a machine
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 SRC=$PWD/src
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -46,6 +48,10 @@ for section in ${*:-kernel route}; do
                 PYTHONPATH=/tmp/site:$SRC python3 dependent_sweep.py $sweep "$OUT/dependent-sweep-cuda-$sweep.json" 2>&1 \
                   | grep -v Warning | tail -16
               done) ;;
+    ncu) (cd benchmarks && PYTHONPATH=/tmp/site:$SRC ncu --profile-from-start off --clock-control none --csv \
+            --metrics "$(PYTHONPATH=/tmp/site:$SRC python3 -c 'from linear_ncu import METRICS; print(",".join(METRICS))')" \
+            python3 linear_ncu.py > "$OUT/linear-ncu-cuda.csv" 2> "$OUT/linear-ncu.log") \
+           || { echo "ncu FAILED"; tail -20 "$OUT/linear-ncu.log"; } ;;
     host|before-host) S=$SRC; [ $section = before-host ] && S=$PWD/.devcarry/old-src
                       (cd benchmarks && PYTHONPATH=/tmp/site:$S python3 route_host.py ../$SMALL "$OUT/route-$section-cuda.json" \
                         2>&1 | grep -v Warning | tail -40) ;;

@@ -1,7 +1,7 @@
 """CUDA check of the fused routing kernels against float32 sample-by-sample references (bfloat16, float16,
 float32; tables with shared rows, gains and mixed ranks), their decode-site GPU times under CUDA graphs
-at the SmolLM2-135M and Llama-3-8B layer shapes with a sweep of the kernels' sizes, the base-and-update
-kernel's (``GroupedLinearLoRA``) beside cuBLAS's base linears at the 135M sites, and a routed model's
+at the SmolLM2-135M and Llama-3-8B layer shapes with a sweep of the kernels' sizes, the fused base-linear
+forms (``GroupedLinearLoRA``) beside cuBLAS's base linears at both shapes' sites, and a routed model's
 logits (a prefill and a one-token step; in bfloat16, and in float32 under bfloat16 autocast) and graphed
 generation with and without them. Writes JSON;
 exits 1 on a mismatch.
@@ -180,32 +180,44 @@ def _linear_site(x: torch.Tensor, parts: list, rows: torch.Tensor, gen: torch.Ge
     def linears_then_update() -> None:
         gathered_lora.grouped_lora_add(x, [(b, *t) for b, t in zip(linears(), tables, strict=True)], rows)
 
-    bound = {sizes: GroupedLinearLoRA(x, weights, tables, rows, sizes) for sizes in LINEAR_SWEEP}
-    _, outs = bound[LINEAR_SWEEP[0]](x)
     bases = [(x.float() @ w.float().T).to(x.dtype) for w in weights]
     refs = [_reference(x, b, *t, rows) for b, t in zip(bases, tables, strict=True)]
-    error = max(((o.float() - r).abs().max() / r.abs().max()).item() for o, r in zip(outs, refs, strict=True))
-    sweep = {"L" + "x".join(map(str, s)): _graph_us(lambda s=s: bound[s](x)) for s in LINEAR_SWEEP}
-    return {
+
+    def error(outs: list[torch.Tensor]) -> float:
+        return max(((o.float() - r).abs().max() / r.abs().max()).item() for o, r in zip(outs, refs, strict=True))
+
+    with gathered_lora.graph_kernels():  # the linears-and-shrinks launch, then the expand: what graphs run
+        split = GroupedLinearLoRA(x, weights, tables, rows)
+    result = {
         "linears_us": _graph_us(linears),
         "linears_then_update_us": _graph_us(linears_then_update),
-        "linear_kernel_us": next(iter(sweep.values())),
-        "linear_kernel_error": error,
-        "ok": error <= TOLERANCE[torch.bfloat16],
-        "sweep_us": sweep,
+        "linears_and_shrinks_us": _graph_us(lambda: split(x)),
+        "linears_and_shrinks_error": error(split(x)[1]),
     }
+    if x.shape[-1] < gathered_lora.LONG_INPUT:  # the base-and-update kernel: eager steps on short inputs
+        bound = {sizes: GroupedLinearLoRA(x, weights, tables, rows, sizes) for sizes in LINEAR_SWEEP}
+        sweep = {"L" + "x".join(map(str, s)): _graph_us(lambda s=s: bound[s](x)) for s in LINEAR_SWEEP}
+        result |= {
+            "linear_kernel_us": next(iter(sweep.values())),
+            "linear_kernel_error": error(bound[LINEAR_SWEEP[0]](x)[1]),
+            "sweep_us": sweep,
+        }
+    tolerance = TOLERANCE[torch.bfloat16]
+    return result | {"ok": all(result[k] <= tolerance for k in result if k.endswith("_error"))}
 
 
 def linear_site_times(device: torch.device) -> dict:
-    """At the 135M shape's decode sites (batch 64, 64 distinct rank-16 experts, bf16), GPU µs under CUDA
-    graphs of: the base linears alone (cuBLAS), the base linears then the update kernel (what graphs
-    run), and the base-and-update kernel (what eager one-token steps run) at its built-in and swept
-    sizes, with its worst error against a float32 reference."""
+    """At both shapes' decode sites (batch 64, 64 distinct rank-16 experts, bf16), GPU µs under CUDA graphs
+    of: the base linears alone (cuBLAS), the base linears then the update kernel, the linears-and-shrinks
+    launch then the expand (what graphed one-token steps run, and eager ones on inputs from LONG_INPUT),
+    and, on the short inputs, the base-and-update kernel (what eager one-token steps run there) at its
+    built-in and swept sizes; each fused form's worst error against a float32 reference."""
     result = {}
-    for site, (n_in, n_outs) in SHAPES["135m"].items():
-        gen = torch.Generator(device=device).manual_seed(n_in)
-        x, parts, rows = _table(device, torch.bfloat16, BATCH, 1, BATCH, n_in, n_outs, RANK, gen)
-        result[site] = _linear_site(x, parts, rows, gen)
+    for shape, sites in SHAPES.items():
+        for site, (n_in, n_outs) in sites.items():
+            gen = torch.Generator(device=device).manual_seed(n_in)
+            x, parts, rows = _table(device, torch.bfloat16, BATCH, 1, BATCH, n_in, n_outs, RANK, gen)
+            result[f"{shape}-{site}"] = _linear_site(x, parts, rows, gen)
     return result
 
 

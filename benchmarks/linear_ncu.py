@@ -1,0 +1,58 @@
+"""Hardware counters of a one-token step's linears at the Llama-3-8B decode sites (batch 64, 64 distinct
+rank-16 experts, bf16): cuBLAS's base linears against the linears-and-shrinks launch and its expand (what
+graphed one-token steps run, and eager ones from an input of 2,048). Run it under Nsight Compute, which
+profiles only the calls between ``cudaProfilerStart`` and ``Stop`` (one of each, after a warm-up call):
+
+    ncu --profile-from-start off --clock-control none --csv --metrics METRICS python benchmarks/linear_ncu.py
+
+``benchmarks/device_route.sh ncu`` runs it and keeps the CSV (results/linear-ncu-cuda.csv): each kernel's
+time, the bytes it read from DRAM and from L2, and how busy DRAM and L2 were. Caches are flushed before
+each profiled kernel (ncu's default), so a weight read from DRAM is read there, as in a full step.
+"""
+
+from __future__ import annotations
+
+import torch
+from kernel_check import BATCH, RANK, SHAPES, _table
+
+from adaplex.kernels import gathered_lora
+from adaplex.kernels.gathered_lora import GroupedLinearLoRA
+
+METRICS = (
+    "gpu__time_duration.sum",
+    "dram__bytes_read.sum",
+    "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    "lts__t_sectors_srcunit_tex_op_read.sum",
+    "lts__throughput.avg.pct_of_peak_sustained_elapsed",
+    "sm__warps_active.avg.pct_of_peak_sustained_active",
+    "launch__grid_size",
+    "launch__registers_per_thread",
+)
+
+
+def main() -> None:
+    device = torch.device("cuda")
+    calls = []
+    for site, (n_in, n_outs) in SHAPES["8b"].items():
+        gen = torch.Generator(device=device).manual_seed(n_in)
+        x, parts, rows = _table(device, torch.bfloat16, BATCH, 1, BATCH, n_in, n_outs, RANK, gen)
+        tables = [(d, u, g, torch.full_like(r, RANK)) for _, d, u, g, r in parts]
+        weights = [(torch.randn(n, n_in, generator=gen, device=device) * n_in**-0.5).to(x.dtype) for n in n_outs]
+        with gathered_lora.graph_kernels():
+            fused = GroupedLinearLoRA(x, weights, tables, rows)
+        calls.append((site, lambda x=x, weights=weights: [torch.nn.functional.linear(x, w) for w in weights]))
+        calls.append((site, lambda x=x, fused=fused: fused(x)))
+    for _, call in calls:  # compiles the kernels, outside the profiled range
+        call()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for site, call in calls:
+        torch.cuda.nvtx.range_push(site)
+        call()
+        torch.cuda.nvtx.range_pop()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -8,10 +8,6 @@ the medians over rounds of routed/base are reported. Writes JSON.
 
     python benchmarks/dependent_sweep.py llama-3-8b|smollm2-135m|linears-135m|linears-8b OUT.json
 
-results/dependent-sweep-cuda-linears-8b.json holds more of the linears' tiles at 8B, swept on an H100 before the
-linears split their input (``base_splits``): input chunks of 64 or 256, 16, 64 or 128 columns, 32 samples a
-program, 2 or 8 warps, 2, 3 or 5 stages, expand columns of 512, all slower than the built-in (1.108x).
-
 results/dependent-sweep-cuda-smollm2-135m.json was measured while one-token steps on inputs under
 2,048 took the tile kernel: its "built-in (tile kernel)" is the "tile kernel" variant here, and its
 "two launches" variants set that threshold (``LONG_INPUT``) to 0, as the built-in rule now does.
@@ -90,14 +86,22 @@ SWEEPS = {
         "cuBLAS, then two launches": (CUBLAS, True),
         "built-in": (_linears(), True),
         "built-in, independent": (_linears(), False),
-        "linears' input whole": ({"LINEAR_PROGRAMS": 0}, True),
-        "input split below 256 programs": ({"LINEAR_PROGRAMS": 256}, True),
-        "input split below 1,024 programs": ({"LINEAR_PROGRAMS": 1024}, True),
+        "columns 16": (_linears(block_n=16), True),
         "columns 64": (_linears(block_n=64), True),
+        "inputs 64": (_linears(block_k=64), True),
+        "inputs 256": (_linears(block_k=256), True),
+        "samples 32": (_linears(block_m=32), True),
         "warps 8": (_linears(warps=8), True),
+        "stages 5": (_linears(stages=5), True),
         "columns 64, warps 8": (_linears(block_n=64, warps=8), True),
+        "columns 128, inputs 64": (_linears(block_n=128, block_k=64), True),
+        "stages 3": (_linears(stages=3), True),
         "shrinks 2048": ({"PARTIAL_SHRINKS": 2048}, True),
+        "shrinks 512": ({"PARTIAL_SHRINKS": 512}, True),
+        "expand columns 512": ({"ONE_TOKEN": ONE_TOKEN._replace(block_n=512)}, True),
         "expand columns 2048": ({"ONE_TOKEN": ONE_TOKEN._replace(block_n=2048)}, True),
+        "warps 2": (_linears(warps=2), True),
+        "inputs 256, stages 2": (_linears(block_k=256, stages=2), True),
     }),
 }  # fmt: skip
 

@@ -26,7 +26,6 @@ from adaplex.kernels.gathered_lora import (
     ONE_TOKEN,
     PREFILL,
     UNROLLED,
-    base_splits,
     built_in_sizes,
     split_blocks,
 )
@@ -144,22 +143,19 @@ def assert_dependent(ptx: str, dependent: bool, *instructions: str) -> None:
         assert ptx.count(f"griddepcontrol.{instruction};") == (1 if dependent else 0), instruction
 
 
-@pytest.mark.parametrize(
-    "n_in, dependent, base_splits",
-    [(576, True, 1), (1536, False, 1), (4096, False, 1), (4096, True, 1), (4096, True, 4), (14336, True, 4)],
-)
-def test_gathered_lora_split_kernels_compile_for_h100_without_spills(n_in, dependent, base_splits):
+@pytest.mark.parametrize("n_in, dependent", [(576, True), (1536, False), (4096, False), (4096, True), (14336, True)])
+def test_gathered_lora_split_kernels_compile_for_h100_without_spills(n_in, dependent):
     sizes = ONE_TOKEN
     flags = dict(RANK=16, HAS_ROWS=True, HAS_RANKS=True, DEPENDENT=dependent)
     splits, split_block = split_blocks(n_in, sizes.block_k)
     shrink = dict(N_IN=n_in, BLOCK_K=sizes.block_k, **flags)
-    expand = dict(SPLITS=splits, SPLIT_BLOCK=split_block, BLOCK_N=sizes.block_n, CHUNKS=sizes.chunks,
-                  BASE_SPLITS=base_splits, HAS_GAIN=True, **flags)  # fmt: skip
+    expand = dict(SPLITS=splits, SPLIT_BLOCK=split_block, BLOCK_N=sizes.block_n,
+                  CHUNKS=sizes.chunks, HAS_GAIN=True, **flags)  # fmt: skip
     for fn, constexprs, gdc in (
         (gathered.shrink_kernel, shrink, ("launch_dependents", "wait")),
         (gathered.expand_kernel, expand, ("wait",)),
     ):
-        pointers = _lora_pointers(fn) | {"h_ptr": "fp32", "p_ptr": "fp32"}
+        pointers = _lora_pointers(fn) | {"h_ptr": "fp32"}
         kernel = compile_for_h100(fn, pointers, (), constexprs, num_warps=sizes.warps, launch_pdl=dependent)
         assert kernel.metadata.shared <= SHARED_MEMORY
         assert resources(kernel)["STACK"] == 0
@@ -190,28 +186,24 @@ def test_gathered_lora_linear_kernel_compiles_for_h100_without_spills(n_in):
 
 
 @pytest.mark.parametrize(
-    "sizes, n_in, outs, dependent",
+    "sizes, n_in, parts, dependent",
     [
-        (GRAPH_LINEAR_SHORT, 576, (576, 192, 192), True),  # the 135M shape's q/k/v
-        (GRAPH_LINEAR_SHORT, 576, (1536, 1536), False),  # its gate/up, independent
-        (GRAPH_LINEAR_SHORT, 1536, (576,), True),  # its down
-        (GRAPH_LINEAR_LONG, 4096, (4096, 1024, 1024), True),  # the 8B shape's q/k/v: input in 4 parts
-        (GRAPH_LINEAR_LONG, 4096, (14336, 14336), True),  # its gate/up: in one
-        (GRAPH_LINEAR_LONG, 14336, (4096,), True),  # its down: in 4
+        (GRAPH_LINEAR_SHORT, 576, 3, True),  # the 135M shape's q/k/v
+        (GRAPH_LINEAR_SHORT, 576, 2, False),  # its gate/up, independent
+        (GRAPH_LINEAR_SHORT, 1536, 1, True),  # its down
+        (GRAPH_LINEAR_LONG, 4096, 3, True),  # the 8B shape's q/k/v
+        (GRAPH_LINEAR_LONG, 14336, 1, True),  # its down
     ],
 )
-def test_gathered_lora_linear_shrink_kernel_compiles_for_h100_without_spills(sizes, n_in, outs, dependent):
-    sizes = sizes._replace(update=built_in_sizes(64, 1, n_in, len(outs)))
+def test_gathered_lora_linear_shrink_kernel_compiles_for_h100_without_spills(sizes, n_in, parts, dependent):
+    sizes = sizes._replace(update=built_in_sizes(64, 1, n_in, parts))
     splits, _ = split_blocks(n_in, sizes.update.block_k)
-    programs = -(-64 // sizes.block_m) * sum(-(-n // sizes.block_n) for n in outs)
-    bases, chunk = base_splits(programs, n_in, sizes.block_k)
-    assert bases == (4 if outs[0] == 4096 else 1)
     constexprs = dict(N_IN=n_in, RANK=16, BLOCK_M=sizes.block_m, BLOCK_N=sizes.block_n, BLOCK_K=sizes.block_k,
-                      BASE_SPLITS=bases, BASE_CHUNK=chunk, SHRINK_K=sizes.update.block_k, SPLITS=splits,
-                      PRECISION="tf32", HAS_ROWS=True, HAS_RANKS=True, DEPENDENT=dependent)  # fmt: skip
+                      SHRINK_K=sizes.update.block_k, SPLITS=splits, PRECISION="tf32", HAS_ROWS=True,
+                      HAS_RANKS=True, DEPENDENT=dependent)  # fmt: skip
     fn = gathered.linear_shrink_kernel
-    pointers = _lora_pointers(fn) | {"h_ptr": "fp32", "p_ptr": "fp32"}
-    kernel = compile_for_h100(fn, pointers, (), constexprs, num_warps=sizes.warps, num_stages=sizes.stages)
+    kernel = compile_for_h100(fn, _lora_pointers(fn) | {"h_ptr": "fp32"}, (), constexprs, num_warps=sizes.warps,
+                              num_stages=sizes.stages)  # fmt: skip
     assert kernel.metadata.shared <= SHARED_MEMORY
     assert resources(kernel)["STACK"] == 0
     assert_dependent(kernel.asm["ptx"], dependent, "launch_dependents")

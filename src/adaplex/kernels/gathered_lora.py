@@ -116,10 +116,6 @@ LONG_INPUT = 2048  # below it, eager one-token steps take the base-and-update ke
 GRAPH_LINEAR_SHORT = SplitLinearSizes(64, 16, 64, 4, 4, ONE_TOKEN)
 GRAPH_LINEAR_LONG = SplitLinearSizes(64, 32, 128, 4, 4, ONE_TOKEN)
 PARTIAL_SHRINKS = 1024  # the two-launch form doubles its input chunk (up to 4x) until it has at most these
-# the linears-and-shrinks launch splits the linears' input in two, then four, ... while they have fewer programs
-# than LINEAR_PROGRAMS and each split keeps at least BASE_CHUNK inputs (``base_splits``)
-LINEAR_PROGRAMS = 512
-BASE_CHUNK = 1024
 
 
 def built_in_sizes(batch: int, tokens: int, n_in: int, parts: int) -> Sizes:
@@ -137,18 +133,6 @@ def built_in_sizes(batch: int, tokens: int, n_in: int, parts: int) -> Sizes:
             block_k *= 2
         return ONE_TOKEN._replace(block_k=block_k)
     return DECODE if tokens <= 16 else PREFILL
-
-
-def base_splits(programs: int, n_in: int, block_k: int) -> tuple[int, int]:
-    """How many parts the linears-and-shrinks launch splits its linears' input of ``n_in`` into, where a split
-    has ``programs`` linear programs, and the inputs of each part (a multiple of ``block_k``). A linear with
-    few output tiles (an 8B layer's o and down projections: 128 programs of 32 columns on 132 SMs) otherwise
-    leaves each SM one long program that cannot keep enough of its weight's bytes in flight; split over the
-    input, each part's programs store float32 partial bases and the expand sums them."""
-    splits = 1
-    while programs * splits < LINEAR_PROGRAMS and n_in >= 2 * splits * BASE_CHUNK:
-        splits *= 2
-    return splits, -(-n_in // (splits * block_k)) * block_k
 
 
 def split_blocks(n_in: int, block_k: int) -> tuple[int, int]:
@@ -271,9 +255,8 @@ class _Bound:
         for (down, up, gain, ranks), base, out in zip(self.tables, bases, outs, strict=True):
             tensors += (down, up, base, out, _or(gain, x), _or(ranks, x))
         tensors += tensors[2:8] * (MAX_PARTS - len(bases))  # unused slots: no program reaches them
-        if self.plan.partials is not None:  # the partial shrinks, and the partial bases (or a stand-in)
+        if self.plan.partials is not None:
             tensors.append(x.new_empty(self.plan.partials, dtype=torch.float32))
-            tensors.append(x.new_empty(self.plan.partial_bases, dtype=torch.float32) if self.plan.partial_bases else x)
         weighted = [*tensors, *weights]
         for takes_weights, launch in self.launches:
             launch(weighted if takes_weights else tensors)
@@ -377,13 +360,11 @@ def _forms(tables: Sequence[Table]) -> tuple[PartForm, ...]:
 
 
 class _Plan(NamedTuple):
-    """A call's launches (whether it takes the base weights, launcher, grid, scalars, constants), the shape
-    of the partial shrinks (parts, B, splits, RANK), None for the forms of one launch, and how many float32
-    partial bases the linears-and-shrinks launch stores (0: it stores the bases themselves)."""
+    """A call's launches (whether it takes the base weights, launcher, grid, scalars, constants) and the shape
+    of the partial shrinks (parts, B, splits, RANK), None for the forms of one launch."""
 
     launches: tuple[tuple[bool, Launcher, tuple[int, ...], tuple[int, ...], tuple], ...]
     partials: tuple[int, ...] | None
-    partial_bases: int = 0
 
 
 PartForm = tuple[torch.Size, torch.Size, bool, bool]  # down's shape, up's shape, no gain, no ranks
@@ -437,11 +418,7 @@ def _plan(
     pdl = ("DEPENDENT", dependent), ("launch_pdl", dependent)
     tiles, scalars = _tiles(n_outs, update.block_n * update.chunks, rank)
     sums = ("SPLITS", splits), ("SPLIT_BLOCK", split_block), ("BLOCK_N", update.block_n), ("CHUNKS", update.chunks)
-
-    def expand(bases: int) -> tuple:
-        options = (*sums, ("BASE_SPLITS", bases), has_gain, *flags, ("num_warps", update.warps), *pdl)
-        return False, expand_kernel, (batch, tiles), scalars, options
-
+    expand = False, expand_kernel, (batch, tiles), scalars, (*sums, has_gain, *flags, ("num_warps", update.warps), *pdl)
     if isinstance(sizes, SplitSizes):
         inputs = ("N_IN", n_in), ("BLOCK_K", sizes.block_k)
         shrink = (
@@ -451,18 +428,15 @@ def _plan(
             scalars,
             (*inputs, *flags, ("num_warps", sizes.warps), *pdl),
         )
-        return _Plan((shrink, expand(1)), partials)
-    linear_tiles, linear_scalars = _tiles(n_outs, sizes.block_n, rank)
-    linears = -(-batch // sizes.block_m) * linear_tiles  # programs of one input split
-    bases, chunk = base_splits(linears, n_in, sizes.block_k)
-    linears *= bases  # programs; the partial shrinks' follow
+        return _Plan((shrink, expand), partials)
+    tiles, scalars = _tiles(n_outs, sizes.block_n, rank)
+    linears = -(-batch // sizes.block_m) * tiles  # programs; the partial shrinks' follow
     blocks = ("BLOCK_M", sizes.block_m), ("BLOCK_N", sizes.block_n), ("BLOCK_K", sizes.block_k)
-    inputs = ("N_IN", n_in), ("BASE_SPLITS", bases), ("BASE_CHUNK", chunk), ("SHRINK_K", update.block_k)
-    inputs += ("SPLITS", splits), ("PRECISION", precision)
+    inputs = ("N_IN", n_in), ("SHRINK_K", update.block_k), ("SPLITS", splits), ("PRECISION", precision)
     options = ("num_warps", sizes.warps), ("num_stages", sizes.stages), ("DEPENDENT", dependent)
     grid = (linears + len(forms) * batch * splits,)
-    first = True, linear_shrink_kernel, grid, (*linear_scalars, batch, linears), (*blocks, *inputs, *flags, *options)
-    return _Plan((first, expand(bases)), partials, bases * batch * sum(n_outs) if bases > 1 else 0)
+    first = True, linear_shrink_kernel, grid, (*scalars, batch, linears), (*blocks, *inputs, *flags, *options)
+    return _Plan((first, expand), partials)
 
 
 def _tiles(n_outs: list[int], columns: int, rank: int) -> tuple[int, tuple[int, ...]]:

@@ -112,7 +112,7 @@ def _partial_shrink(x_ptr, rows_ptr, down, ranks_ptr, h_ptr, b, part, split, bat
 
 @triton.jit
 def shrink_kernel(
-    x_ptr, rows_ptr, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2, h_ptr, p_ptr,
+    x_ptr, rows_ptr, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2, h_ptr,
     n_out0, n_out1, n_out2, tiles0, tiles01, r_max,
     N_IN: tl.constexpr, RANK: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ROWS: tl.constexpr,
     HAS_RANKS: tl.constexpr, DEPENDENT: tl.constexpr,
@@ -144,16 +144,15 @@ def _up_chunk(up, ranks, rank_ok, tile, chunk, n_out, CHUNKS: tl.constexpr, BLOC
 
 @triton.jit
 def expand_kernel(
-    x_ptr, rows_ptr, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2, h_ptr, p_ptr,
+    x_ptr, rows_ptr, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2, h_ptr,
     n_out0, n_out1, n_out2, tiles0, tiles01, r_max,
     RANK: tl.constexpr, SPLITS: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNKS: tl.constexpr, BASE_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_GAIN: tl.constexpr,
-    HAS_RANKS: tl.constexpr, DEPENDENT: tl.constexpr,
+    CHUNKS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_RANKS: tl.constexpr,
+    DEPENDENT: tl.constexpr,
 ):  # fmt: skip
     """base + g·h·U over CHUNKS·BLOCK_N output columns of one token, h summed over the shrink's splits;
     grid (B, output tiles of all parts). The first chunk's U is loaded before h and the base (DEPENDENT:
-    before waiting on the shrink, which is still running). BASE_SPLITS > 1: the base is the sum of the
-    linears' partial bases over their input splits (``linear_shrink_kernel``), stored here in the base's dtype."""
+    before waiting on the shrink, which is still running)."""
     b = tl.program_id(0).to(tl.int64)
     part, tile = _part(tl.program_id(1), tiles0, tiles01)
     _, up, base, out, gain, ranks_ptr, n_out = _pointers(
@@ -173,13 +172,7 @@ def expand_kernel(
     for chunk in tl.static_range(CHUNKS):
         if chunk > 0:
             cols, col_ok, u = _up_chunk(up, ranks, rank_ok, tile, chunk, n_out, CHUNKS, BLOCK_N)
-        if BASE_SPLITS == 1:
-            before = tl.load(base + b * n_out + cols, mask=col_ok, other=0.0)
-        else:
-            at = _partial_bases(p_ptr, part, n_out0, n_out1, tl.num_programs(0), BASE_SPLITS)
-            at += (tl.arange(0, BASE_SPLITS)[:, None] * tl.num_programs(0) + b) * n_out + cols[None, :]
-            before = tl.sum(tl.load(at, mask=col_ok[None, :], other=0.0), axis=0).to(base.dtype.element_ty)
-            tl.store(base + b * n_out + cols, before, mask=col_ok)
+        before = tl.load(base + b * n_out + cols, mask=col_ok, other=0.0)
         y = tl.sum(h[:, None] * u.to(tl.float32), axis=0)  # (BLOCK_N,)
         tl.store(out + b * n_out + cols, (before.to(tl.float32) + y).to(before.dtype), mask=col_ok)
 
@@ -196,20 +189,12 @@ def _weight(part, w0, w1, w2):
 
 
 @triton.jit
-def _partial_bases(p_ptr, part, n_out0, n_out1, batch, BASE_SPLITS: tl.constexpr):
-    """Where part ``part``'s partial bases start: (BASE_SPLITS, batch, n_out) float32 a part, one after another."""
-    before = tl.where(part >= 1, n_out0, 0) + tl.where(part >= 2, n_out1, 0)
-    return p_ptr + before.to(tl.int64) * BASE_SPLITS * batch
-
-
-@triton.jit
-def _linear_tile(x_rows, weight, m_ok, cols, col_ok, k_start, k_end, N_IN: tl.constexpr, BLOCK_M: tl.constexpr,
+def _linear_tile(x_rows, weight, m_ok, cols, col_ok, N_IN: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-    """x·Wᵀ over inputs [k_start, k_end) for the samples whose rows of x start at ``x_rows`` (BLOCK_M, 1) and
-    the output columns ``cols``, W (out, in): (BLOCK_M, BLOCK_N) in float32, a tensor-core dot in BLOCK_K
-    chunks (k_start a multiple of BLOCK_K)."""
+    """x·Wᵀ for the samples whose rows of x start at ``x_rows`` (BLOCK_M, 1) and the output columns ``cols``,
+    W (out, in): (BLOCK_M, BLOCK_N) in float32, a tensor-core dot over the input in BLOCK_K chunks."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in tl.range(k_start, k_end, BLOCK_K):
+    for start in tl.range(0, N_IN, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_ok = ks < N_IN
         x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -220,16 +205,15 @@ def _linear_tile(x_rows, weight, m_ok, cols, col_ok, k_start, k_end, N_IN: tl.co
 
 @triton.jit
 def linear_shrink_kernel(
-    x_ptr, rows_ptr, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2, h_ptr, p_ptr,
-    w0, w1, w2, n_out0, n_out1, n_out2, tiles0, tiles01, r_max, batch, linear_programs,
+    x_ptr, rows_ptr, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2, h_ptr, w0, w1, w2,
+    n_out0, n_out1, n_out2, tiles0, tiles01, r_max, batch, linear_programs,
     N_IN: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BASE_SPLITS: tl.constexpr, BASE_CHUNK: tl.constexpr, SHRINK_K: tl.constexpr, SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_RANKS: tl.constexpr, DEPENDENT: tl.constexpr,
+    SHRINK_K: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr,
+    HAS_RANKS: tl.constexpr, DEPENDENT: tl.constexpr,
 ):  # fmt: skip
     """A one-token step's base linears and partial shrinks in one launch, which ``expand_kernel`` completes:
     programs below ``linear_programs`` compute base_p = x W_pᵀ over BLOCK_M samples x BLOCK_N outputs of part
-    p (x (B, in), W_p (out, in)), stored in x's dtype, or with BASE_SPLITS > 1 over BASE_CHUNK inputs, stored
-    in float32 as partial bases that the expand sums; the others one (part, sample, split)'s partial shrink
+    p (x (B, in), W_p (out, in)), stored in x's dtype; the others one (part, sample, split)'s partial shrink
     (``_partial_shrink``) on the SMs the linears leave free. DEPENDENT: the expand starts at once (it loads U,
     then waits for this whole launch). 1-D grid."""
     if DEPENDENT:
@@ -237,7 +221,7 @@ def linear_shrink_kernel(
     program = tl.program_id(0)
     m_blocks = tl.cdiv(batch, BLOCK_M)
     shrink = program - linear_programs  # the partial shrink's index (programs past the linears')
-    linear_part, tile = _part(program // (m_blocks * BASE_SPLITS), tiles0, tiles01)
+    linear_part, tile = _part(program // m_blocks, tiles0, tiles01)
     part = tl.where(shrink < 0, linear_part, shrink // (SPLITS * batch))
     down, _, base, _, _, ranks_ptr, n_out = _pointers(
         part, n_out0, n_out1, n_out2, d0, u0, b0, o0, g0, r0, d1, u1, b1, o1, g1, r1, d2, u2, b2, o2, g2, r2
@@ -248,17 +232,10 @@ def linear_shrink_kernel(
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < n_out
         x_rows = x_ptr + ms.to(tl.int64)[:, None] * N_IN
-        k_split = program // m_blocks % BASE_SPLITS
-        k_start = k_split * BASE_CHUNK
-        acc = _linear_tile(x_rows, _weight(part, w0, w1, w2), m_ok, cols, col_ok, k_start,
-                           tl.minimum(k_start + BASE_CHUNK, N_IN), N_IN, BLOCK_M, BLOCK_N, BLOCK_K,
+        acc = _linear_tile(x_rows, _weight(part, w0, w1, w2), m_ok, cols, col_ok, N_IN, BLOCK_M, BLOCK_N, BLOCK_K,
                            PRECISION)  # fmt: skip
         at = ms.to(tl.int64)[:, None] * n_out + cols[None, :]
-        if BASE_SPLITS == 1:
-            tl.store(base + at, acc.to(x_ptr.dtype.element_ty), mask=m_ok[:, None] & col_ok[None, :])
-        else:
-            partial = _partial_bases(p_ptr, part, n_out0, n_out1, batch, BASE_SPLITS) + k_split * batch * n_out
-            tl.store(partial + at, acc, mask=m_ok[:, None] & col_ok[None, :])
+        tl.store(base + at, acc.to(x_ptr.dtype.element_ty), mask=m_ok[:, None] & col_ok[None, :])
     else:
         b = (shrink // SPLITS % batch).to(tl.int64)
         _partial_shrink(x_ptr, rows_ptr, down, ranks_ptr, h_ptr, b, part, shrink % SPLITS, batch, SPLITS, r_max,
@@ -309,7 +286,7 @@ def linear_kernel(
     for chunk in tl.range(CHUNKS):
         cols = (tile * CHUNKS + chunk) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < n_out
-        acc = _linear_tile(x_rows, weight, m_ok, cols, col_ok, 0, N_IN, N_IN, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        acc = _linear_tile(x_rows, weight, m_ok, cols, col_ok, N_IN, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         u = tl.load(u_rows + cols[None, None, :], mask=rank_ok[:, :, None] & col_ok[None, None, :], other=0.0)
         y = tl.sum(h * u.to(tl.float32), axis=1)  # (BLOCK_M, BLOCK_N)
         at = ms[:, None] * n_out + cols[None, :]

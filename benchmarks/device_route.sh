@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Routed inference on the device's GPU:  bash benchmarks/device_route.sh [SECTION...]   (results in $OUT, default /tmp/out)
 # Sections (default: kernel route): kernel (benchmarks/kernel_check.py: the fused kernels against float32
-# references, their decode sites' GPU times with a tile sweep, the base-and-update kernel beside cuBLAS), route (SmolLM2-135M shape, decode, batch 64:
+# references, their decode sites' GPU times with a tile sweep, the fused base-linear forms beside cuBLAS), route
+# (SmolLM2-135M shape, decode, batch 64:
 # 1 and 64 distinct adapters with the base, profiled; 8 with PEFT beside; 64 at mixed ranks 4/16), route-8b
 # (a Llama-3-8B layer shape with 2 layers: 64 and 1,024 resident experts, then 1,024 paged into 64 device
 # slots), dependent (benchmarks/dependent_check.py: dependent update launches give the independent ones'
@@ -50,7 +51,7 @@ for section in ${*:-kernel route}; do
               done) ;;
     ncu) (cd benchmarks && PYTHONPATH=/tmp/site:$SRC ncu --profile-from-start off --clock-control none --csv \
             --metrics "$(PYTHONPATH=/tmp/site:$SRC python3 -c 'from linear_ncu import METRICS; print(",".join(METRICS))')" \
-            python3 linear_ncu.py > "$OUT/linear-ncu-cuda.csv" 2> "$OUT/linear-ncu.log") \
+            python3 linear_ncu.py 2> "$OUT/linear-ncu.log" | grep -v '^==' > "$OUT/linear-ncu-cuda.csv") \
            || { echo "ncu FAILED"; tail -20 "$OUT/linear-ncu.log"; } ;;
     host|before-host) S=$SRC; [ $section = before-host ] && S=$PWD/.devcarry/old-src
                       (cd benchmarks && PYTHONPATH=/tmp/site:$S python3 route_host.py ../$SMALL "$OUT/route-$section-cuda.json" \

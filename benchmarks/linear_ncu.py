@@ -6,8 +6,9 @@ profiles only the calls between ``cudaProfilerStart`` and ``Stop`` (one of each,
     ncu --profile-from-start off --clock-control none --csv --metrics METRICS python benchmarks/linear_ncu.py
 
 ``benchmarks/device_route.sh ncu`` runs it and keeps the CSV (results/linear-ncu-cuda.csv): each kernel's
-time, the bytes it read from DRAM and from L2, and how busy DRAM and L2 were. Caches are flushed before
-each profiled kernel (ncu's default), so a weight read from DRAM is read there, as in a full step.
+time, the bytes it read from DRAM, the 32-byte sectors its SMs read from L2, and how busy DRAM and L2 were.
+The kernels come in the sites' order (q/k/v, o, gate/up, down), each site's cuBLAS linears first. Caches
+are flushed before each profiled kernel (ncu's default), so a weight is read from DRAM, as in a full step.
 """
 
 from __future__ import annotations
@@ -33,23 +34,21 @@ METRICS = (
 def main() -> None:
     device = torch.device("cuda")
     calls = []
-    for site, (n_in, n_outs) in SHAPES["8b"].items():
+    for n_in, n_outs in SHAPES["8b"].values():
         gen = torch.Generator(device=device).manual_seed(n_in)
         x, parts, rows = _table(device, torch.bfloat16, BATCH, 1, BATCH, n_in, n_outs, RANK, gen)
         tables = [(d, u, g, torch.full_like(r, RANK)) for _, d, u, g, r in parts]
         weights = [(torch.randn(n, n_in, generator=gen, device=device) * n_in**-0.5).to(x.dtype) for n in n_outs]
         with gathered_lora.graph_kernels():
             fused = GroupedLinearLoRA(x, weights, tables, rows)
-        calls.append((site, lambda x=x, weights=weights: [torch.nn.functional.linear(x, w) for w in weights]))
-        calls.append((site, lambda x=x, fused=fused: fused(x)))
-    for _, call in calls:  # compiles the kernels, outside the profiled range
+        calls.append(lambda x=x, weights=weights: [torch.nn.functional.linear(x, w) for w in weights])
+        calls.append(lambda x=x, fused=fused: fused(x))
+    for call in calls:  # compiles the kernels, outside the profiled range
         call()
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
-    for site, call in calls:
-        torch.cuda.nvtx.range_push(site)
+    for call in calls:
         call()
-        torch.cuda.nvtx.range_pop()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
 

@@ -168,12 +168,17 @@ LINEAR_SWEEP = [  # the built-in first
 ]
 
 
-def _linear_site(x: torch.Tensor, parts: list, rows: torch.Tensor, gen: torch.Generator) -> dict:
+def linear_site_inputs(device: torch.device, n_in: int, n_outs: tuple[int, ...]) -> tuple:
+    """A decode site's x (BATCH, 1, n_in), base weights (out, n_in), tables of BATCH distinct rank-RANK
+    experts (every one at its full rank) and rows, bf16, seeded by ``n_in``."""
+    gen = torch.Generator(device=device).manual_seed(n_in)
+    x, parts, rows = _table(device, torch.bfloat16, BATCH, 1, BATCH, n_in, n_outs, RANK, gen)
     tables = [(d, u, g, torch.full_like(r, RANK)) for _, d, u, g, r in parts]
-    n_in = x.shape[-1]
-    weights = [(torch.randn(u.shape[2], n_in, generator=gen, device=x.device) * n_in**-0.5).to(x.dtype)
-               for _, u, _, _ in tables]  # fmt: skip
+    weights = [(torch.randn(n, n_in, generator=gen, device=device) * n_in**-0.5).to(x.dtype) for n in n_outs]
+    return x, weights, tables, rows
 
+
+def _linear_site(x: torch.Tensor, weights: list, tables: list, rows: torch.Tensor) -> dict:
     def linears() -> list[torch.Tensor]:
         return [torch.nn.functional.linear(x, w) for w in weights]
 
@@ -215,9 +220,7 @@ def linear_site_times(device: torch.device) -> dict:
     result = {}
     for shape, sites in SHAPES.items():
         for site, (n_in, n_outs) in sites.items():
-            gen = torch.Generator(device=device).manual_seed(n_in)
-            x, parts, rows = _table(device, torch.bfloat16, BATCH, 1, BATCH, n_in, n_outs, RANK, gen)
-            result[f"{shape}-{site}"] = _linear_site(x, parts, rows, gen)
+            result[f"{shape}-{site}"] = _linear_site(*linear_site_inputs(device, n_in, n_outs))
     return result
 
 

@@ -14,7 +14,7 @@ are flushed before each profiled kernel (ncu's default), so a weight is read fro
 from __future__ import annotations
 
 import torch
-from kernel_check import BATCH, RANK, SHAPES, _table
+from kernel_check import SHAPES, linear_site_inputs
 
 from adaplex.kernels import gathered_lora
 from adaplex.kernels.gathered_lora import GroupedLinearLoRA
@@ -35,10 +35,7 @@ def main() -> None:
     device = torch.device("cuda")
     calls = []
     for n_in, n_outs in SHAPES["8b"].values():
-        gen = torch.Generator(device=device).manual_seed(n_in)
-        x, parts, rows = _table(device, torch.bfloat16, BATCH, 1, BATCH, n_in, n_outs, RANK, gen)
-        tables = [(d, u, g, torch.full_like(r, RANK)) for _, d, u, g, r in parts]
-        weights = [(torch.randn(n, n_in, generator=gen, device=device) * n_in**-0.5).to(x.dtype) for n in n_outs]
+        x, weights, tables, rows = linear_site_inputs(device, n_in, n_outs)
         with gathered_lora.graph_kernels():
             fused = GroupedLinearLoRA(x, weights, tables, rows)
         calls.append(lambda x=x, weights=weights: [torch.nn.functional.linear(x, w) for w in weights])
